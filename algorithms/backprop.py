@@ -1,0 +1,137 @@
+"""Backpropagation (Rumelhart, Hinton & Williams 1986) with the optimizers and schedules of `torch.optim`.
+
+This is the file to copy when writing a new trainer: hyper-parameters as dataclass fields, each with a one-line
+docstring and its published default; `setup` validates and builds state; `step` does one minibatch; `eval_model`
+returns the plain module. The runner owns everything else (batches, budget, clock, evaluation, seeding).
+
+Defaults: Adam (Kingma & Ba 2015: lr 1e-3, betas 0.9/0.999, eps 1e-8), batch 128. `lr = None` picks the optimizer's
+published default (see `DEFAULT_LR`). The feedback-alignment trainers subclass this one and reuse its optimizer,
+schedule and step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from learnbench.spec import Batch, StepStats, TaskInfo
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad")
+SCHEDULES = ("constant", "cosine", "onecycle", "step")
+# Published / library defaults: Adam & AdamW (Kingma & Ba 2015; Loshchilov & Hutter 2019), RMSprop (torch's 1e-2),
+# Adagrad (Duchi et al. 2011, torch's 1e-2), plain and momentum SGD 0.1 (the usual MNIST/ImageNet base rate).
+DEFAULT_LR = {"sgd": 0.1, "momentum": 0.1, "nesterov": 0.1, "adam": 1e-3, "adamw": 1e-3, "rmsprop": 1e-2,
+              "adagrad": 1e-2}
+DEFAULT_WEIGHT_DECAY = {"adamw": 1e-2}  # AdamW's decoupled decay default; every other optimizer: 0
+
+
+@dataclass(eq=False)
+class Backprop:
+    """Minibatch backpropagation with a `torch.optim` optimizer."""
+
+    name: ClassVar[str] = "backprop"
+
+    batch_size: int = 128
+    """Examples per step."""
+    optimizer: str = "adam"
+    """One of sgd, momentum, nesterov, adam, adamw, rmsprop, adagrad."""
+    lr: float | None = None
+    """Peak learning rate; None takes the optimizer's published default (DEFAULT_LR)."""
+    momentum: float | None = None
+    """Momentum coefficient; None: 0.9 for `momentum` and `nesterov` (Sutskever et al. 2013), 0 for `rmsprop`."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam/AdamW moment decay rates."""
+    eps: float = 1e-8
+    """Adam/AdamW/RMSprop denominator epsilon."""
+    weight_decay: float | None = None
+    """L2 penalty (decoupled for AdamW); None: 0.01 for adamw, 0 otherwise."""
+    schedule: str = "constant"
+    """Learning-rate schedule: constant, cosine (to 0), onecycle (Smith 2018), step."""
+    horizon_steps: int | None = None
+    """Steps the cosine/onecycle schedule spans; None lets the runner fill it from a step or epoch budget."""
+    step_every: int = 1000
+    """`step` schedule: steps between decays."""
+    step_gamma: float = 0.1
+    """`step` schedule: decay factor."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing (Szegedy et al. 2016); 0 is plain cross-entropy."""
+    amp: bool = False
+    """bfloat16 autocast for the forward pass (CUDA only)."""
+
+    def setup(self, model: nn.Module, task: TaskInfo, generator: torch.Generator) -> None:
+        self.validate(task)
+        self._model = model.train()
+        self._device_type = task.device.type
+        self._optimizer = make_optimizer(self, [p for p in model.parameters() if p.requires_grad], task.device)
+        self._scheduler = make_scheduler(self, self._optimizer)
+
+    def validate(self, task: TaskInfo) -> None:
+        """Check hyper-parameter values; raises ValueError naming the bad one."""
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}; got {self.schedule!r}")
+        if self.schedule in ("cosine", "onecycle") and not self.horizon_steps:
+            raise ValueError(f"schedule {self.schedule!r} needs horizon_steps (or a step/epoch budget)")
+        if self.batch_size <= 0 or (self.lr is not None and self.lr <= 0):
+            raise ValueError("batch_size and lr must be positive")
+        if self.amp and task.device.type != "cuda":
+            raise ValueError("amp (bfloat16 autocast) is only supported on CUDA")
+
+    def step(self, batch: Batch) -> StepStats:
+        if not self._model.training:  # the runner switched to eval mode for evaluation
+            self._model.train()
+        with torch.autocast(self._device_type, dtype=torch.bfloat16, enabled=self.amp):
+            logits = self._model(batch.x)  # [B, C]
+        loss = F.cross_entropy(logits.float(), batch.y, label_smoothing=self.label_smoothing)
+        self._optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self._model.parameters(), self.grad_clip, foreach=True)
+        self._optimizer.step()
+        if self._scheduler is not None:
+            self._scheduler.step()
+        n = batch.y.shape[0]
+        # loss stays a tensor: reading it here would be a host sync every step on CUDA.
+        return StepStats(loss=loss.detach(), forward_passes=n, backward_passes=n)
+
+    def eval_model(self) -> nn.Module:
+        return self._model
+
+
+def make_optimizer(hp: Backprop, params: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    """The `torch.optim` optimizer named by `hp.optimizer`; multi-tensor (foreach) or fused kernels, so one step
+    is a few kernel launches rather than one per parameter."""
+    lr = hp.lr if hp.lr is not None else DEFAULT_LR[hp.optimizer]
+    decay = hp.weight_decay if hp.weight_decay is not None else DEFAULT_WEIGHT_DECAY.get(hp.optimizer, 0.0)
+    name = hp.optimizer
+    if name in ("sgd", "momentum", "nesterov"):
+        momentum = 0.0 if name == "sgd" else (0.9 if hp.momentum is None else hp.momentum)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=name == "nesterov",
+                               weight_decay=decay, foreach=True)
+    if name in ("adam", "adamw"):
+        cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+        # Fused Adam exists for CPU (torch >= 2.4) and CUDA; it does the whole update in one kernel.
+        return cls(params, lr=lr, betas=tuple(hp.betas), eps=hp.eps, weight_decay=decay, fused=True)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, momentum=hp.momentum or 0.0,
+                                   eps=hp.eps, weight_decay=decay, foreach=True)
+    return torch.optim.Adagrad(params, lr=lr, weight_decay=decay, foreach=True)
+
+
+def make_scheduler(hp: Backprop, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The `torch.optim.lr_scheduler` for `hp.schedule`, stepped once per training step; None for constant."""
+    if hp.schedule == "constant":
+        return None
+    if hp.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=hp.horizon_steps)
+    if hp.schedule == "onecycle":
+        peak = optimizer.param_groups[0]["lr"]
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=hp.horizon_steps + 1)
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=hp.step_every, gamma=hp.step_gamma)

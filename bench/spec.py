@@ -1,0 +1,69 @@
+"""The submission API: the four public types and the `Trainer` protocol.
+
+Everything an algorithm author needs is here; see `learnbench/algorithms/backprop.py` for the file to copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class Batch:
+    """One minibatch, already on the run's device."""
+
+    x: Tensor
+    """float inputs in [0, 1]: images [B, C, H, W], vectors [B, D]."""
+    y: Tensor
+    """int64 class labels [B]."""
+
+
+@dataclass
+class StepStats:
+    """What one `Trainer.step` reports back to the runner."""
+
+    loss: float
+    """Training loss of this step's batch. A 0-d tensor is accepted too: the runner reads it without a per-step
+    host sync on CUDA."""
+    forward_passes: int
+    """Example-forward-passes made in this step (a population of P on B examples: P*B)."""
+    backward_passes: int = 0
+    """Example-backward-passes made in this step."""
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """The only facts about the dataset a trainer may see."""
+
+    input_shape: tuple[int, ...]
+    n_classes: int
+    n_train: int
+    device: torch.device
+
+
+@runtime_checkable
+class Trainer(Protocol):
+    """A training algorithm. The runner owns the loop; a trainer owns one step.
+
+    `__init__` stores hyper-parameters only (a frozen dataclass is ideal); `setup` validates them and builds state.
+    Every trainer has a `batch_size` hyper-parameter; population trainers name their population size `popsize`.
+    """
+
+    name: ClassVar[str]
+    """Registry id, e.g. "backprop", "fa", "openai-es", "ga"."""
+
+    def setup(self, model: nn.Module, task: TaskInfo, generator: torch.Generator) -> None:
+        """Take ownership of `model` (already on `task.device`); all randomness comes from `generator`."""
+        ...
+
+    def step(self, batch: Batch) -> StepStats:
+        """One unit of work: a minibatch (backprop, FA) or a generation (ES, GA). Must not modify `batch`."""
+        ...
+
+    def eval_model(self) -> nn.Module:
+        """The plain model to evaluate now (ES: the mean; GA: the elite); attacks use its true gradient."""
+        ...

@@ -1,0 +1,1 @@
+"""Built-in suites (TOML files shipped as package data)."""
