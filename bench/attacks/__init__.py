@@ -1,0 +1,1 @@
+"""Adversarial robustness: one attack per file; `robustness.py` holds what the runner calls."""

@@ -1,0 +1,1 @@
+"""Diagnostics probes the runner calls every N steps, off the training clock (see ARCHITECTURE.md)."""

@@ -1,0 +1,1 @@
+"""Benchmarks: `learnbench perf NAME` runs the module `learnbench.perf.NAME` (its `add_arguments` and `main`)."""

@@ -1,0 +1,1 @@
+"""Reports: results store -> tables, figures, Markdown and HTML. Reads only results.sqlite."""
