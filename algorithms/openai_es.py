@@ -1,0 +1,117 @@
+"""OpenAI evolution strategy (Salimans, Ho, Chen, Sidor & Sutskever 2017, "Evolution Strategies as a Scalable
+Alternative to Reinforcement Learning", arXiv:1703.03864; reference code github.com/openai/evolution-strategies-starter).
+
+One generation per `step()`: draw `popsize / 2` noise vectors from the trainer's generator, evaluate the mirrored
+(antithetic) pairs `mean +- sigma * eps` on the step's minibatch in one batched call
+(`learnbench.population.evaluate_mirrored`), shape the losses into centred ranks, and hand the search-gradient
+estimate `g = 1/(P sigma) sum_i u_i eps_i` (negated: torch optimizers minimise) to a `torch.optim` optimizer on the
+flat mean. Weight decay is the paper's L2 coefficient added to the gradient (Adam's `weight_decay`).
+
+Defaults are the paper's (Adam, lr 0.01, sigma 0.02, L2 0.005, mirrored sampling, centred ranks). The optional
+exponential decays of sigma and of the learning rate, with floors, are EvoJAX's OpenES settings for MNIST
+(decay 0.999, floors 0.01 and 0.001: github.com/google/evojax scripts/benchmarks/configs/OpenES/mnist.yaml); off by
+default. The noise matrix `[popsize/2, n_params]` lives for one generation only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from learnbench import population
+from learnbench.spec import Batch, StepStats, TaskInfo
+
+OPTIMIZERS = ("adam", "sgd", "momentum")
+
+
+@dataclass(eq=False)
+class OpenAIES:
+    """OpenAI-ES: antithetic Gaussian perturbations, centred ranks, Adam on the mean."""
+
+    name: ClassVar[str] = "openai-es"
+
+    popsize: int = 256
+    """Members per generation (even: popsize/2 mirrored pairs)."""
+    batch_size: int = 256
+    """Examples in the minibatch every member of a generation is evaluated on."""
+    sigma: float = 0.02
+    """Standard deviation of the parameter perturbations (Salimans et al.: 0.02)."""
+    sigma_decay: float = 1.0
+    """Multiply sigma by this after every generation (EvoJAX MNIST: 0.999); 1 keeps it constant."""
+    sigma_min: float = 0.0
+    """Floor of the decayed sigma (EvoJAX MNIST: 0.01)."""
+    optimizer: str = "adam"
+    """Optimizer on the mean: adam (the paper's), sgd, momentum (SGD with momentum 0.9)."""
+    lr: float = 0.01
+    """Learning rate of the optimizer (Salimans et al.: Adam, 0.01)."""
+    lr_decay: float = 1.0
+    """Multiply the learning rate by this after every generation (EvoJAX MNIST: 0.999)."""
+    lr_min: float = 0.0
+    """Floor of the decayed learning rate (EvoJAX MNIST: 0.001)."""
+    weight_decay: float = 0.005
+    """L2 coefficient added to the gradient estimate (Salimans et al.: 0.005)."""
+    chunk_size: int | None = None
+    """Members evaluated at once; None sizes chunks to `learnbench.population.DEFAULT_MEMORY_BYTES`."""
+
+    def setup(self, model: nn.Module, task: TaskInfo, generator: torch.Generator) -> None:
+        self.validate()
+        self._model, self._generator = model, generator
+        self._mean = nn.Parameter(population.flatten(model))  # [n_params], the search distribution's center
+        self._optimizer = self._make_optimizer()
+        floor = self.lr_min / self.lr
+        self._scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self._optimizer, lambda t: max(self.lr_decay**t, floor))
+        self._sigma = self.sigma
+
+    def validate(self) -> None:
+        """Check hyper-parameter values; raises ValueError naming the bad one."""
+        if self.popsize < 2 or self.popsize % 2:
+            raise ValueError(f"popsize must be even and >= 2 (mirrored pairs); got {self.popsize}")
+        if self.batch_size <= 0 or self.sigma <= 0 or self.lr <= 0:
+            raise ValueError("batch_size, sigma and lr must be positive")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {self.optimizer!r}")
+        if not (0 < self.sigma_decay <= 1 and 0 < self.lr_decay <= 1):
+            raise ValueError("sigma_decay and lr_decay must be in (0, 1]")
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        if self.optimizer == "adam":
+            return torch.optim.Adam([self._mean], lr=self.lr, weight_decay=self.weight_decay)
+        momentum = 0.9 if self.optimizer == "momentum" else 0.0
+        return torch.optim.SGD([self._mean], lr=self.lr, momentum=momentum, weight_decay=self.weight_decay)
+
+    def ask(self) -> Tensor:
+        """This generation's noise `[popsize/2, n_params]`: members are `mean + sigma * eps` then `mean - sigma*eps`."""
+        return population.normal(self._generator, self.popsize // 2, self._mean.numel(), self._mean.device)
+
+    def tell(self, noise: Tensor, loss: Tensor) -> None:
+        """Update the mean from the members' losses `[popsize]` (ordered as `ask` describes)."""
+        self._mean.grad = -gradient_estimate(noise, loss, self._sigma)
+        self._optimizer.step()
+        self._scheduler.step()
+        self._sigma = max(self._sigma * self.sigma_decay, self.sigma_min)
+
+    def step(self, batch: Batch) -> StepStats:
+        noise = self.ask()
+        loss, _ = population.evaluate_mirrored(self._model, self._mean.detach(), noise, self._sigma,
+                                               batch.x, batch.y, chunk_size=self.chunk_size)
+        self.tell(noise, loss)
+        # The reported loss is the population's mean (the center is not evaluated: that would cost B more passes).
+        return StepStats(loss=loss.nanmean(), forward_passes=self.popsize * batch.y.shape[0])
+
+    def eval_model(self) -> nn.Module:
+        return population.load(self._model, self._mean.detach())
+
+
+def gradient_estimate(noise: Tensor, loss: Tensor, sigma: float) -> Tensor:
+    """Search-gradient estimate `[n_params]` of the centred-rank utility (ascent direction: lower loss).
+
+    `noise [H, n_params]`, `loss [2H]` for members `+eps` then `-eps`; `g = 1/(2H sigma) sum_j (u+_j - u-_j) eps_j`.
+    """
+    utility = population.centered_ranks(loss)  # [2H], +0.5 for the best member
+    half = noise.shape[0]
+    weights = utility[:half] - utility[half:]  # [H]
+    return (weights @ noise) / (2 * half * sigma)

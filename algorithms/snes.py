@@ -1,0 +1,115 @@
+"""Separable natural evolution strategy (Schaul, Glasmachers & Schmidhuber 2011, "High Dimensions and Heavy Tails for
+Natural Evolution Strategies", GECCO; algorithm and defaults as in Wierstra et al. 2014, "Natural Evolution
+Strategies", JMLR 15, Table 1 and Algorithm 6).
+
+The search distribution is a Gaussian with a per-parameter standard deviation: `theta = mu + sigma * s`,
+`s ~ N(0, I)`. One generation per `step()`: sample `popsize` members, evaluate them on the step's minibatch in one
+batched call, rank them, and follow the natural gradient with the NES utilities `u_k`:
+
+    grad_mu    = sum_k u_k s_k                mu    <- mu + lr_mean * sigma * grad_mu
+    grad_sigma = sum_k u_k (s_k^2 - 1)        sigma <- sigma * exp(lr_sigma / 2 * grad_sigma)
+
+Published defaults, d = number of parameters: `popsize = 4 + floor(3 ln d)`, `lr_mean = 1`,
+`lr_sigma = (3 + ln d) / (5 sqrt d)`; utilities `u_k = max(0, ln(popsize/2 + 1) - ln k) / sum_j (...) - 1/popsize`
+for the k-th best member. `antithetic` evaluates mirrored pairs `mu +- sigma * s` (Brockhoff et al. 2010; off in the
+paper), which lets `learnbench.population.evaluate_mirrored` share the first layer's work. The initial standard
+deviation is problem-specific (the paper's benchmarks start from 1 on unit-scaled problems); `sigma_init = 0.1`
+suits networks initialised with PyTorch's default scheme.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from learnbench import population
+from learnbench.spec import Batch, StepStats, TaskInfo
+
+
+@dataclass(eq=False)
+class SNES:
+    """Separable NES: diagonal Gaussian, natural-gradient updates of mean and per-parameter std."""
+
+    name: ClassVar[str] = "snes"
+
+    popsize: int | None = None
+    """Members per generation; None: 4 + floor(3 ln d) (Schaul et al. 2011)."""
+    batch_size: int = 256
+    """Examples in the minibatch every member of a generation is evaluated on."""
+    sigma_init: float = 0.1
+    """Initial standard deviation of every parameter."""
+    lr_mean: float = 1.0
+    """Learning rate of the mean (Schaul et al. 2011: 1)."""
+    lr_sigma: float | None = None
+    """Learning rate of the standard deviations; None: (3 + ln d) / (5 sqrt d) (Schaul et al. 2011)."""
+    antithetic: bool = False
+    """Sample mirrored pairs mu +- sigma * s (needs an even popsize)."""
+    chunk_size: int | None = None
+    """Members evaluated at once; None sizes chunks to `learnbench.population.DEFAULT_MEMORY_BYTES`."""
+
+    def setup(self, model: nn.Module, task: TaskInfo, generator: torch.Generator) -> None:
+        self._model, self._generator = model, generator
+        self._mean = population.flatten(model)  # [d]
+        d = self._mean.numel()
+        self._popsize = self.popsize if self.popsize is not None else 4 + math.floor(3 * math.log(d))
+        self._lr_sigma = self.lr_sigma if self.lr_sigma is not None else (3 + math.log(d)) / (5 * math.sqrt(d))
+        self.validate()
+        self._sigma = torch.full_like(self._mean, self.sigma_init)  # [d]
+        self._utilities = nes_utilities(self._popsize).to(self._mean)  # [P], best first
+
+    def validate(self) -> None:
+        """Check hyper-parameter values; raises ValueError naming the bad one."""
+        if self._popsize < 2 or (self.antithetic and self._popsize % 2):
+            raise ValueError(f"popsize must be >= 2 (and even when antithetic); got {self._popsize}")
+        if self.batch_size <= 0 or self.sigma_init <= 0 or self.lr_mean <= 0 or self._lr_sigma <= 0:
+            raise ValueError("batch_size, sigma_init, lr_mean and lr_sigma must be positive")
+
+    def ask(self) -> Tensor:
+        """This generation's standard-normal samples: `[popsize, d]`, or `[popsize/2, d]` when antithetic."""
+        rows = self._popsize // 2 if self.antithetic else self._popsize
+        return population.normal(self._generator, rows, self._mean.numel(), self._mean.device)
+
+    def evaluate(self, noise: Tensor, batch: Batch) -> Tensor:
+        """Losses `[popsize]` of the members `ask` describes, on `batch`."""
+        if self.antithetic:
+            loss, _ = population.evaluate_mirrored(self._model, self._mean, noise, self._sigma, batch.x, batch.y,
+                                                   chunk_size=self.chunk_size)
+        else:
+            members = torch.addcmul(self._mean, noise, self._sigma)  # [P, d], freed after this generation
+            loss, _ = population.evaluate(self._model, members, batch.x, batch.y, chunk_size=self.chunk_size)
+        return loss
+
+    def tell(self, noise: Tensor, loss: Tensor) -> None:
+        """Natural-gradient update of mean and standard deviations from the members' losses `[popsize]`."""
+        weights = torch.empty_like(loss)
+        weights[population.rank_order(loss)] = self._utilities  # [P], utility of each member
+        if self.antithetic:  # member j and j + P/2 share |s|; their signs differ
+            half = noise.shape[0]
+            grad_mean = (weights[:half] - weights[half:]) @ noise  # [d]
+            grad_sigma = (weights[:half] + weights[half:]) @ (noise * noise) - weights.sum()
+        else:
+            grad_mean = weights @ noise
+            grad_sigma = weights @ (noise * noise) - weights.sum()
+        self._mean += self.lr_mean * self._sigma * grad_mean
+        self._sigma *= torch.exp(0.5 * self._lr_sigma * grad_sigma)
+
+    def step(self, batch: Batch) -> StepStats:
+        noise = self.ask()
+        loss = self.evaluate(noise, batch)
+        self.tell(noise, loss)
+        return StepStats(loss=loss.nanmean(), forward_passes=self._popsize * batch.y.shape[0])
+
+    def eval_model(self) -> nn.Module:
+        return population.load(self._model, self._mean)
+
+
+def nes_utilities(popsize: int) -> Tensor:
+    """NES fitness shaping (Wierstra et al. 2014, eq. 22): utilities `[popsize]` for ranks 1..popsize (best
+    first), summing to zero."""
+    ranks = torch.arange(1, popsize + 1, dtype=torch.float64)
+    raw = (math.log(popsize / 2 + 1) - torch.log(ranks)).clamp(min=0)
+    return (raw / raw.sum() - 1 / popsize).float()
