@@ -113,5 +113,5 @@ def gradient_estimate(noise: Tensor, loss: Tensor, sigma: float) -> Tensor:
     """
     utility = population.centered_ranks(loss)  # [2H], +0.5 for the best member
     half = noise.shape[0]
-    weights = utility[:half] - utility[half:]  # [H]
+    weights = (utility[:half] - utility[half:]).to(noise.dtype)  # [H]
     return (weights @ noise) / (2 * half * sigma)
