@@ -81,6 +81,16 @@ def test_chunking_changes_nothing(spec, shape):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+def test_inputs_zero_across_the_batch_are_skipped_exactly():
+    model, center, pop, x, y = case({"kind": "mlp", "hidden": [8]}, (1, 8, 8))
+    x[:, :, :, :3] = 0  # MNIST-like blank border: 24 of 64 inputs are 0 for every example
+    noise = pop[:3] - center
+    ref_loss, ref_acc = loop_reference(model, torch.cat([center + noise, center - noise]), x, y)
+    loss, acc = population.evaluate_mirrored(model, center, noise, 1.0, x, y)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(acc, ref_acc)
+
+
 def test_chunk_size_follows_memory_bound():
     model, _, _, x, _ = case({"kind": "cnn"}, (1, 28, 28), batch=256)
     engine = population._engine(model, x)
