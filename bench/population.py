@@ -183,6 +183,8 @@ class _eval_mode:
 
 
 def _engine(model: nn.Module, x: Tensor) -> _Engine:
+    if not all(p.requires_grad for p in model.parameters()):  # frozen parameters: only the generic path knows them
+        return _Engine(model, x)
     if isinstance(model, MLP) and all(isinstance(b[1], nn.Identity) for b in model.blocks):
         return _MLPEngine(model, x)
     if isinstance(model, ConvNet) and x.device.type == "cpu" and _plain_convnet(model):

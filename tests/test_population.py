@@ -115,6 +115,19 @@ def test_any_functional_module_with_buffers_and_dropout():
     torch.testing.assert_close(acc, ref_acc)
 
 
+def test_frozen_parameters_stay_out_of_the_vector():
+    model, _, _, x, y = case({"kind": "mlp", "hidden": [8]}, (1, 8, 8))
+    model.blocks[0][0].weight.requires_grad_(False)
+    center = population.flatten(model)
+    assert center.numel() == 8 + 8 * 10 + 10
+    pop = center + 0.2 * torch.randn(4, center.numel())
+    loss, _ = population.evaluate(model, pop, x, y)
+    model.eval()
+    with torch.no_grad():
+        ref = [F.cross_entropy(population.load(model, row)(x), y) for row in pop]
+    torch.testing.assert_close(loss, torch.stack(ref), rtol=1e-5, atol=1e-5)
+
+
 def test_flatten_load_roundtrip_and_layout():
     model = build({"kind": "cnn"}, (1, 28, 28), 10)
     layout = population.Layout.of(model)
