@@ -3,8 +3,8 @@
     seed -> data on the device -> model -> trainer.setup -> [batch -> trainer.step]* -> evaluation -> attacks
 
 The clock times `trainer.step` alone (CUDA-synchronised at each check, so queued kernels are paid for); evaluation,
-FLOP counting overhead aside, diagnostics probes and attacks run off the clock. Batches are slices of a
-once-per-epoch permuted, contiguous copy of the training tensors on the device: no DataLoader, no per-step gather.
+FLOP counting overhead aside, diagnostics probes and attacks run off the clock. Batches are gathered from
+the training tensors on the device with one permutation per epoch: no DataLoader, no host-device copies.
 """
 
 from __future__ import annotations
@@ -31,8 +31,11 @@ _DATA_CACHE: dict[tuple, Any] = {}  # per process: (dataset, data_dir, device) -
 
 
 class Sampler:
-    """Index sampling from on-device tensors: one permutation (and one gather) per epoch, then contiguous slices.
-    The last partial batch of an epoch is dropped so every step sees `batch_size` examples."""
+    """Index sampling from on-device tensors: one permutation per epoch, then one `index_select` per step into a
+    fresh contiguous batch. Measured on this CPU for MNIST at batch 128: 8 ms of gathers per epoch, against 60 ms
+    for permuting the whole 172 MB training set once per epoch (which streams it through DRAM twice). A fresh
+    batch also means a trainer that writes into its batch cannot corrupt the training set. The last partial batch
+    of an epoch is dropped so every step sees `batch_size` examples."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator):
         if batch_size > x.shape[0]:
@@ -43,12 +46,12 @@ class Sampler:
 
     def next(self) -> Batch:
         if self.position == self.per_epoch:
-            perm = torch.randperm(self.x.shape[0], generator=self.generator, device=self.x.device)
-            self.x_epoch, self.y_epoch = self.x[perm], self.y[perm]  # [N, ...] contiguous
+            self.order = torch.randperm(self.x.shape[0], generator=self.generator, device=self.x.device)
             self.position = 0
         start = self.position * self.batch_size
         self.position += 1
-        return Batch(self.x_epoch[start:start + self.batch_size], self.y_epoch[start:start + self.batch_size])
+        index = self.order[start:start + self.batch_size]  # [B]
+        return Batch(self.x.index_select(0, index), self.y.index_select(0, index))
 
 
 @dataclass
@@ -133,11 +136,11 @@ def _train(trainer, sampler: Sampler, progress: Progress, trial: dict, splits, c
            on_progress) -> None:
     """The training loop. Evaluation points are where the budget fraction crosses k/points (and at 0)."""
     device = splits.train_x.device
-    n_points = max(1, trial["eval"]["points"])
-    next_eval, losses = 0.0, []
+    n_points = trial["eval"]["points"]  # 0: no curves, only the final evaluation
+    next_eval, losses = 0.0 if n_points else math.inf, []
     every = trial["diagnostics"]["every"] if probes else 0
     while True:
-        if progress.fraction >= next_eval or progress.fraction >= 1.0:
+        if n_points and (progress.fraction >= next_eval or progress.fraction >= 1.0):
             _record_eval(trainer, splits, trial, progress, curves, losses)
             losses = []
             next_eval = (math.floor(progress.fraction * n_points) + 1) / n_points
