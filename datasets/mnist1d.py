@@ -17,10 +17,12 @@ training signals and clip validation and test to [0, 1] (so neither influences t
 from __future__ import annotations
 
 import functools
+import importlib.util
 import random
 
 import numpy as np
 
+from ..errors import UsageError
 from . import DatasetInfo, Splits, carve_validation, make_splits
 
 INFO = DatasetInfo(
@@ -31,7 +33,9 @@ INFO = DatasetInfo(
 
 
 def prepare(data_dir: str | None = None) -> None:
-    """Nothing to find or download: the data are generated."""
+    """Nothing to find or download (the data are generated); only check the generator is installed."""
+    if importlib.util.find_spec("mnist1d") is None:
+        raise UsageError("dataset 'mnist1d' needs the mnist1d package (pip install 'mnist1d>=0.0.1.post1')")
 
 
 @functools.lru_cache(maxsize=1)

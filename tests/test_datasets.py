@@ -170,6 +170,15 @@ def test_mnist1d_is_the_published_generator_offline_and_leaves_global_rngs_alone
     assert torch.equal(s.train_x, again.train_x) and torch.equal(s.val_y, again.val_y)
 
 
+def test_mnist1d_without_its_package_is_a_usage_error(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mnist1d" else real(name, *a))
+    with pytest.raises(UsageError, match=r"dataset 'mnist1d' needs the mnist1d package"):
+        D.prepare("mnist1d")
+
+
 # ---- MNIST and Fashion-MNIST from the shared files ----------------------------------------------------------------
 
 # Published per-pixel statistics of the 60,000 training images in [0, 1] (MNIST: the 0.1307 / 0.3081 of the
