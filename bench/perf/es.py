@@ -13,20 +13,18 @@ On MNIST (the `mlp` 784-32-10 and the `cnn`), with one population size and one m
 
 Contenders alternate within every round (each round times `--gens` generations of each, after one untimed warm-up
 generation), so background load hits all of them alike; the table shows medians over rounds and ratios against
-EvoTorch's SNES and against the loop. Threads default to 1, the runner's rule (`--threads 2` to compare).
+EvoTorch's SNES and against the loop (ratios: the median over rounds of each round's time ratio). Threads default
+to 1, the runner's one thread per worker (`--threads 2` to compare).
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
 import os
 import statistics
 import time
-from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tabulate import tabulate
@@ -44,7 +42,6 @@ GENS = {"mlp": 5, "cnn": 1}  # generations per contender per round: ~0.2-1 s of 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
     parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp (784-32-10), cnn (11,274 params)")
     parser.add_argument("--popsize", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=256)
@@ -52,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gens", type=int, default=None, help="generations per contender per round")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the runner uses 1 per worker)")
     parser.add_argument("--contenders", default=None, help="comma-separated subset of the contenders")
-    parser.add_argument("--data-dir", default=None, help="root holding mnist/ IDX files")
+    parser.add_argument("--data-dir", default=None, help="first folder searched for the MNIST files")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -91,11 +88,12 @@ def bench_model(model_name: str, x: torch.Tensor, y: torch.Tensor, device: torch
             _sync(device)
             if round_:
                 times[name].append((time.perf_counter() - start) / gens)
-    per_gen = {name: statistics.median(t) for name, t in times.items()}
     rows = []
-    for name, seconds in per_gen.items():
-        ratio = lambda ref: per_gen[ref] / seconds if ref in per_gen else float("nan")
-        rows.append([model_name, name, 1 / seconds, args.popsize * args.batch_size / seconds,
+    for name, seconds in times.items():
+        # ratio: the median over rounds of the round's time ratio, robust to the machine's load drifting
+        ratio = lambda ref: statistics.median(r / s for r, s in zip(times[ref], seconds)) if ref in times else None
+        median = statistics.median(seconds)
+        rows.append([model_name, name, 1 / median, args.popsize * args.batch_size / median,
                      ratio("evotorch-snes"), ratio("loop")])
     return rows
 
@@ -163,36 +161,11 @@ def evotorch_contenders(model_name: str, x: torch.Tensor, y: torch.Tensor, devic
 
 
 def load_mnist_train(data_dir: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """MNIST training images `[60000, 1, 28, 28]` in [0, 1] and labels, via `learnbench.datasets` when present."""
-    try:
-        from learnbench.datasets import load  # type: ignore[attr-defined]
-    except ImportError:
-        load = None
-    if load is not None:
-        split = load("mnist", data_dir=data_dir) if data_dir else load("mnist")
-        return split.train.x, split.train.y  # pragma: no cover - depends on the datasets module's API
-    root = _mnist_dir(data_dir)
-    images = _read_idx(root / "train-images-idx3-ubyte.gz")
-    labels = _read_idx(root / "train-labels-idx1-ubyte.gz")
-    return (torch.from_numpy(images).float().div_(255).unsqueeze(1), torch.from_numpy(labels).long())
+    """MNIST training images `[N, 1, 28, 28]` in [0, 1] and labels (`learnbench.datasets`, verified files)."""
+    from learnbench.datasets import load
 
-
-def _mnist_dir(data_dir: str | None) -> Path:
-    roots = [data_dir, os.environ.get("LEARNBENCH_DATA"), "~/.cache/learnbench", "/usr/share/datasets",
-             "../shared/datasets"]
-    for root in filter(None, roots):
-        folder = Path(root).expanduser() / "mnist"
-        if (folder / "train-images-idx3-ubyte.gz").exists():
-            return folder
-    raise UsageError("MNIST IDX files not found: pass --data-dir or set LEARNBENCH_DATA")
-
-
-def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = bytearray(f.read())  # writable, so torch.from_numpy needs no copy
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    splits = load("mnist", data_dir)
+    return splits.train_x, splits.train_y
 
 
 def _batch(x: torch.Tensor, y: torch.Tensor, size: int, generator: torch.Generator) -> Batch:
@@ -213,7 +186,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)  # time the work, not the kernel launches
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the CLI adds --device itself
     parser = argparse.ArgumentParser(prog="learnbench perf es", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
     add_arguments(parser)
     raise SystemExit(main(parser.parse_args()))
