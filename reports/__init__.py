@@ -6,7 +6,6 @@
 """
 
 from .build import build_report
-from .readme import readme_section, update_readme
-from .terminal import show_table
+from .summary import readme_section, show_table, update_readme
 
 __all__ = ["build_report", "readme_section", "show_table", "update_readme"]

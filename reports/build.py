@@ -142,13 +142,14 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, str]]:
         if isinstance(value, dict):
             yield from _flatten(value, f"{prefix}{key}.")
         else:
-            yield f"{prefix}{key}", str(value)
+            text = "–" if value is None or value == "" else str(value)
+            yield f"{prefix}{key}", text if len(text) <= 300 else text[:299] + "…"
 
 
 def _trial_provenance(trials: list[dict[str, Any]]) -> list[tuple[str, str]]:
     values: dict[str, dict[str, int]] = {}
     for t in trials:
-        for key, value in _flatten(t.get("provenance") or {}):
+        for key, value in _flatten({k: v for k, v in (t.get("provenance") or {}).items() if k != "plugin"}):
             values.setdefault(key, {}).setdefault(value, 0)
             values[key][value] += 1
     rank = {k: i for i, k in enumerate(PROVENANCE_ORDER)}
@@ -164,8 +165,8 @@ def _distinct(counts: dict[str, int]) -> str:
 
 def _plugins(trials: list[dict[str, Any]]) -> str:
     used: dict[str, set[str]] = {}
-    for t in trials:
-        plugin = t["config"].get("plugin") or {}
+    for t in trials:  # what the worker actually imported (provenance), else what the config resolved
+        plugin = (t.get("provenance") or {}).get("plugin") or t["config"].get("plugin") or {}
         if isinstance(plugin, dict) and plugin.get("distribution"):
             name = f"{plugin['distribution']} {plugin.get('version', '')}".strip()
             used.setdefault(name, set()).add(t["algorithm"])

@@ -55,6 +55,10 @@ class Table:
     rows: list[list[Cell]]
     caption: str = ""
     align_left: int = 1  # the first `align_left` columns are text; the rest are numbers
+    text_columns: tuple[int, ...] = ()  # further text columns (left-aligned) among the numbers
+
+    def is_text(self, column: int) -> bool:
+        return column < self.align_left or column in self.text_columns
 
 
 @dataclass
@@ -143,7 +147,7 @@ def _md_cell(cell: Cell) -> str:
 def md_table(table: Table) -> str:
     rows = [[_md_cell(c) for c in row] for row in table.rows]
     headers = [_md_text(h) for h in table.headers]
-    align = ["left"] * table.align_left + ["right"] * (len(headers) - table.align_left)
+    align = ["left" if table.is_text(i) else "right" for i in range(len(headers))]
     return tabulate(rows, headers=headers, tablefmt="github", colalign=align, disable_numparse=True)
 
 

@@ -109,7 +109,7 @@ def _cell(cell: Cell, numeric: bool) -> str:
 
 def _table(t: Table) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in t.headers)
-    rows = "".join("<tr>" + "".join(_cell(c, i >= t.align_left) for i, c in enumerate(row)) + "</tr>"
+    rows = "".join("<tr>" + "".join(_cell(c, not t.is_text(i)) for i, c in enumerate(row)) + "</tr>"
                    for row in t.rows)
     caption = f"<p class=\"caption\">{html.escape(t.caption)}</p>" if t.caption else ""
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>{caption}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from . import stats
 from .data import curve_names, done, metric_names, metric_values
-from .document import Block, Cell, Figure, Heading, Table, Text
+from .document import Block, Cell, Figure, Heading, Table
 from .figures import Panel, lines_figure
 from .sections import Context, Groups, curve_lines
 
@@ -43,7 +43,8 @@ def family_blocks(ctx: Context, problem: tuple[str, str], groups: Groups, prefix
     if panels:
         path = lines_figure(panels, ctx.colours, ctx.figure_path(*problem, prefix.strip("/")))
         ctx.figures.append(path)
-        more = f" {len(names) - MAX_PANELS} more curves are in the store, not drawn." if len(names) > MAX_PANELS else ""
+        extra = len(names) - MAX_PANELS
+        more = f" {extra} more curves are in the store, not drawn." if extra > 0 else ""
         out.append(Figure(path, caption + " Mean over seeds, shaded 95% band." + more,
                           alt=f"{prefix.strip('/')} curves, {problem[0]} {problem[1]}"))
     finals = metric_names(trials, prefix)

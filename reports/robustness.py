@@ -122,7 +122,7 @@ def _table(groups: dict[str, list[dict[str, Any]]], grid: dict[str, list[float]]
         rows.append(row)
     for col, values in enumerate(columns):
         mark_best(rows, col + 1, values, higher=True)
-    return Table(headers, rows, caption=(
+    return Table(headers, rows, text_columns=(len(headers) - 1,), caption=(
         "Robust accuracy (%) on the attacked test points: mean ± Student-t 95% half-width over seeds, at each "
         "attack's standard ε (the suite's choice, else the lower median of its grid). 'clean' is the accuracy on "
         "the same points without attack. Masking flags: how many seeds raised each gradient-masking check "

@@ -54,7 +54,7 @@ def accuracy_section(groups: Groups) -> list[Block]:
     mark_best(rows, 1, means, higher=True)
     for col, axis in ((6, "seconds"), (7, "flops"), (8, "examples")):
         mark_best(rows, col, costs[axis], higher=False)
-    out: list[Block] = [Heading(3, "Final test accuracy"), Table(headers, rows, caption=(
+    out: list[Block] = [Heading(3, "Final test accuracy"), Table(headers, rows, text_columns=(5,), caption=(
         "Test accuracy of the final model over seeds (done trials): mean, sample standard deviation (ddof=1) and "
         "Student-t 95% confidence interval, all in percent; n = seeds in the statistics. Costs are means over the "
         "same trials (training seconds, FLOPs, examples seen). Bold: best in its column."))]
@@ -70,7 +70,8 @@ def _mean(values: np.ndarray) -> float:
     return float(values.mean()) if values.size else math.nan
 
 
-def curve_lines(groups: Groups, metric: str, axis: str, scale: float = 1.0) -> tuple[list[Line], bool]:
+def curve_lines(groups: Groups, metric: str, axis: str, scale: float = 1.0,
+                clip: tuple[float, float] | None = None) -> tuple[list[Line], bool]:
     """Per label: the mean curve with its CI band on a common grid, or each seed raw when seeds do not overlap;
     and whether the panel wants a log x axis (the labels' x values together span more than two decades)."""
     per_label = {label: [t["curves"][metric] for t in done(group) if metric in t.get("curves", {})]
@@ -85,6 +86,8 @@ def curve_lines(groups: Groups, metric: str, axis: str, scale: float = 1.0) -> t
             lines += [Line(label, c.x(axis), scale * c.value, thin=True) for c in curves]
             continue
         mean, lo, hi = stats.band(curves, axis, grid)
+        if clip is not None:  # a t band can overshoot a bounded metric (accuracy) where seeds disagree
+            lo, hi = np.clip(lo, *clip), np.clip(hi, *clip)
         band = (scale * lo, scale * hi) if len(curves) > 1 else (None, None)
         lines.append(Line(label, grid, scale * mean, *band))
     return lines, logx
@@ -93,7 +96,7 @@ def curve_lines(groups: Groups, metric: str, axis: str, scale: float = 1.0) -> t
 def curves_section(ctx: Context, problem: tuple[str, str], groups: Groups) -> list[Block]:
     panels = []
     for axis in AXES:
-        lines, logx = curve_lines(groups, ACCURACY, axis, scale=100)
+        lines, logx = curve_lines(groups, ACCURACY, axis, scale=100, clip=(0.0, 1.0))
         if lines:
             panels.append(Panel(f"vs {AXIS_TITLES[axis]}", AXIS_TITLES[axis], "test accuracy (%)", lines, logx))
     if not panels:
@@ -102,8 +105,9 @@ def curves_section(ctx: Context, problem: tuple[str, str], groups: Groups) -> li
     ctx.figures.append(path)
     return [Heading(3, "Learning curves"), Figure(path, (
         "Test accuracy against training seconds, examples seen and FLOPs: mean over seeds with a shaded Student-t "
-        "95% band. Seeds evaluate at different x values, so each curve is linearly interpolated onto a common grid "
-        "over the range every seed covers (log-spaced on log axes, used when costs span more than two decades)."),
+        "95% band (clipped to 0-100%). Seeds evaluate at different x values, so each curve is linearly "
+        "interpolated onto a common grid over the range every seed covers (log-spaced on log axes, used when costs "
+        "span more than two decades)."),
         alt=f"learning curves, {problem[0]} {problem[1]}")]
 
 

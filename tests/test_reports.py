@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import math
 import re
-import shutil
 import subprocess
 import time
 from html.parser import HTMLParser
@@ -228,7 +227,8 @@ def test_readme_section_and_update(known_run: Path, tmp_path: Path):
     update_readme(readme, section)
     once = readme.read_text()
     assert "old table" not in once and section.strip() in once
-    assert once.startswith("# x\n\nintro\n\n<!-- results:start -->\n") and once.endswith("<!-- results:end -->\n\nmore\n")
+    assert once.startswith("# x\n\nintro\n\n<!-- results:start -->\n")
+    assert once.endswith("<!-- results:end -->\n\nmore\n")
     update_readme(readme, section)
     assert readme.read_text() == once  # idempotent
     readme.write_text("no markers here\n")
@@ -319,7 +319,7 @@ def test_chromium_renders_the_report(realistic, tmp_path: Path):
     subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                     "--disable-component-update", "--disable-sync", "--no-first-run",
                     f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={png}", "--window-size=1200,2000",
-                    written["report.html"].resolve().as_uri()], check=True, timeout=120, capture_output=True)
+                    written["report.html"].resolve().as_uri()], check=True, timeout=60, capture_output=True)
     from matplotlib.image import imread
 
     pixels = imread(png)[..., :3]  # [H, W, 3] floats in [0, 1]
