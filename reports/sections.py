@@ -32,7 +32,12 @@ class Context:
     figures: list[Path] = field(default_factory=list)
 
     def figure_path(self, *parts: str) -> Path:
-        return self.fig_dir / f"{slug(*parts)}.{FORMAT}"
+        """figures/<slug>.svg, suffixed -2, -3... if two problems' names slug alike ('a/b' and 'a_b')."""
+        path, n = self.fig_dir / f"{slug(*parts)}.{FORMAT}", 1
+        while path in self.figures:
+            n += 1
+            path = self.fig_dir / f"{slug(*parts)}-{n}.{FORMAT}"
+        return path
 
 
 def _fmt_cost(axis: str, value: float) -> str:
