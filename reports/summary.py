@@ -149,10 +149,15 @@ def _first(trials: list[dict[str, Any]], *keys: str) -> str | None:
 
 def _source_line(data: ReportData) -> str:
     suites = ", ".join(f"`{s}`" for s in suite_names(data)) or "the"
-    bits = [b for b in (_first(data.trials, "device_name", "device"), _threads(data.trials),
+    bits = [b for b in (_device(data.trials), _threads(data.trials),
                         _version(data), _commit(data.trials)) if b]
     return (f"Measured with the {suites} suite" + (f" ({'; '.join(bits)})" if bits else "") + ". Test accuracy in "
             "percent: mean and Student-t 95% confidence interval over seeds; costs are means per trial.")
+
+
+def _device(trials: list[dict[str, Any]]) -> str | None:
+    kind, name = _first(trials, "device"), _first(trials, "device_name")
+    return f"{kind}: {name}" if kind and name and name != kind else kind or name
 
 
 def _threads(trials: list[dict[str, Any]]) -> str | None:
