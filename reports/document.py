@@ -90,12 +90,17 @@ def ci(lo: float, hi: float) -> str:
 
 
 def si(x: float | None, digits: int = 3) -> str:
-    """Compact engineering notation: 1.23e12 -> '1.23T', 48000 -> '48k'; missing -> '–'."""
+    """Compact engineering notation: 1.23e12 -> '1.23T', 48000 -> '48k', 9.996e11 -> '1T'; missing -> '–'."""
     if x is None or not math.isfinite(x):
         return "–"
-    for scale, suffix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= scale:
-            return f"{x / scale:.{digits}g}{suffix}"
+    scales = ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1.0, ""))
+    for i, (scale, suffix) in enumerate(scales):
+        if abs(x) >= scale or scale == 1.0:
+            text = f"{x / scale:.{digits}g}"
+            if abs(float(text)) >= 1000 and i > 0:  # rounding reached the next prefix (999.6G -> 1T)
+                scale, suffix = scales[i - 1]
+                text = f"{x / scale:.{digits}g}"
+            return text + suffix
     return f"{x:.{digits}g}"
 
 

@@ -20,6 +20,7 @@ from learnbench.errors import UsageError
 from learnbench.reports import build_report, readme_section, show_table, update_readme
 from learnbench.reports import stats
 from learnbench.reports.data import Curve, load_runs
+from learnbench.reports.document import si
 from learnbench.store import Store
 from report_fixtures import realistic_store, trial_config, write_trial
 
@@ -179,6 +180,7 @@ def test_holm_and_profiles_and_pareto_on_hand_examples():
     np.testing.assert_allclose(stats.profile(ratios["A"], taus), [1 / 3, 1 / 3, 2 / 3, 2 / 3])
     np.testing.assert_allclose(stats.profile(ratios["B"], taus), [2 / 3, 2 / 3, 1, 1])
     assert stats.pareto_front([1, 2, 3, 2, 4], [0.8, 0.9, 0.85, 0.7, 0.95]) == [0, 1, 4]
+    assert [si(v) for v in (9.996e11, 1.234e12, 48_000, 999.6, 0.5)] == ["1T", "1.23T", "48k", "1k", "0.5"]
 
 
 # --- merging, terminal summary, README -------------------------------------------------------------------------
