@@ -78,14 +78,18 @@ def overview(data: ReportData) -> list[Block]:
     status = ", ".join(f"{v} {k}" for k, v in counts.items()) or "none"
     problems = ", ".join(f"{d}/{m}" for d, m in data.problems()) or "none"
     runs = ", ".join(str(p) for p in data.run_dirs)
-    text = (f"{len(data.trials)} trials ({status}) of {len(data.labels())} algorithms from {len(data.run_dirs)} "
-            f"run(s): {runs}. Datasets / models: {problems}.")
+    text = (f"{_count(len(data.trials), 'trial')} ({status}) of {_count(len(data.labels()), 'algorithm')} from "
+            f"{_count(len(data.run_dirs), 'run')}: {runs}. Datasets / models: {problems}.")
     note = ("Statistics are over seeds: mean, sample standard deviation and Student-t 95% confidence intervals. "
             "Trials that appear in several runs (same config id) count once. Accuracies are in percent.")
     out: list[Block] = [Heading(2, "Overview"), Text(text), Text(note, note=True)]
     if data.trials:
         out += [Heading(3, "Algorithms compared"), configurations(data.trials)]
     return out
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def configurations(trials: list[dict[str, Any]]) -> Table:

@@ -220,6 +220,8 @@ def profiles_section(ctx: Context) -> list[Block]:
                 for k in labels:
                     costs[a][k].append(reaches[k].profile_costs[a] if k in reaches else math.inf)
     head: list[Block] = [Heading(2, "Performance profiles")]
+    if len(labels) < 2:
+        return head + [Text("Performance profiles compare algorithms: this run has only one.", note=True)]
     if not names:
         return head + [Text("No algorithm reached any accuracy target on a majority of its seeds.", note=True)]
     panels = []
