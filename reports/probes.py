@@ -8,6 +8,8 @@ band; their last values (the final metrics) are tabulated with one row per metri
 
 from __future__ import annotations
 
+import re
+
 from . import stats
 from .data import curve_names, done, metric_names, metric_values
 from .document import Block, Cell, Figure, Heading, Table
@@ -34,7 +36,7 @@ def family_blocks(ctx: Context, problem: tuple[str, str], groups: Groups, prefix
     """A figure of a metric family's curves and a table of its final values; [] when the run has neither."""
     trials = [t for g in groups.values() for t in g]
     out: list[Block] = []
-    names = curve_names(trials, prefix)
+    names = sorted(curve_names(trials, prefix), key=_natural)
     panels = []
     for name in names[:MAX_PANELS]:
         lines, logx = curve_lines(groups, name, "examples")
@@ -47,10 +49,15 @@ def family_blocks(ctx: Context, problem: tuple[str, str], groups: Groups, prefix
         more = f" {extra} more curves are in the store, not drawn." if extra > 0 else ""
         out.append(Figure(path, caption + " Mean over seeds, shaded 95% band." + more,
                           alt=f"{prefix.strip('/')} curves, {problem[0]} {problem[1]}"))
-    finals = metric_names(trials, prefix)
+    finals = sorted(metric_names(trials, prefix), key=_natural)
     if finals:
         out.append(_final_table(groups, finals, prefix))
     return out
+
+
+def _natural(name: str) -> list:
+    """Sort key that puts layer 10 after layer 9: 'align/B-W/10' -> ['align/b-w/', 10, '']."""
+    return [int(p) if p.isdigit() else p.lower() for p in re.split(r"(\d+)", name)]
 
 
 def _final_table(groups: Groups, names: list[str], prefix: str) -> Table:
