@@ -1,0 +1,397 @@
+"""Genetic algorithm over network weights, built on DEAP (Fortin et al. 2012, "DEAP: Evolutionary Algorithms Made
+Easy", JMLR 13; github.com/DEAP/deap), with two variants:
+
+* `classic`: DEAP's canonical GA ("Overview" tutorial and `algorithms.eaSimple`): tournament selection
+  (`tools.selTournament`, size 3), crossover of consecutive pairs with probability `cxpb` = 0.5, Gaussian mutation
+  of an individual with probability `mutpb` = 0.2, of each gene with probability `indpb` = 0.1; plus elitism.
+* `such2017`: the truncation-selection, mutation-only GA of Such, Madhavan, Conti, Lehman, Stanley & Clune 2017,
+  "Deep Neuroevolution: Genetic Algorithms Are a Competitive Alternative for Training Deep Neural Networks for
+  Reinforcement Learning", arXiv:1712.06567, Algorithm 1: parents drawn uniformly from the top `truncation` (T = 20),
+  every weight mutated by `N(0, sigma^2)` (sigma = 0.002), one elite carried over unmutated, chosen each generation
+  among the top 10 by its fitness re-measured on extra data (their 30 extra episodes; ours: `elite_batches`).
+
+How DEAP is used without its per-individual cost. Genomes are the rows of one population array `[P, n_params]`; a
+DEAP individual (`creator.LearnbenchGARow`) is an `int` (its row) carrying a `fitness` and a view of its genome, so
+`tools.selTournament`, `tools.selBest`, `tools.selRandom`, `tools.HallOfFame`, `tools.Statistics` and
+`tools.Logbook` run unchanged on P lightweight objects while genomes never leave the array. The toolbox's
+`evaluate` scores the whole array in one batched call (`learnbench.population.evaluate`, every individual on the same
+minibatch); its `mate` and `mutate` are vectorised operators over the whole offspring array with the trainer's
+`torch.Generator`, equal in distribution to `tools.cxBlend`, `tools.cxUniform`, `tools.cxTwoPoint` and
+`tools.mutGaussian`. `operators = "deap"` registers DEAP's originals instead (one Python call per gene, the
+reference). DEAP's selection draws from Python's `random` module: the trainer swaps in its own state (seeded from
+its generator) around each DEAP call, so runs are reproducible and other users of `random` are left alone.
+
+Noisy fitness. Every generation sees a fresh minibatch and every individual, elites included, is re-evaluated on
+it, so a lucky minibatch cannot keep a bad elite. The elites are chosen each generation, as in Such et al., among
+the `candidates` best of the generation plus the current elites, by their mean loss on a held-back pool: the
+`elite_batches` minibatches that preceded this one (a ring buffer of batches `step` has seen; a trainer cannot read
+the dataset). The `tools.HallOfFame` holding them (genome copies) is rebuilt every generation: losses measured on
+different data cannot be compared, so DEAP's best-ever hall of fame would keep a lucky winner forever.
+`eval_model()` returns the best of it. All of this runs inside `step`, on the clock and in `forward_passes`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import ClassVar, Iterator
+
+import numpy as np
+import torch
+from deap import base, creator, tools
+from torch import Tensor, nn
+
+from learnbench import population
+from learnbench.spec import Batch, StepStats, TaskInfo
+
+VARIANTS = ("classic", "such2017")
+CROSSOVERS = ("blend", "uniform", "two-point")
+OPERATORS = ("vectorised", "deap")
+# Published values the `None` defaults resolve to, per variant: DEAP's Overview tutorial (classic) and
+# Such et al. 2017 (every weight mutated, sigma 0.002).
+VARIANT_DEFAULTS = {"classic": {"mutpb": 0.2, "indpb": 0.1, "sigma": 0.002},
+                    "such2017": {"mutpb": 1.0, "indpb": 1.0, "sigma": 0.002}}
+SPARSE_INDPB = 0.2  # below this, mutated genes are found by geometric gaps instead of a dense mask (cheaper)
+
+
+@dataclass(eq=False)
+class GeneticAlgorithm:
+    """Genetic algorithm on flat weight vectors: DEAP's selection and bookkeeping, vectorised variation."""
+
+    name: ClassVar[str] = "ga"
+
+    variant: str = "classic"
+    """classic (tournament, crossover + mutation, DEAP's tutorial) or such2017 (truncation, mutation only)."""
+    popsize: int = 256
+    """Individuals per generation."""
+    batch_size: int = 256
+    """Examples in the minibatch every individual of a generation is evaluated on."""
+    tournsize: int = 3
+    """classic: individuals per tournament (DEAP's tutorial: 3)."""
+    truncation: int = 20
+    """such2017: parents are drawn uniformly from this many best individuals (Such et al.: T = 20)."""
+    elites: int = 1
+    """Best individuals copied unmutated into the next generation (Such et al.: 1)."""
+    candidates: int = 10
+    """Best individuals of a generation re-evaluated on the held-back pool to pick the elites (Such et al.: 10)."""
+    elite_batches: int = 4
+    """Minibatches in the held-back pool the elite candidates are scored on (Such et al.: 30 extra episodes)."""
+    cxpb: float = 0.5
+    """classic: probability that a consecutive pair of offspring is crossed (DEAP's tutorial: 0.5)."""
+    crossover: str = "blend"
+    """classic: blend (cxBlend), uniform (cxUniform) or two-point (cxTwoPoint)."""
+    alpha: float = 0.5
+    """Blend crossover's extension of the parents' interval (BLX-0.5, Eshelman & Schaffer 1993)."""
+    cx_indpb: float = 0.5
+    """Uniform crossover: probability that a gene is swapped (Syswerda 1989: 0.5)."""
+    mutpb: float | None = None
+    """Probability that an offspring is mutated; None: 0.2 classic (DEAP's tutorial), 1 such2017."""
+    indpb: float | None = None
+    """Probability that a gene of a mutated offspring is mutated; None: 0.1 classic (DEAP's tutorial), 1 such2017."""
+    sigma: float | None = None
+    """Standard deviation of the Gaussian mutation; None: 0.002 (Such et al. 2017)."""
+    sigma_decay: float = 1.0
+    """Multiply sigma by this after every generation; 1 keeps it constant (the published GAs)."""
+    sigma_min: float = 0.0
+    """Floor of the decayed sigma."""
+    sigma_scale: str = "absolute"
+    """absolute: sigma is the same for every weight; init: sigma times each tensor's std at initialisation."""
+    operators: str = "vectorised"
+    """vectorised (whole-array operators) or deap (DEAP's per-individual originals: the reference, slow)."""
+    chunk_size: int | None = None
+    """Individuals evaluated at once; None sizes chunks to `learnbench.population.DEFAULT_MEMORY_BYTES`."""
+
+    def setup(self, model: nn.Module, task: TaskInfo, generator: torch.Generator) -> None:
+        self.validate()
+        defaults = VARIANT_DEFAULTS[self.variant]
+        self._mutpb = defaults["mutpb"] if self.mutpb is None else self.mutpb
+        self._indpb = defaults["indpb"] if self.indpb is None else self.indpb
+        self._sigma = defaults["sigma"] if self.sigma is None else self.sigma
+        self._model, self._generator, self._device = model, generator, task.device
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+        self._random_state = random.Random(seed).getstate()  # DEAP's selection draws from Python's `random`
+        self._genomes = initial_population(model, self.popsize, generator)  # [P, n_params]
+        self._scale = tensor_scales(model) if self.sigma_scale == "init" else None
+        self._toolbox = self._make_toolbox()
+        self._hof = tools.HallOfFame(max(1, self.elites))
+        self._stats = tools.Statistics(key=lambda ind: ind.fitness.values[0])
+        for stat in ("min", "median", "max"):
+            self._stats.register(stat, getattr(np, stat))
+        self.logbook = tools.Logbook()
+        self.logbook.header = ["gen", "nevals", "min", "median", "max", "elite"]
+        self._pool: list[tuple[Tensor, Tensor]] = []  # the last `elite_batches` minibatches, oldest first
+        self._generation = 0
+
+    def validate(self) -> None:
+        """Check hyper-parameter values; raises ValueError naming the bad one."""
+        for key, allowed in (("variant", VARIANTS), ("crossover", CROSSOVERS), ("operators", OPERATORS)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {allowed}; got {getattr(self, key)!r}")
+        if self.popsize < 2 or self.batch_size <= 0 or self.tournsize < 1 or self.elite_batches < 0:
+            raise ValueError("popsize must be >= 2, batch_size and tournsize >= 1, elite_batches >= 0")
+        if not 0 <= self.elites < self.popsize or not 1 <= self.candidates <= self.popsize:
+            raise ValueError(f"need 0 <= elites < popsize and 1 <= candidates <= popsize; got elites "
+                             f"{self.elites}, candidates {self.candidates}, popsize {self.popsize}")
+        if self.elites > self.candidates:
+            raise ValueError(f"elites ({self.elites}) must not exceed candidates ({self.candidates})")
+        if self.variant == "such2017" and not 1 <= self.truncation <= self.popsize:
+            raise ValueError(f"truncation must be in [1, popsize]; got {self.truncation}")
+        for key in ("cxpb", "cx_indpb", "mutpb", "indpb"):
+            value = getattr(self, key)
+            if value is not None and not 0 <= value <= 1:
+                raise ValueError(f"{key} must be a probability in [0, 1]; got {value}")
+        if (self.sigma is not None and self.sigma <= 0) or self.alpha < 0:
+            raise ValueError("sigma must be positive and alpha non-negative")
+
+    def _make_toolbox(self) -> base.Toolbox:
+        _deap_types()
+        toolbox = base.Toolbox()
+        toolbox.register("evaluate", population.evaluate, self._model, chunk_size=self.chunk_size)
+        if self.variant == "classic":
+            toolbox.register("select", tools.selTournament, tournsize=self.tournsize)
+        else:
+            toolbox.register("select", select_truncation, truncation=self.truncation)
+        toolbox.register("candidates", tools.selBest, k=self.candidates)
+        cx_deap = {"blend": (tools.cxBlend, {"alpha": self.alpha}), "uniform": (tools.cxUniform, {"indpb":
+                   self.cx_indpb}), "two-point": (tools.cxTwoPoint, {})}[self.crossover]
+        if self.operators == "deap":  # per individual, Python's `random` (swapped to ours around every call)
+            toolbox.register("mate", cx_deap[0], **cx_deap[1])
+            toolbox.register("mutate", tools.mutGaussian, mu=0.0, sigma=self._sigma, indpb=self._indpb)
+        else:  # the whole offspring array at once, the trainer's generator
+            cx = {"blend": cx_blend, "uniform": cx_uniform, "two-point": cx_two_point}[self.crossover]
+            toolbox.register("mate", cx, cxpb=self.cxpb, generator=self._generator, **cx_deap[1])
+            toolbox.register("mutate", mut_gaussian, sigma=self._sigma, indpb=self._indpb, mutpb=self._mutpb,
+                             generator=self._generator)
+        return toolbox
+
+    def step(self, batch: Batch) -> StepStats:
+        p, b = self.popsize, batch.y.shape[0]
+        loss, _ = self._toolbox.evaluate(self._genomes, batch.x, batch.y)  # [P], all on the same minibatch
+        individuals = self._individuals(loss)
+        with self._python_random():
+            parents = self._toolbox.select(individuals, p - self.elites)  # DEAP's own selection
+        record = self._stats.compile(individuals)  # before the candidates' fitness is replaced by the pool's
+        pool_evals = self._choose_elites(individuals, loss)  # refills the hall of fame (fitness on the pool)
+        offspring = self._vary(self._genomes.index_select(0, torch.tensor(parents, device=self._device)))
+        elites = [ind.genome for ind in self._hof[:self.elites]]
+        self._genomes = torch.cat([torch.stack(elites), offspring]) if elites else offspring  # [P, n_params]
+        self.logbook.record(gen=self._generation, nevals=p + len(pool_evals[0]),
+                            elite=self._hof[0].fitness.values[0], **record)
+        self._remember(batch)
+        self._generation += 1
+        self._sigma = max(self._sigma * self.sigma_decay, self.sigma_min)
+        # The loss reported is row 0's: the current elite (the model `eval_model()` returned before this step),
+        # re-measured on this fresh batch, so it is an unbiased training loss; generation 0: the given model.
+        return StepStats(loss=loss[0], forward_passes=p * b + pool_evals[1])
+
+    def eval_model(self) -> nn.Module:
+        if len(self._hof):
+            population.load(self._model, self._hof[0].genome)
+        return self._model
+
+    def _individuals(self, loss: Tensor) -> list:
+        """One lightweight DEAP individual per row: its index, its fitness, a view of its genome."""
+        values = torch.nan_to_num(loss, nan=math.inf).tolist()  # a NaN member is the worst, never the best
+        individuals = []
+        for row, value in enumerate(values):
+            ind = creator.LearnbenchGARow(row)
+            ind.fitness.values = (value,)
+            ind.genome = self._genomes[row]
+            individuals.append(ind)
+        return individuals
+
+    def _choose_elites(self, individuals: list, loss: Tensor) -> tuple[list, int]:
+        """Score the candidates (the generation's best and the current elites, rows 0..elites-1) by their mean
+        loss on the held-back pool and refill the hall of fame with the best; returns (candidates, passes)."""
+        chosen = {int(ind): ind for ind in self._toolbox.candidates(individuals)}
+        chosen.update({int(ind): ind for ind in individuals[:self.elites] if self._generation})
+        candidates, passes = list(chosen.values()), 0
+        if self._pool:
+            x, y = (torch.cat(parts) for parts in zip(*self._pool))
+            rows = torch.tensor(list(chosen), device=self._device)
+            pooled, _ = self._toolbox.evaluate(self._genomes.index_select(0, rows), x, y)  # [C]
+            for ind, value in zip(candidates, torch.nan_to_num(pooled, nan=math.inf).tolist()):
+                ind.fitness.values = (value,)
+            passes = len(candidates) * y.shape[0]
+        self._hof.clear()
+        self._hof.update(candidates)  # copies the winners' genomes (LearnbenchGARow.__deepcopy__)
+        return candidates, passes
+
+    def _vary(self, offspring: Tensor) -> Tensor:
+        """Crossover (classic) then mutation of `offspring [N, n_params]`, like DEAP's `algorithms.varAnd`."""
+        cxpb = self.cxpb if self.variant == "classic" else 0.0
+        if self.operators == "vectorised":
+            sigma = self._sigma if self._scale is None else self._sigma * self._scale
+            return self._toolbox.mutate(self._toolbox.mate(offspring) if cxpb else offspring, sigma=sigma)
+        rows = offspring.tolist()  # DEAP's sequence individuals; its operators change them in place
+        with self._python_random():
+            for first, second in zip(rows[0::2], rows[1::2]):
+                if random.random() < cxpb:
+                    self._toolbox.mate(first, second)
+            for row in rows:
+                if random.random() < self._mutpb:
+                    self._toolbox.mutate(row)
+        return torch.tensor(rows, dtype=offspring.dtype, device=offspring.device)
+
+    def _remember(self, batch: Batch) -> None:
+        if self.elite_batches:
+            self._pool = [*self._pool, (batch.x.clone(), batch.y.clone())][-self.elite_batches:]
+
+    @contextmanager
+    def _python_random(self) -> Iterator[None]:
+        """Run DEAP code on this trainer's own `random` state, restoring the caller's afterwards."""
+        outside = random.getstate()
+        random.setstate(self._random_state)
+        try:
+            yield
+        finally:
+            self._random_state = random.getstate()
+            random.setstate(outside)
+
+
+# ------------------------------------------------------------------------------------------------ pure helpers
+
+def select_truncation(individuals: list, k: int, truncation: int) -> list:
+    """Such et al.'s selection: `k` parents drawn uniformly (with replacement) from the `truncation` best."""
+    return tools.selRandom(tools.selBest(individuals, truncation), k)
+
+
+def mut_gaussian(genomes: Tensor, sigma: float, indpb: float, mutpb: float, generator: torch.Generator) -> Tensor:
+    """`tools.mutGaussian(ind, mu=0, sigma, indpb)` applied with probability `mutpb` to every row of `genomes
+    [N, n]`, in place; returns `genomes`. Small `indpb`: the mutated genes are the arrivals of a Bernoulli process,
+    found from Geometric(indpb) gaps (exactly the same law as one draw per gene, ~n * indpb draws instead of n)."""
+    rows = _chosen(genomes.shape[0], mutpb, generator, genomes.device)  # [M] rows to mutate
+    if rows.numel() == 0 or indpb == 0:
+        return genomes
+    m, n = rows.numel(), genomes.shape[1]
+    if indpb >= 1:
+        genomes[rows] += sigma * _randn(generator, (m, n), genomes)
+    elif indpb <= SPARSE_INDPB:
+        position = _arrivals(m, n, indpb, generator, genomes.device)  # [M, K], -1 after a row's last arrival
+        flat = (rows[:, None] * n + position)[position >= 0]  # indices into the flattened array
+        scale = sigma[flat % n] if torch.is_tensor(sigma) else sigma
+        genomes.view(-1).index_add_(0, flat, scale * _randn(generator, flat.shape, genomes))
+    else:
+        hit = torch.rand(m, n, generator=generator, device=generator.device).to(genomes.device) < indpb
+        genomes[rows] += sigma * _randn(generator, (m, n), genomes) * hit
+    return genomes
+
+
+def cx_blend(offspring: Tensor, alpha: float, cxpb: float, generator: torch.Generator) -> Tensor:
+    """`tools.cxBlend(a, b, alpha)` on the pairs (0, 1), (2, 3), ... of `offspring [N, n]` that cross (probability
+    `cxpb` each), in place: per gene `gamma ~ U(-alpha, 1 + alpha)`, `a' = (1-gamma) a + gamma b`,
+    `b' = gamma a + (1-gamma) b`."""
+    first, second = _pairs(offspring.shape[0], cxpb, generator, offspring.device)
+    if first.numel():
+        a, b = offspring[first], offspring[second]  # [K, n] each
+        gamma = (1 + 2 * alpha) * _rand(generator, a.shape, a) - alpha
+        delta = gamma * (b - a)
+        offspring[first], offspring[second] = a + delta, b - delta
+    return offspring
+
+
+def cx_uniform(offspring: Tensor, indpb: float, cxpb: float, generator: torch.Generator) -> Tensor:
+    """`tools.cxUniform(a, b, indpb)` on the crossing pairs of `offspring [N, n]`: each gene swapped with
+    probability `indpb`."""
+    first, second = _pairs(offspring.shape[0], cxpb, generator, offspring.device)
+    if first.numel():
+        a, b = offspring[first], offspring[second]
+        swap = _rand(generator, a.shape, a) < indpb  # [K, n]
+        offspring[first], offspring[second] = torch.where(swap, b, a), torch.where(swap, a, b)
+    return offspring
+
+
+def cx_two_point(offspring: Tensor, cxpb: float, generator: torch.Generator) -> Tensor:
+    """`tools.cxTwoPoint(a, b)` on the crossing pairs of `offspring [N, n]`: the genes between two cut points,
+    drawn as DEAP draws them, are swapped."""
+    first, second = _pairs(offspring.shape[0], cxpb, generator, offspring.device)
+    k, n = first.numel(), offspring.shape[1]
+    if k:
+        # DEAP: c1 = randint(1, n), c2 = randint(1, n - 1); c2 += 1 if c2 >= c1, else the two are swapped.
+        cuts = torch.stack([torch.randint(1, n + 1, (k,), generator=generator, device=generator.device),
+                            torch.randint(1, n, (k,), generator=generator, device=generator.device)])
+        cuts[1] += cuts[1] >= cuts[0]
+        low, high = cuts.min(0).values.to(offspring.device), cuts.max(0).values.to(offspring.device)
+        genes = torch.arange(n, device=offspring.device)
+        swap = (genes >= low[:, None]) & (genes < high[:, None])  # [K, n]
+        a, b = offspring[first], offspring[second]
+        offspring[first], offspring[second] = torch.where(swap, b, a), torch.where(swap, a, b)
+    return offspring
+
+
+@torch.no_grad()
+def initial_population(model: nn.Module, size: int, generator: torch.Generator) -> Tensor:
+    """`[size, n_params]`: row 0 is the model as given, the others independent initialisations by the model's own
+    `reset_parameters` (Such et al.: a population of randomly initialised networks), drawn under `fork_rng` from a
+    seed taken from `generator` so the global random state is left as it was."""
+    given = population.flatten(model)
+    owners = [m for m in model.modules() if hasattr(m, "reset_parameters") and next(m.parameters(recurse=False), None) is not None]
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    rows = [given]
+    with torch.random.fork_rng(devices=[given.device] if given.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for _ in range(size - 1):
+            for module in owners:
+                module.reset_parameters()
+            rows.append(population.flatten(model))
+    population.load(model, given)
+    return torch.stack(rows)
+
+
+def tensor_scales(model: nn.Module) -> Tensor:
+    """`[n_params]`: each parameter tensor's standard deviation, repeated over its entries."""
+    return torch.cat([p.detach().std().expand(p.numel()) if p.numel() > 1 else p.detach().abs().reshape(1)
+                      for p in model.parameters() if p.requires_grad])
+
+
+def _deap_types() -> None:
+    """Create the DEAP classes once per process (creator is global state), under learnbench-specific names."""
+    if not hasattr(creator, "LearnbenchGAFitness"):
+        creator.create("LearnbenchGAFitness", base.Fitness, weights=(-1.0,))  # a loss: minimised
+    if not hasattr(creator, "LearnbenchGARow"):
+        creator.create("LearnbenchGARow", int, fitness=creator.LearnbenchGAFitness, __deepcopy__=_copy_row)
+
+
+def _copy_row(ind: int, memo: dict) -> int:
+    """Deep copy of an individual (what `HallOfFame.insert` makes): its own copy of the genome row only."""
+    twin = type(ind)(int(ind))
+    twin.fitness = copy.deepcopy(ind.fitness, memo)
+    twin.genome = ind.genome.clone()
+    return twin
+
+
+def _chosen(n: int, probability: float, generator: torch.Generator, device: torch.device) -> Tensor:
+    """Indices of the `n` items that pass a Bernoulli(`probability`) draw each."""
+    if probability >= 1:
+        return torch.arange(n, device=device)
+    return torch.nonzero(torch.rand(n, generator=generator, device=generator.device) < probability)[:, 0].to(device)
+
+
+def _pairs(n: int, cxpb: float, generator: torch.Generator, device: torch.device) -> tuple[Tensor, Tensor]:
+    """First and second rows of the consecutive pairs (0, 1), (2, 3), ... that cross."""
+    first = 2 * _chosen(n // 2, cxpb, generator, device)
+    return first, first + 1
+
+
+def _arrivals(rows: int, n: int, p: float, generator: torch.Generator, device: torch.device) -> Tensor:
+    """Positions `[rows, K]` of the successes among `n` Bernoulli(`p`) trials per row, -1 after the last one."""
+    width = math.ceil(n * p + 8 * math.sqrt(n * p) + 16)  # enough gaps to pass n, but for ~1e-15 of rows
+    gaps = torch.empty(rows, width, device=generator.device).geometric_(p, generator=generator)  # in {1, 2, ...}
+    position = gaps.to(device=device, dtype=torch.int64).cumsum(1) - 1
+    while bool((position[:, -1] < n).any()):  # a row has not passed the last gene yet: draw more gaps
+        more = torch.empty(rows, width, device=generator.device).geometric_(p, generator=generator)
+        more = more.to(device=device, dtype=torch.int64).cumsum(1) + position[:, -1:]
+        position = torch.cat([position, more], 1)
+    return torch.where(position < n, position, -1)
+
+
+def _randn(generator: torch.Generator, shape: tuple, like: Tensor) -> Tensor:
+    return torch.randn(shape, generator=generator, device=generator.device).to(like.device, like.dtype)
+
+
+def _rand(generator: torch.Generator, shape: tuple, like: Tensor) -> Tensor:
+    return torch.rand(shape, generator=generator, device=generator.device).to(like.device, like.dtype)
