@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import loss_grad, project_linf, uniform
+from .common import bcast, loss_grad, per_row, project_linf, uniform
 
 STEPS = 100
 """Iterations per restart (AutoAttack's standard and the paper's setting)."""
@@ -32,16 +32,18 @@ MOMENTUM = 0.75
 """alpha in the update above (paper: 0.75)."""
 
 
-def apgd_ce(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, generator: torch.Generator,
+def apgd_ce(model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor, *, generator: torch.Generator,
             steps: int = STEPS, restarts: int = 1, rho: float = RHO) -> Tensor:
-    """APGD-CE (Linf): x [B, ...] in [0, 1], y [B] -> x_adv [B, ...]. Call inside `attack_mode(model)`."""
+    """APGD-CE (Linf): x [B, ...] in [0, 1], y [B], eps a number or one per point [B] -> x_adv [B, ...].
+    Call inside `attack_mode(model)`."""
+    eps = per_row(eps, x)  # [B]
     out = x.clone()
     fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     for _ in range(max(1, restarts)):
         todo = (~fooled).nonzero().squeeze(1)  # [n]
         if todo.numel() == 0:
             break
-        adv, hit = _single_run(model, x[todo], y[todo], eps, generator, steps, rho)
+        adv, hit = _single_run(model, x[todo], y[todo], eps[todo], generator, steps, rho)
         out[todo] = adv
         fooled[todo[hit]] = True
     return out
@@ -59,24 +61,24 @@ def checkpoints(steps: int) -> list[int]:
     return out
 
 
-def _start(x: Tensor, eps: float, generator: torch.Generator) -> Tensor:
+def _start(x: Tensor, eps: Tensor, generator: torch.Generator) -> Tensor:
     t = uniform(x.shape, generator, x.device).mul_(2.0).sub_(1.0)  # [B, ...] U[-1, 1)
-    t = t / t.flatten(1).abs().amax(1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
+    t = t / bcast(t.flatten(1).abs().amax(1).clamp_min(1e-12), x)
     return project_linf(x + eps * t, x, eps)
 
 
-def _single_run(model: nn.Module, x: Tensor, y: Tensor, eps: float, generator: torch.Generator, steps: int,
+def _single_run(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, generator: torch.Generator, steps: int,
                 rho: float) -> tuple[Tensor, Tensor]:
     """One APGD run. Returns (x_adv [B, ...]: the first misclassified iterate, else the best-loss point;
     hit [B]: whether the point was broken)."""
     n = x.shape[0]
-    x_adv = _start(x, eps, generator)
+    x_adv = _start(x, bcast(eps, x), generator)
     grad, logits = loss_grad(model, x_adv, y)
     loss = F.cross_entropy(logits, y, reduction="none")  # [B]
     s = {  # per-point state; every tensor has the active points as its first dimension
-        "idx": torch.arange(n, device=x.device), "x": x, "y": y, "x_adv": x_adv, "x_old": x_adv.clone(),
+        "idx": torch.arange(n, device=x.device), "x": x, "y": y, "eps": eps, "x_adv": x_adv, "x_old": x_adv.clone(),
         "grad": grad, "x_best": x_adv.clone(), "grad_best": grad.clone(), "loss_best": loss.clone(),
-        "loss_prev": loss, "step": torch.full((n,), 2.0 * eps, device=x.device), "ups": torch.zeros(n, device=x.device),
+        "loss_prev": loss, "step": 2.0 * eps, "ups": torch.zeros(n, device=x.device),
         "reduced": torch.ones(n, dtype=torch.bool, device=x.device), "loss_best_check": loss.clone(),
     }
     out, hit = x_adv.clone(), torch.zeros(n, dtype=torch.bool, device=x.device)
@@ -85,7 +87,7 @@ def _single_run(model: nn.Module, x: Tensor, y: Tensor, eps: float, generator: t
     for i in range(steps):
         if s["idx"].numel() == 0:
             return out, hit
-        _momentum_step(s, eps, MOMENTUM if i > 0 else 1.0)
+        _momentum_step(s, MOMENTUM if i > 0 else 1.0)
         grad, logits = loss_grad(model, s["x_adv"], s["y"])
         _track(s, grad, F.cross_entropy(logits, s["y"], reduction="none"))
         s = _retire(s, logits.argmax(1) != s["y"], out, hit)  # before a checkpoint moves x_adv back
@@ -97,9 +99,9 @@ def _single_run(model: nn.Module, x: Tensor, y: Tensor, eps: float, generator: t
 
 
 @torch.no_grad()
-def _momentum_step(s: dict[str, Tensor], eps: float, alpha: float) -> None:
+def _momentum_step(s: dict[str, Tensor], alpha: float) -> None:
     x, x_adv = s["x"], s["x_adv"]
-    step = s["step"].view(-1, *([1] * (x.dim() - 1)))
+    step, eps = bcast(s["step"], x), bcast(s["eps"], x)  # [n, 1, ...]
     z = project_linf(x_adv + step * s["grad"].sign(), x, eps)
     new = project_linf(x_adv + alpha * (z - x_adv) + (1.0 - alpha) * (x_adv - s["x_old"]), x, eps)
     s["x_old"], s["x_adv"] = x_adv, new

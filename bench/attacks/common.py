@@ -17,10 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-AttackFn = Callable[[Tensor, Tensor], Tensor]
-"""An attack bound to its model and settings: (x [B, ...], y [B]) -> x_adv [B, ...]."""
-
-
 @contextlib.contextmanager
 def attack_mode(*models: nn.Module) -> Iterator[None]:
     """Eval mode and frozen weights for the duration of an attack; both restored afterwards, even on error.
@@ -74,9 +70,21 @@ def margin(logits: Tensor, y: Tensor) -> Tensor:
     return true - others.amax(1)
 
 
-def project_linf(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
+def per_row(eps: float | Tensor, x: Tensor) -> Tensor:
+    """eps as a vector [B] (x's dtype and device). Every attack takes one radius for the batch or one per point:
+    the robustness evaluation stacks the whole eps grid into one batch, so per-step overheads are paid once, not
+    once per eps (what makes small models cheap to attack)."""
+    return torch.as_tensor(eps, dtype=x.dtype, device=x.device).expand(x.shape[0]).contiguous()
+
+
+def bcast(v: Tensor, x: Tensor) -> Tensor:
+    """A per-row vector [B] viewed as [B, 1, ...] to broadcast against x."""
+    return v.view(-1, *([1] * (x.dim() - 1)))
+
+
+def project_linf(x_adv: Tensor, x: Tensor, eps: float | Tensor) -> Tensor:
     """Nearest point of the Linf ball around x intersected with [0, 1] (clipping to [0, 1] after the ball never
-    leaves the ball, since x itself is in [0, 1])."""
+    leaves the ball, since x itself is in [0, 1]). A tensor eps must broadcast against x ([B, 1, ...])."""
     return torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
 
 
@@ -85,8 +93,9 @@ def l2_norms(v: Tensor) -> Tensor:
     return v.flatten(1).norm(dim=1).view(-1, *([1] * (v.dim() - 1)))
 
 
-def project_l2(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
-    """Scale the perturbation back onto the L2 ball if outside, then clip to [0, 1] (which only shrinks it)."""
+def project_l2(x_adv: Tensor, x: Tensor, eps: float | Tensor) -> Tensor:
+    """Scale the perturbation back onto the L2 ball if outside, then clip to [0, 1] (which only shrinks it).
+    A tensor eps must already broadcast against x ([B, 1, ...]), as in `project_linf`."""
     delta = x_adv - x
     scale = (eps / l2_norms(delta).clamp_min(1e-12)).clamp(max=1.0)
     return (x + delta * scale).clamp_(0.0, 1.0)
@@ -107,11 +116,13 @@ def randint(high: Tensor | int, n: int, generator: torch.Generator, device: torc
     return (uniform((n,), generator, device) * high).long()
 
 
-def chunked(attack: AttackFn, x: Tensor, y: Tensor, chunk: int) -> Tensor:
-    """Run `attack` on consecutive chunks of at most `chunk` points (bounds memory; whole chunks are batched)."""
+def chunked(attack: Callable[[Tensor, Tensor, Tensor], Tensor], x: Tensor, y: Tensor, eps: Tensor,
+            chunk: int) -> Tensor:
+    """Run `attack(x, y, eps)` on consecutive chunks of at most `chunk` rows (bounds memory; each chunk is one
+    batch). eps: one radius per row [B]."""
     if x.shape[0] <= chunk:
-        return attack(x, y)
-    return torch.cat([attack(xs, ys) for xs, ys in zip(x.split(chunk), y.split(chunk))])
+        return attack(x, y, eps)
+    return torch.cat([attack(*part) for part in zip(x.split(chunk), y.split(chunk), eps.split(chunk))])
 
 
 def random_sign(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> Tensor:

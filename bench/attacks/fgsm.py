@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .common import loss_grad, project_linf
+from .common import bcast, loss_grad, per_row, project_linf
 
 
-def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float) -> Tensor:
-    """One signed-gradient step of size eps: x [B, ...] in [0, 1], y [B] -> x_adv [B, ...].
-    Call inside `attack_mode(model)` so no weight gradients are built."""
+def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor) -> Tensor:
+    """One signed-gradient step of size eps (a number, or one per point [B]): x [B, ...] in [0, 1], y [B] ->
+    x_adv [B, ...]. Call inside `attack_mode(model)` so no weight gradients are built."""
     grad, _ = loss_grad(model, x, y)  # [B, ...]
+    eps = bcast(per_row(eps, x), x)  # [B, 1, ...]
     return project_linf(x + eps * grad.sign(), x, eps)

@@ -12,10 +12,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import l2_norms, normal
+from .common import bcast, l2_norms, normal, per_row
 
 
-def gaussian_noise(x: Tensor, eps: float, *, generator: torch.Generator) -> Tensor:
-    """x [B, ...] in [0, 1] -> x + a random perturbation of L2 norm eps per point, clipped to [0, 1]."""
+def gaussian_noise(x: Tensor, eps: float | Tensor, *, generator: torch.Generator) -> Tensor:
+    """x [B, ...] in [0, 1] -> x + a random perturbation of L2 norm eps (a number, or one per point [B]) per point,
+    clipped to [0, 1]."""
     g = normal(x.shape, generator, x.device)  # [B, ...]
-    return (x + eps * g / l2_norms(g).clamp_min(1e-12)).clamp_(0.0, 1.0)
+    return (x + bcast(per_row(eps, x), x) * g / l2_norms(g).clamp_min(1e-12)).clamp_(0.0, 1.0)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import logits_of, loss_grad, project_linf, uniform
+from .common import bcast, logits_of, loss_grad, per_row, project_linf, uniform
 
 STEPS = 40
 """Madry et al.'s MNIST setting (40 steps, random start)."""
@@ -37,37 +37,53 @@ of 2.5 eps lets every coordinate reach the ball's boundary from anywhere inside 
 
 @dataclass(frozen=True)
 class Geometry:
-    """How a PGD variant starts, steps and projects (Linf here, L2 in pgd_l2.py)."""
+    """How a PGD variant starts, steps and projects (Linf here, L2 in pgd_l2.py). Radii and step sizes are
+    per-point tensors shaped [B, 1, ...] to broadcast against x."""
 
-    start: Callable[[Tensor, float, torch.Generator], Tensor]
+    start: Callable[[Tensor, Tensor, torch.Generator], Tensor]
     """(x, eps, generator) -> random point of the ball around x, inside [0, 1]."""
-    step: Callable[[Tensor, Tensor, float], Tensor]
-    """(x_adv, grad, step_size) -> x_adv moved uphill (not yet projected)."""
-    project: Callable[[Tensor, Tensor, float], Tensor]
-    """(x_adv, x, eps) -> nearest point of the ball around x inside [0, 1]."""
+    step: Callable[[Tensor, Tensor, Tensor], Tensor]
+    """(x_adv, grad, step_size) -> x_adv moved uphill (not yet projected); may work in place on x_adv."""
+    ball: Callable[[Tensor, Tensor], tuple[Tensor, ...]]
+    """(x, eps) -> the per-point tensors `project` needs, computed once per run."""
+    project: Callable[[Tensor, tuple[Tensor, ...]], Tensor]
+    """(x_adv, ball) -> nearest point of the ball inside [0, 1]."""
 
 
-def _linf_start(x: Tensor, eps: float, generator: torch.Generator) -> Tensor:
+def _linf_start(x: Tensor, eps: Tensor, generator: torch.Generator) -> Tensor:
     noise = uniform(x.shape, generator, x.device).mul_(2.0).sub_(1.0)  # U[-1, 1)
     return project_linf(x + eps * noise, x, eps)
 
 
-LINF = Geometry(start=_linf_start, step=lambda x_adv, grad, size: x_adv + size * grad.sign(), project=project_linf)
+def _linf_step(x_adv: Tensor, grad: Tensor, size: Tensor) -> Tensor:
+    return x_adv.addcmul_(size, grad.sign_())
 
 
-def pgd_linf(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, generator: torch.Generator,
+def _linf_box(x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+    """The Linf ball intersected with [0, 1] is a box: [max(x - eps, 0), min(x + eps, 1)] per coordinate."""
+    return (x - eps).clamp_(min=0.0), (x + eps).clamp_(max=1.0)
+
+
+LINF = Geometry(start=_linf_start, step=_linf_step, ball=_linf_box,
+                project=lambda x_adv, box: torch.clamp(x_adv, box[0], box[1]))
+
+
+def pgd_linf(model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor, *, generator: torch.Generator,
              steps: int = STEPS, step_factor: float = STEP_FACTOR, restarts: int = 1,
              grad_model: nn.Module | None = None, early_stop: bool = True) -> Tensor:
-    """PGD-Linf: x [B, ...] in [0, 1], y [B] -> x_adv [B, ...]. Call inside `attack_mode(model, grad_model)`."""
-    return pgd(model, x, y, eps, geometry=LINF, generator=generator, steps=steps,
-               step_size=step_factor * eps / steps, restarts=restarts, grad_model=grad_model, early_stop=early_stop)
+    """PGD-Linf: x [B, ...] in [0, 1], y [B], eps a number or one per point [B] -> x_adv [B, ...].
+    Call inside `attack_mode(model, grad_model)`."""
+    return pgd(model, x, y, eps, geometry=LINF, generator=generator, steps=steps, step_factor=step_factor,
+               restarts=restarts, grad_model=grad_model, early_stop=early_stop)
 
 
-def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, geometry: Geometry, generator: torch.Generator,
-        steps: int, step_size: float, restarts: int = 1, grad_model: nn.Module | None = None,
-        early_stop: bool = True) -> Tensor:
-    """Restarts of `_single_run` on the points still standing; each point keeps its worst case (see module doc)."""
+def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor, *, geometry: Geometry,
+        generator: torch.Generator, steps: int, step_factor: float, restarts: int = 1,
+        grad_model: nn.Module | None = None, early_stop: bool = True) -> Tensor:
+    """Restarts of `_single_run` on the points still standing; each point keeps its worst case (see module doc).
+    The step size is step_factor * eps / steps, per point."""
     grad_model = model if grad_model is None else grad_model
+    eps = per_row(eps, x)  # [B]
     best = x.clone()
     best_loss = torch.full((x.shape[0],), float("-inf"), device=x.device)
     fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
@@ -75,7 +91,8 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, geometry: Geometr
         todo = (~fooled).nonzero().squeeze(1)  # [n] points no restart has broken yet
         if todo.numel() == 0:
             break
-        adv = _single_run(grad_model, x[todo], y[todo], eps, geometry, generator, steps, step_size, early_stop)
+        adv = _single_run(grad_model, x[todo], y[todo], eps[todo], geometry, generator, steps, step_factor,
+                          early_stop)
         logits = logits_of(model, adv)  # [n, C] scored on the plain model
         loss = F.cross_entropy(logits, y[todo], reduction="none")
         wrong = logits.argmax(1) != y[todo]
@@ -86,10 +103,12 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, geometry: Geometr
     return best
 
 
-def _single_run(model: nn.Module, x: Tensor, y: Tensor, eps: float, geometry: Geometry,
-                generator: torch.Generator, steps: int, step_size: float, early_stop: bool) -> Tensor:
+def _single_run(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, geometry: Geometry,
+                generator: torch.Generator, steps: int, step_factor: float, early_stop: bool) -> Tensor:
     """One random start and `steps` projected steps; with early_stop, a point leaves once misclassified."""
+    eps = bcast(eps, x)  # [B, 1, ...]
     x_adv = geometry.start(x, eps, generator)
+    ball, size = geometry.ball(x, eps), step_factor * eps / steps
     out = x_adv.clone()  # [B, ...] the answer per point: its first misclassified iterate, else the last
     idx = torch.arange(x.shape[0], device=x.device)  # [n] rows of `out` still being attacked
     for _ in range(steps):
@@ -99,9 +118,10 @@ def _single_run(model: nn.Module, x: Tensor, y: Tensor, eps: float, geometry: Ge
             if hit.any():
                 out[idx[hit]] = x_adv[hit]
                 keep = ~hit
-                idx, x_adv, x, y, grad = idx[keep], x_adv[keep], x[keep], y[keep], grad[keep]
+                idx, x_adv, y, size, grad = idx[keep], x_adv[keep], y[keep], size[keep], grad[keep]
+                ball = tuple(b[keep] for b in ball)
                 if idx.numel() == 0:
                     return out
-        x_adv = geometry.project(geometry.step(x_adv, grad, step_size), x, eps)
+        x_adv = geometry.project(geometry.step(x_adv, grad, size), ball)
     out[idx] = x_adv
     return out

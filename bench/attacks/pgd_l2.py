@@ -10,31 +10,32 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .common import l2_norms, normal, project_l2, uniform
+from .common import bcast, l2_norms, normal, project_l2, uniform
 from .pgd import STEP_FACTOR, STEPS, Geometry, pgd
 
 
-def _l2_start(x: Tensor, eps: float, generator: torch.Generator) -> Tensor:
+def _l2_start(x: Tensor, eps: Tensor, generator: torch.Generator) -> Tensor:
     """Uniform in the L2 ball: a Gaussian direction times eps * U^(1/D) (Muller 1959; in high dimension this is
     nearly the sphere)."""
     direction = normal(x.shape, generator, x.device)
     direction = direction / l2_norms(direction).clamp_min(1e-12)
     dims = x[0].numel()
-    radius = eps * uniform((x.shape[0],), generator, x.device).pow(1.0 / dims)  # [B]
-    return project_l2(x + direction * radius.view(-1, *([1] * (x.dim() - 1))), x, eps)
+    radius = eps * bcast(uniform((x.shape[0],), generator, x.device).pow(1.0 / dims), x)  # [B, 1, ...]
+    return project_l2(x + direction * radius, x, eps)
 
 
-def _l2_step(x_adv: Tensor, grad: Tensor, size: float) -> Tensor:
+def _l2_step(x_adv: Tensor, grad: Tensor, size: Tensor) -> Tensor:
     return x_adv + size * grad / l2_norms(grad).clamp_min(1e-12)
 
 
-L2 = Geometry(start=_l2_start, step=_l2_step, project=project_l2)
+L2 = Geometry(start=_l2_start, step=_l2_step, ball=lambda x, eps: (x, eps),
+              project=lambda x_adv, ball: project_l2(x_adv, *ball))
 
 
-def pgd_l2(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, generator: torch.Generator,
+def pgd_l2(model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor, *, generator: torch.Generator,
            steps: int = STEPS, step_factor: float = STEP_FACTOR, restarts: int = 1,
            grad_model: nn.Module | None = None, early_stop: bool = True) -> Tensor:
-    """PGD-L2: x [B, ...] in [0, 1], y [B] -> x_adv [B, ...] with ||x_adv - x||_2 <= eps.
-    Call inside `attack_mode(model)`."""
-    return pgd(model, x, y, eps, geometry=L2, generator=generator, steps=steps,
-               step_size=step_factor * eps / steps, restarts=restarts, grad_model=grad_model, early_stop=early_stop)
+    """PGD-L2: x [B, ...] in [0, 1], y [B], eps a number or one per point [B] -> x_adv [B, ...] with
+    ||x_adv - x||_2 <= eps. Call inside `attack_mode(model)`."""
+    return pgd(model, x, y, eps, geometry=L2, generator=generator, steps=steps, step_factor=step_factor,
+               restarts=restarts, grad_model=grad_model, early_stop=early_stop)

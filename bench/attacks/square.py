@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .common import logits_of, margin, randint, random_sign
+from .common import logits_of, margin, per_row, randint, random_sign
 
 QUERIES = 5000
 """AutoAttack's standard budget per restart (the suite default is smaller; see robustness.py)."""
@@ -43,16 +43,18 @@ def p_schedule(p_init: float, it: int, queries: int) -> float:
     return p_init
 
 
-def square_linf(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, generator: torch.Generator,
+def square_linf(model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor, *, generator: torch.Generator,
                 queries: int = QUERIES, p_init: float = P_INIT, restarts: int = 1) -> Tensor:
-    """Square Attack (Linf): x [B, ...] in [0, 1], y [B] -> x_adv [B, ...]. Forward passes only."""
+    """Square Attack (Linf): x [B, ...] in [0, 1], y [B], eps a number or one per point [B] -> x_adv [B, ...].
+    Forward passes only."""
+    eps = per_row(eps, x)  # [B]
     out = x.clone()
     fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     for _ in range(max(1, restarts)):
         todo = (~fooled).nonzero().squeeze(1)  # [n]
         if todo.numel() == 0:
             break
-        adv, hit = _single_run(model, x[todo], y[todo], eps, generator, queries, p_init)
+        adv, hit = _single_run(model, x[todo], y[todo], eps[todo], generator, queries, p_init)
         out[todo] = adv
         fooled[todo[hit]] = True
     return out
@@ -75,16 +77,17 @@ def window_size(p: float, height: int, width: int) -> tuple[int, int]:
     return side, side
 
 
-def _single_run(model: nn.Module, x: Tensor, y: Tensor, eps: float, generator: torch.Generator, queries: int,
+def _single_run(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, generator: torch.Generator, queries: int,
                 p_init: float) -> tuple[Tensor, Tensor]:
     """One run; returns (x_adv [B, ...], hit [B])."""
     shape, xi = x.shape, as_image(x)  # xi: [B, C, H, W]
     n, channels, _, width = xi.shape
+    eps = eps.view(-1, 1, 1, 1)  # [B, 1, 1, 1]
     best = (xi + eps * random_sign((n, channels, 1, width), generator, x.device)).clamp(0.0, 1.0)
     marg = margin(logits_of(model, best.view(shape)), y)  # [B] the first query
     out, hit = best.clone(), marg <= 0
     idx = (~hit).nonzero().squeeze(1)  # [m] examples still standing
-    xc, yc, best, marg = xi[idx], y[idx], best[idx], marg[idx]
+    xc, yc, eps, best, marg = xi[idx], y[idx], eps[idx], best[idx], marg[idx]
     for it in range(queries - 1):
         if idx.numel() == 0:
             break
@@ -97,12 +100,12 @@ def _single_run(model: nn.Module, x: Tensor, y: Tensor, eps: float, generator: t
         if bool(done.any()):  # one host sync per iteration on CUDA
             out[idx[done]], hit[idx[done]] = best[done], True
             keep = ~done
-            idx, xc, yc, best, marg = idx[keep], xc[keep], yc[keep], best[keep], marg[keep]
+            idx, xc, yc, eps, best, marg = idx[keep], xc[keep], yc[keep], eps[keep], best[keep], marg[keep]
     out[idx] = best
     return out.view(shape), hit
 
 
-def _propose(x: Tensor, best: Tensor, eps: float, p: float, generator: torch.Generator) -> Tensor:
+def _propose(x: Tensor, best: Tensor, eps: Tensor, p: float, generator: torch.Generator) -> Tensor:
     """One candidate per example [m, C, H, W]: its current best point with a fresh +-eps square at its own random
     position, signs per channel redrawn (up to MAX_REDRAWS times) until the candidate differs from `best`."""
     m, channels, height, width = x.shape
@@ -119,7 +122,7 @@ def _propose(x: Tensor, best: Tensor, eps: float, p: float, generator: torch.Gen
     for _ in range(MAX_REDRAWS):
         if redo.numel() == 0:  # one host sync per iteration on CUDA
             break
-        signs = eps * random_sign((redo.numel(), channels, 1, 1), generator, x.device)
+        signs = eps[redo] * random_sign((redo.numel(), channels, 1, 1), generator, x.device)
         candidate[redo] = torch.where(mask[redo], (x[redo] + signs).clamp_(0.0, 1.0), best[redo])
         redo = redo[(candidate[redo] == best[redo]).flatten(1).all(1)]
     return candidate

@@ -34,16 +34,19 @@ from .robustness import accuracy_metrics, check_constraint, eps_key
 WHITE_BOX_LINF = ("fgsm", "pgd-linf", "apgd-ce")
 
 
-def craft(source: nn.Module, x: Tensor, y: Tensor, eps: float, settings: dict,
-          generator: torch.Generator) -> Tensor:
-    """PGD-Linf examples on `source` for all points x [N, ...] (last iterate, full steps)."""
+def craft(source: nn.Module, x: Tensor, y: Tensor, eps_grid: list[float], settings: dict,
+          generator: torch.Generator) -> dict[float, Tensor]:
+    """PGD-Linf examples on `source` for all points x [N, ...] at every eps (last iterate, full steps)."""
+    reps, n = len(eps_grid), x.shape[0]
+    xs, ys = x.repeat(reps, *([1] * (x.dim() - 1))), y.repeat(reps)  # [E N, ...], eps-major
+    radii = torch.tensor(eps_grid, dtype=x.dtype, device=x.device).repeat_interleave(n)
     with attack_mode(source):
-        adv = chunked(lambda a, b: pgd_linf(source, a, b, eps, generator=generator, steps=settings["pgd_steps"],
-                                            step_factor=settings["pgd_step_factor"],
-                                            restarts=settings["pgd_restarts"], early_stop=False),
-                      x, y, settings["batch_size"])
-    check_constraint(adv, x, eps, "linf")
-    return adv
+        adv = chunked(lambda a, b, e: pgd_linf(source, a, b, e, generator=generator, steps=settings["pgd_steps"],
+                                               step_factor=settings["pgd_step_factor"],
+                                               restarts=settings["pgd_restarts"], early_stop=False),
+                      xs, ys, radii, settings["batch_size"])
+    check_constraint(adv, xs, radii, "linf")
+    return dict(zip(eps_grid, adv.split(n)))
 
 
 def score(target: nn.Module, x: Tensor, y: Tensor, adversarial: dict[float, Tensor], chunk: int) -> dict[float, float]:
@@ -106,7 +109,7 @@ def transfer_post_run(store, run_dir: str | Path, device: torch.device) -> None:
         started = time.perf_counter()
         model = learnbench.load_model(run_dir, source["id"]).to(device)
         generator = torch.Generator().manual_seed(int(source["seed"]))
-        adversarial = {eps: craft(model, x, y, eps, settings, generator) for eps in settings["eps_linf"]}
+        adversarial = craft(model, x, y, settings["eps_linf"], settings, generator)
         crafting = _elapsed(started, device)
         for target in targets:
             store.add_metrics(target["id"], _target_metrics(run_dir, target, x, y, adversarial, settings,
