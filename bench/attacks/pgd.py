@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import bcast, logits_of, loss_grad, per_row, project_linf, uniform
+from .common import bcast, cross_entropy, logits_of, loss_grad, per_row, project_linf, uniform
 
 STEPS = 40
 """Madry et al.'s MNIST setting (40 steps, random start)."""
@@ -65,7 +64,7 @@ def _linf_box(x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
 
 
 LINF = Geometry(start=_linf_start, step=_linf_step, ball=_linf_box,
-                project=lambda x_adv, box: torch.clamp(x_adv, box[0], box[1]))
+                project=lambda x_adv, box: x_adv.clamp_(box[0], box[1]))
 
 
 def pgd_linf(model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor, *, generator: torch.Generator,
@@ -94,7 +93,7 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor, *, geometry
         adv = _single_run(grad_model, x[todo], y[todo], eps[todo], geometry, generator, steps, step_factor,
                           early_stop)
         logits = logits_of(model, adv)  # [n, C] scored on the plain model
-        loss = F.cross_entropy(logits, y[todo], reduction="none")
+        loss = cross_entropy(logits, y[todo])
         wrong = logits.argmax(1) != y[todo]
         better = wrong | (loss > best_loss[todo])
         best[todo[better]] = adv[better]
