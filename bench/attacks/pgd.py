@@ -83,6 +83,8 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor, *, geometry
     The step size is step_factor * eps / steps, per point."""
     grad_model = model if grad_model is None else grad_model
     eps = per_row(eps, x)  # [B]
+    if restarts <= 1:  # one candidate per point: nothing to choose between
+        return _single_run(grad_model, x, y, eps, geometry, generator, steps, step_factor, early_stop)
     best = x.clone()
     best_loss = torch.full((x.shape[0],), float("-inf"), device=x.device)
     fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
