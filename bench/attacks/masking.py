@@ -3,8 +3,8 @@ Athalye, Carlini & Wagner 2018 ("Obfuscated gradients give a false sense of secu
 
 A model whose gradients are useless to an attacker (quantised, saturated, or attacked through the wrong backward)
 looks robust to white-box attacks without being robust. Each check becomes a 0/1 metric `flag/masking/<check>`;
-a check that cannot be made with the attacks that ran is left out, never reported as 0. `flag/masking/any` is 1 when
-any check fired. With N attacked points and margin m (`masking_margin`, a fraction of the N points):
+a check that cannot be made with the attacks that ran is left out, never reported as 0 (reports and `show` list
+every `flag/masking/*` metric that is 1). With N attacked points and margin m (`masking_margin`, a fraction of the N points):
 
 * `black-box-beats-white-box`: at some eps, more than m N points survive every white-box attack of that threat
   model (Linf: fgsm, pgd-linf, apgd-ce; L2: pgd-l2) but fall to the black-box one (square; noise for L2).
@@ -97,8 +97,3 @@ def more_iterations_help(pgd_robust: dict[float, Tensor], clean: Tensor, strong:
     newly_broken = (~strong(survivors, eps)).sum().item()
     return float(newly_broken / clean.numel() > margin)
 
-
-def with_any(flags: dict[str, float]) -> dict[str, float]:
-    """Add `flag/masking/any` (the maximum of the individual checks)."""
-    checks = {k: v for k, v in flags.items() if k != "flag/masking/any"}
-    return {**checks, "flag/masking/any": max(checks.values(), default=0.0)}

@@ -74,6 +74,7 @@ DEFAULTS: dict[str, Any] = {
     "masking_margin": 0.02,        # fraction of points a masking check tolerates
     "masking_steps_factor": 4,     # the more-iterations check: steps x this ...
     "masking_restarts": 2,         # ... and this many restarts
+    "standard_eps": None,          # reports: the eps of the summary tables (a number, or a table by attack id)
 }
 POSITIVE_INT = ("batch_size", "pgd_steps", "pgd_restarts", "apgd_steps", "apgd_restarts", "square_queries",
                 "square_restarts", "masking_steps_factor", "masking_restarts")
@@ -108,6 +109,7 @@ def resolve_settings(table: dict, dataset: str) -> dict:
         out[key] = _check_float(out[key], key, low, high, low_inclusive=key == "masking_margin")
     if not isinstance(out["pseudo_gradient"], bool):
         raise UsageError(f"robustness.pseudo_gradient must be true or false; got {out['pseudo_gradient']!r}")
+    out["standard_eps"] = _standard_eps(out["standard_eps"])
     return out
 
 
@@ -239,7 +241,7 @@ def _masking_flags(model: nn.Module, x: Tensor, y: Tensor, clean: Tensor, robust
             return robust_masks(model, attack, x, y, targets, [eps], "linf", chunk)[eps][points]
 
         checks["more-iterations-help"] = masking.more_iterations_help(robust["pgd-linf"], clean, strong, margin)
-    return masking.with_any({f"flag/masking/{k}": v for k, v in checks.items()})
+    return {f"flag/masking/{k}": v for k, v in checks.items()}
 
 
 def _timed(metrics: dict[str, float], name: str, device: torch.device, fn: Callable[[], Any]) -> Any:
@@ -262,6 +264,18 @@ def _eps_list(value: Any, key: str, high: float) -> list[float]:
     if len(set(out)) != len(out):
         raise UsageError(f"robustness.{key} has a repeated value: {value!r}")
     return sorted(out)
+
+
+def _standard_eps(value: Any) -> float | dict[str, float] | None:
+    """None, one eps for every attack, or {attack id: eps} (ids as in metric names, pgd-linf-pseudo included)."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        bad = [k for k in value if k not in NORM]
+        if bad:
+            raise UsageError(f"unknown attack(s) in robustness.standard_eps: {', '.join(bad)}")
+        return {k: _check_float(v, "standard_eps", 0.0, math.inf) for k, v in value.items()}
+    return _check_float(value, "standard_eps", 0.0, math.inf)
 
 
 def _attack_list(value: Any) -> list[str]:

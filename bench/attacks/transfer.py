@@ -13,7 +13,7 @@ first label in sorted order; every other `done` trial of the group with `transfe
 (backprop trials of other labels included). Groups without a backprop trial get no transfer metrics.
 Metrics added per target: `robust/transfer/<eps>`, `robust/auc/transfer`, `robust/seconds/transfer` (crafting,
 shared by the group, plus this target's scoring; `robust/seconds` stays the in-trial evaluation's, so rerunning
-`post_run` changes nothing), and `flag/masking/transfer-beats-white-box` with `flag/masking/any` updated.
+`post_run` changes nothing), and `flag/masking/transfer-beats-white-box`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import masking
 from .common import attack_mode, chunked, predict
 from .pgd import pgd_linf
 from .robustness import accuracy_metrics, check_constraint, eps_key
@@ -133,9 +132,7 @@ def _target_metrics(run_dir: str | Path, target: dict[str, Any], x: Tensor, y: T
     out["robust/seconds/transfer"] = crafting + _elapsed(started, device)
     flag = transfer_beats_white_box(acc, old, settings["masking_margin"])
     if flag is not None:
-        flags = {k: v for k, v in old.items() if k.startswith("flag/masking/") and v is not None}
-        flags["flag/masking/transfer-beats-white-box"] = flag
-        out.update(masking.with_any(flags))
+        out["flag/masking/transfer-beats-white-box"] = flag
     return out
 
 
