@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from . import registry
-from .conformance import KIT_MODEL, KIT_SEED, KIT_STEPS, CheckFailed, Context, describe, failing, plain, shape_of
+from .conformance import (KIT_MODEL, KIT_SEED, KIT_STEPS, CheckFailed, Context, describe, failing, plain, shape_of,
+                          single_thread)
 from .spec import StepStats
 
 SUITE_KEYS = {"id", "label", "models", "budget"}  # keys of a suite's [[algorithms]] entry: not hyper-parameters
@@ -257,29 +258,11 @@ def check_eval_model(ctx: Context) -> str:
 def check_trial_recorded(ctx: Context) -> str:
     """A one-trial suite runs through the runner and the store: status done, hyper-parameters, provenance and
     metrics read back, and the saved weights reload to the recorded test accuracy."""
-    from . import __version__, config
     from .artifacts import load_model
     from .datasets import load
-    from .executor import record
-    from .runner import run_trial
-    from .store import Store
 
-    with failing("resolving the default hyper-parameters"):
-        hp = {k: v for k, v in ctx.hparams().items() if k != "horizon_steps"}
-    suite = {"name": "check-plugin", "datasets": ["digits"], "seeds": 1, "models": [KIT_MODEL],
-             "budget": {"steps": 5}, "eval": {"points": 1}, "robustness": {"examples": 0},
-             "algorithms": [{"id": ctx.cls.name, **hp}]}
-    with tempfile.TemporaryDirectory() as tmp, registry.registered(ctx.entry):
-        with failing("resolving a one-trial suite"):
-            trial = config.resolve(suite, registry.discover(), str(ctx.device), __version__)[0]
-        result = run_trial(trial, tmp)
-        store = Store(tmp)
-        store.add_trials([trial])
-        record(store, result)
-        store.close()
-        store = Store.open(tmp)
-        row, curves = store.trials()[0], store.curves(trial["id"])
-        store.close()
+    with tempfile.TemporaryDirectory() as tmp:
+        trial, row, curves = _run_and_read_back(ctx, tmp)
         if row["status"] != "done":
             last_line = (row["error"] or "").strip().splitlines()[-1:] or ["no error recorded"]
             raise CheckFailed(f"trial {row['status']}: {last_line[0]}")
@@ -295,6 +278,33 @@ def check_trial_recorded(ctx: Context) -> str:
     plugin = row["provenance"]["plugin"]
     return (f"trial {trial['id']} done: {len(row['metrics'])} metrics, {len(curves)} curve points, provenance "
             f"{plugin['distribution']} {plugin['version']}, saved weights reload")
+
+
+def _run_and_read_back(ctx: Context, run_dir: str) -> tuple[dict, dict, list]:
+    """Resolve a 5-step suite of the trainer (defaults) on digits, run it with `run_trial`, record it in a
+    `Store` as the executor does, and read the trial row and curves back from a fresh connection."""
+    from . import __version__, config
+    from .executor import record
+    from .runner import run_trial
+    from .store import Store
+
+    with failing("resolving the default hyper-parameters"):
+        hp = {k: v for k, v in ctx.hparams().items() if k != "horizon_steps"}  # config.py fills it
+    suite = {"name": "check-plugin", "datasets": ["digits"], "seeds": 1, "models": [KIT_MODEL],
+             "budget": {"steps": 5}, "eval": {"points": 1}, "robustness": {"examples": 0},
+             "algorithms": [{"id": ctx.cls.name, **hp}]}
+    with registry.registered(ctx.entry):  # a class from a test module is found by the runner's discover()
+        with failing("resolving a one-trial suite"):
+            trial = config.resolve(suite, registry.discover(), str(ctx.device), __version__)[0]
+        result = run_trial(trial, run_dir)
+    store = Store(run_dir)
+    store.add_trials([trial])
+    record(store, result)
+    store.close()
+    store = Store.open(run_dir)
+    row, curves = store.trials()[0], store.curves(trial["id"])
+    store.close()
+    return trial, row, curves
 
 
 def _record_problems(row: dict, trial: dict, entry: registry.Entry, curves: list) -> list[str]:
@@ -334,19 +344,20 @@ def check_trainer(trainer: type | registry.Entry, device: str = "cpu",
     """Run every check (or those named in `only`) on a trainer class or registry entry; never raises for the
     trainer's faults."""
     entry = trainer if isinstance(trainer, registry.Entry) else registry.entry_for_class(trainer)
-    ctx = Context(entry, device)
     results = []
-    for name, check in CHECKS.items():
-        if only is not None and name not in only:
-            continue
-        start = time.perf_counter()
-        try:
-            reason, passed = check(ctx), True
-        except CheckFailed as exc:
-            reason, passed = str(exc), False
-        except Exception as exc:  # the trainer's fault surfacing where no check expected it
-            reason, passed = f"unexpected {describe(exc)}", False
-        results.append(CheckResult(name, passed, reason, time.perf_counter() - start))
+    with single_thread():
+        ctx = Context(entry, device)
+        for name, check in CHECKS.items():
+            if only is not None and name not in only:
+                continue
+            start = time.perf_counter()
+            try:
+                reason, passed = check(ctx), True
+            except CheckFailed as exc:
+                reason, passed = str(exc), False
+            except Exception as exc:  # the trainer's fault surfacing where no check expected it
+                reason, passed = f"unexpected {describe(exc)}", False
+            results.append(CheckResult(name, passed, reason, time.perf_counter() - start))
     return results
 
 
@@ -357,14 +368,15 @@ def _check_one(name: str, trainer: type | registry.Entry, device: str = "cpu") -
     """Run one check for pytest: returns quietly or raises CheckFailed (an AssertionError) with the reason."""
     entry = trainer if isinstance(trainer, registry.Entry) else None
     key = (id(entry.cls if entry else trainer), device)
-    if key not in _CONTEXTS:
-        _CONTEXTS[key] = Context(entry or registry.entry_for_class(trainer), device)
-    try:
-        CHECKS[name](_CONTEXTS[key])
-    except CheckFailed:
-        raise
-    except Exception as exc:
-        raise CheckFailed(f"unexpected {describe(exc)}") from exc
+    with single_thread():
+        if key not in _CONTEXTS:
+            _CONTEXTS[key] = Context(entry or registry.entry_for_class(trainer), device)
+        try:
+            CHECKS[name](_CONTEXTS[key])
+        except CheckFailed:
+            raise
+        except Exception as exc:
+            raise CheckFailed(f"unexpected {describe(exc)}") from exc
 
 
 def parametrize_with_checks(trainers: list[type | registry.Entry], device: str = "cpu"):
