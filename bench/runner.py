@@ -204,13 +204,14 @@ def _train(trainer, sampler: Sampler, progress: Progress, trial: dict, splits, c
 
 def _chunk(progress: Progress, next_eval: float, every: int, device: torch.device) -> int:
     """Steps to run between clock reads. On CPU one (reading the clock is free); on CUDA up to 8, so the host does
-    not wait for the GPU after every step, cut short before a FLOP sample, a probe or a step/epoch limit."""
+    not wait for the GPU after every step, cut short before a FLOP sample or batch check, a probe or a step/epoch
+    limit."""
     if device.type != "cuda":
         return 1
     step = progress.steps
     if step <= FLOP_SAMPLE_STEPS[-1]:
         return 1
-    n = min(8, FLOP_SAMPLE_EVERY - step % FLOP_SAMPLE_EVERY)  # a sampled step must open its chunk
+    n = min(8, BATCH_CHECK_EVERY - step % BATCH_CHECK_EVERY)  # a sampled step (FLOPs, batch check) opens its chunk
     if every:
         n = min(n, every - step % every)
     budget, batch = progress.budget, max(1, progress.examples // max(1, step))
