@@ -10,6 +10,7 @@ import json
 import os
 import pkgutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +108,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     with RunDirLock(run_dir):
         store = Store(run_dir)
         store.set_run_info({"suite": suite["name"], "suite_config": suite, "learnbench": __version__,
-                            "argv": sys.argv[1:], "device": device})
+                            "argv": sys.argv[1:], "device": device,
+                            "created": store.run_info().get("created", time.time()), "updated": time.time()})
         store.add_trials(trials)
         statuses = store.statuses()
         pending = [t for t in trials if statuses.get(t["id"]) not in FINISHED]
