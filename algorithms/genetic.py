@@ -1,33 +1,40 @@
 """Genetic algorithm over network weights, built on DEAP (Fortin et al. 2012, "DEAP: Evolutionary Algorithms Made
-Easy", JMLR 13; github.com/DEAP/deap), with two variants:
+Easy", JMLR 13; github.com/DEAP/deap), in two variants:
 
-* `classic`: DEAP's canonical GA ("Overview" tutorial and `algorithms.eaSimple`): tournament selection
-  (`tools.selTournament`, size 3), crossover of consecutive pairs with probability `cxpb` = 0.5, Gaussian mutation
-  of an individual with probability `mutpb` = 0.2, of each gene with probability `indpb` = 0.1; plus elitism.
+* `classic`: DEAP's canonical GA (its "Overview" tutorial, `algorithms.eaSimple`/`varAnd`): population 50,
+  tournaments of 3 (`tools.selTournament`), consecutive pairs crossed with probability `cxpb` = 0.5 (blend
+  crossover BLX-0.5 by default; uniform and two-point available), offspring mutated with probability `mutpb` = 0.2,
+  each gene with probability `indpb` = 0.1 (`tools.mutGaussian`); plus elitism (below).
 * `such2017`: the truncation-selection, mutation-only GA of Such, Madhavan, Conti, Lehman, Stanley & Clune 2017,
   "Deep Neuroevolution: Genetic Algorithms Are a Competitive Alternative for Training Deep Neural Networks for
-  Reinforcement Learning", arXiv:1712.06567, Algorithm 1: parents drawn uniformly from the top `truncation` (T = 20),
-  every weight mutated by `N(0, sigma^2)` (sigma = 0.002), one elite carried over unmutated, chosen each generation
-  among the top 10 by its fitness re-measured on extra data (their 30 extra episodes; ours: `elite_batches`).
+  Reinforcement Learning", arXiv:1712.06567, Algorithm 1: population 1000, parents drawn uniformly from the top
+  `truncation` = 20 (`tools.selBest` then `tools.selRandom`), every weight mutated by N(0, sigma^2), sigma = 0.002,
+  one elite carried over unmutated, chosen among the 10 best by fitness re-measured on extra data.
 
-How DEAP is used without its per-individual cost. Genomes are the rows of one population array `[P, n_params]`; a
-DEAP individual (`creator.LearnbenchGARow`) is an `int` (its row) carrying a `fitness` and a view of its genome, so
-`tools.selTournament`, `tools.selBest`, `tools.selRandom`, `tools.HallOfFame`, `tools.Statistics` and
-`tools.Logbook` run unchanged on P lightweight objects while genomes never leave the array. The toolbox's
-`evaluate` scores the whole array in one batched call (`learnbench.population.evaluate`, every individual on the same
-minibatch); its `mate` and `mutate` are vectorised operators over the whole offspring array with the trainer's
-`torch.Generator`, equal in distribution to `tools.cxBlend`, `tools.cxUniform`, `tools.cxTwoPoint` and
-`tools.mutGaussian`. `operators = "deap"` registers DEAP's originals instead (one Python call per gene, the
-reference). DEAP's selection draws from Python's `random` module: the trainer swaps in its own state (seeded from
-its generator) around each DEAP call, so runs are reproducible and other users of `random` are left alone.
+Both start, as Such et al. do, from a population of independently initialised networks (the model's own
+`reset_parameters`; row 0 is the model as given). The optional exponential decay of sigma (`sigma_decay`,
+`sigma_min`) is off by default.
 
-Noisy fitness. Every generation sees a fresh minibatch and every individual, elites included, is re-evaluated on
-it, so a lucky minibatch cannot keep a bad elite. The elites are chosen each generation, as in Such et al., among
-the `candidates` best of the generation plus the current elites, by their mean loss on a held-back pool: the
-`elite_batches` minibatches that preceded this one (a ring buffer of batches `step` has seen; a trainer cannot read
-the dataset). The `tools.HallOfFame` holding them (genome copies) is rebuilt every generation: losses measured on
-different data cannot be compared, so DEAP's best-ever hall of fame would keep a lucky winner forever.
-`eval_model()` returns the best of it. All of this runs inside `step`, on the clock and in `forward_passes`.
+DEAP without its per-individual cost. Genomes are the rows of one population array `[P, n_params]`; a DEAP
+individual (`creator.LearnbenchGARow`) is an `int` (its row) carrying a `fitness` and a view of its genome, so DEAP's
+selection, `tools.HallOfFame`, `tools.Statistics` and `tools.Logbook` run unchanged on P lightweight objects while
+genomes never leave the array (the selected rows are gathered with one `index_select`). The toolbox's `evaluate`
+scores the whole array in one batched call (`learnbench.population.evaluate`: every individual on the same
+minibatch); its `mate` and `mutate` are vectorised operators over the whole offspring array drawing from the
+trainer's `torch.Generator`, equal in distribution to `tools.cxBlend`, `tools.cxUniform`, `tools.cxTwoPoint` and
+`tools.mutGaussian` (tests/test_genetic.py). `operators = "deap"` registers DEAP's originals instead, on list
+genomes (one Python call per gene: the slow reference). DEAP draws from Python's `random` module: the
+trainer swaps in its own state (seeded from its generator) around every DEAP call, so runs are reproducible and
+other users of `random` are left alone.
+
+Noisy fitness. Every generation is evaluated on a fresh minibatch, elites included, so a lucky minibatch cannot
+keep a bad elite. As in Such et al., the elites are then chosen among the `candidates` best of the generation plus
+the current elites by their mean loss on held-back data: the `elite_batches` minibatches `step` received before
+this one (a trainer cannot read the dataset, so it keeps a ring buffer of copies of what it has seen; the
+candidates were ranked on the current batch, so these examples are fresh to that ranking). The `tools.HallOfFame`
+holding the elites (copies of their genomes) is rebuilt every generation: losses measured on different data cannot
+be compared, and DEAP's best-ever hall of fame would keep a lucky winner forever. `eval_model()` loads its best.
+All of this runs inside `step`, on the clock and counted in `forward_passes`.
 """
 
 from __future__ import annotations
@@ -37,7 +44,6 @@ import math
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from typing import ClassVar, Iterator
 
 import numpy as np
@@ -53,8 +59,8 @@ CROSSOVERS = ("blend", "uniform", "two-point")
 OPERATORS = ("vectorised", "deap")
 # Published values the `None` defaults resolve to, per variant: DEAP's Overview tutorial (classic) and
 # Such et al. 2017 (every weight mutated, sigma 0.002).
-VARIANT_DEFAULTS = {"classic": {"mutpb": 0.2, "indpb": 0.1, "sigma": 0.002},
-                    "such2017": {"mutpb": 1.0, "indpb": 1.0, "sigma": 0.002}}
+VARIANT_DEFAULTS = {"classic": {"popsize": 50, "mutpb": 0.2, "indpb": 0.1, "sigma": 0.002},
+                    "such2017": {"popsize": 1000, "mutpb": 1.0, "indpb": 1.0, "sigma": 0.002}}
 SPARSE_INDPB = 0.2  # below this, mutated genes are found by geometric gaps instead of a dense mask (cheaper)
 
 
@@ -66,8 +72,8 @@ class GeneticAlgorithm:
 
     variant: str = "classic"
     """classic (tournament, crossover + mutation, DEAP's tutorial) or such2017 (truncation, mutation only)."""
-    popsize: int = 256
-    """Individuals per generation."""
+    popsize: int | None = None
+    """Individuals per generation; None: 50 classic (DEAP's tutorial), 1000 such2017 (Such et al., Atari)."""
     batch_size: int = 256
     """Examples in the minibatch every individual of a generation is evaluated on."""
     tournsize: int = 3
@@ -78,7 +84,7 @@ class GeneticAlgorithm:
     """Best individuals copied unmutated into the next generation (Such et al.: 1)."""
     candidates: int = 10
     """Best individuals of a generation re-evaluated on the held-back pool to pick the elites (Such et al.: 10)."""
-    elite_batches: int = 4
+    elite_batches: int = 2
     """Minibatches in the held-back pool the elite candidates are scored on (Such et al.: 30 extra episodes)."""
     cxpb: float = 0.5
     """classic: probability that a consecutive pair of offspring is crossed (DEAP's tutorial: 0.5)."""
@@ -98,8 +104,6 @@ class GeneticAlgorithm:
     """Multiply sigma by this after every generation; 1 keeps it constant (the published GAs)."""
     sigma_min: float = 0.0
     """Floor of the decayed sigma."""
-    sigma_scale: str = "absolute"
-    """absolute: sigma is the same for every weight; init: sigma times each tensor's std at initialisation."""
     operators: str = "vectorised"
     """vectorised (whole-array operators) or deap (DEAP's per-individual originals: the reference, slow)."""
     chunk_size: int | None = None
@@ -108,14 +112,13 @@ class GeneticAlgorithm:
     def setup(self, model: nn.Module, task: TaskInfo, generator: torch.Generator) -> None:
         self.validate()
         defaults = VARIANT_DEFAULTS[self.variant]
-        self._mutpb = defaults["mutpb"] if self.mutpb is None else self.mutpb
-        self._indpb = defaults["indpb"] if self.indpb is None else self.indpb
-        self._sigma = defaults["sigma"] if self.sigma is None else self.sigma
+        self._popsize, self._mutpb, self._indpb, self._sigma = (
+            defaults[key] if getattr(self, key) is None else getattr(self, key)
+            for key in ("popsize", "mutpb", "indpb", "sigma"))
         self._model, self._generator, self._device = model, generator, task.device
         seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
         self._random_state = random.Random(seed).getstate()  # DEAP's selection draws from Python's `random`
-        self._genomes = initial_population(model, self.popsize, generator)  # [P, n_params]
-        self._scale = tensor_scales(model) if self.sigma_scale == "init" else None
+        self._genomes = initial_population(model, self._popsize, generator)  # [P, n_params]
         self._toolbox = self._make_toolbox()
         self._hof = tools.HallOfFame(max(1, self.elites))
         self._stats = tools.Statistics(key=lambda ind: ind.fitness.values[0])
@@ -131,14 +134,15 @@ class GeneticAlgorithm:
         for key, allowed in (("variant", VARIANTS), ("crossover", CROSSOVERS), ("operators", OPERATORS)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {allowed}; got {getattr(self, key)!r}")
-        if self.popsize < 2 or self.batch_size <= 0 or self.tournsize < 1 or self.elite_batches < 0:
+        popsize = VARIANT_DEFAULTS[self.variant]["popsize"] if self.popsize is None else self.popsize
+        if popsize < 2 or self.batch_size <= 0 or self.tournsize < 1 or self.elite_batches < 0:
             raise ValueError("popsize must be >= 2, batch_size and tournsize >= 1, elite_batches >= 0")
-        if not 0 <= self.elites < self.popsize or not 1 <= self.candidates <= self.popsize:
+        if not 0 <= self.elites < popsize or not 1 <= self.candidates <= popsize:
             raise ValueError(f"need 0 <= elites < popsize and 1 <= candidates <= popsize; got elites "
-                             f"{self.elites}, candidates {self.candidates}, popsize {self.popsize}")
+                             f"{self.elites}, candidates {self.candidates}, popsize {popsize}")
         if self.elites > self.candidates:
             raise ValueError(f"elites ({self.elites}) must not exceed candidates ({self.candidates})")
-        if self.variant == "such2017" and not 1 <= self.truncation <= self.popsize:
+        if self.variant == "such2017" and not 1 <= self.truncation <= popsize:
             raise ValueError(f"truncation must be in [1, popsize]; got {self.truncation}")
         for key in ("cxpb", "cx_indpb", "mutpb", "indpb"):
             value = getattr(self, key)
@@ -160,22 +164,21 @@ class GeneticAlgorithm:
                    self.cx_indpb}), "two-point": (tools.cxTwoPoint, {})}[self.crossover]
         if self.operators == "deap":  # per individual, Python's `random` (swapped to ours around every call)
             toolbox.register("mate", cx_deap[0], **cx_deap[1])
-            toolbox.register("mutate", tools.mutGaussian, mu=0.0, sigma=self._sigma, indpb=self._indpb)
+            toolbox.register("mutate", tools.mutGaussian, mu=0.0, indpb=self._indpb)  # sigma: at each call
         else:  # the whole offspring array at once, the trainer's generator
             cx = {"blend": cx_blend, "uniform": cx_uniform, "two-point": cx_two_point}[self.crossover]
             toolbox.register("mate", cx, cxpb=self.cxpb, generator=self._generator, **cx_deap[1])
-            toolbox.register("mutate", mut_gaussian, sigma=self._sigma, indpb=self._indpb, mutpb=self._mutpb,
-                             generator=self._generator)
+            toolbox.register("mutate", mut_gaussian, indpb=self._indpb, mutpb=self._mutpb, generator=self._generator)
         return toolbox
 
     def step(self, batch: Batch) -> StepStats:
-        p, b = self.popsize, batch.y.shape[0]
+        p, b = self._popsize, batch.y.shape[0]
         loss, _ = self._toolbox.evaluate(self._genomes, batch.x, batch.y)  # [P], all on the same minibatch
         individuals = self._individuals(loss)
         with self._python_random():
             parents = self._toolbox.select(individuals, p - self.elites)  # DEAP's own selection
         record = self._stats.compile(individuals)  # before the candidates' fitness is replaced by the pool's
-        pool_evals = self._choose_elites(individuals, loss)  # refills the hall of fame (fitness on the pool)
+        pool_evals = self._choose_elites(individuals)  # refills the hall of fame (fitness on the pool)
         offspring = self._vary(self._genomes.index_select(0, torch.tensor(parents, device=self._device)))
         elites = [ind.genome for ind in self._hof[:self.elites]]
         self._genomes = torch.cat([torch.stack(elites), offspring]) if elites else offspring  # [P, n_params]
@@ -204,7 +207,7 @@ class GeneticAlgorithm:
             individuals.append(ind)
         return individuals
 
-    def _choose_elites(self, individuals: list, loss: Tensor) -> tuple[list, int]:
+    def _choose_elites(self, individuals: list) -> tuple[list, int]:
         """Score the candidates (the generation's best and the current elites, rows 0..elites-1) by their mean
         loss on the held-back pool and refill the hall of fame with the best; returns (candidates, passes)."""
         chosen = {int(ind): ind for ind in self._toolbox.candidates(individuals)}
@@ -225,8 +228,7 @@ class GeneticAlgorithm:
         """Crossover (classic) then mutation of `offspring [N, n_params]`, like DEAP's `algorithms.varAnd`."""
         cxpb = self.cxpb if self.variant == "classic" else 0.0
         if self.operators == "vectorised":
-            sigma = self._sigma if self._scale is None else self._sigma * self._scale
-            return self._toolbox.mutate(self._toolbox.mate(offspring) if cxpb else offspring, sigma=sigma)
+            return self._toolbox.mutate(self._toolbox.mate(offspring) if cxpb else offspring, sigma=self._sigma)
         rows = offspring.tolist()  # DEAP's sequence individuals; its operators change them in place
         with self._python_random():
             for first, second in zip(rows[0::2], rows[1::2]):
@@ -234,7 +236,7 @@ class GeneticAlgorithm:
                     self._toolbox.mate(first, second)
             for row in rows:
                 if random.random() < self._mutpb:
-                    self._toolbox.mutate(row)
+                    self._toolbox.mutate(row, sigma=self._sigma)
         return torch.tensor(rows, dtype=offspring.dtype, device=offspring.device)
 
     def _remember(self, batch: Batch) -> None:
@@ -273,8 +275,7 @@ def mut_gaussian(genomes: Tensor, sigma: float, indpb: float, mutpb: float, gene
     elif indpb <= SPARSE_INDPB:
         position = _arrivals(m, n, indpb, generator, genomes.device)  # [M, K], -1 after a row's last arrival
         flat = (rows[:, None] * n + position)[position >= 0]  # indices into the flattened array
-        scale = sigma[flat % n] if torch.is_tensor(sigma) else sigma
-        genomes.view(-1).index_add_(0, flat, scale * _randn(generator, flat.shape, genomes))
+        genomes.view(-1).index_add_(0, flat, sigma * _randn(generator, flat.shape, genomes))
     else:
         hit = torch.rand(m, n, generator=generator, device=generator.device).to(genomes.device) < indpb
         genomes[rows] += sigma * _randn(generator, (m, n), genomes) * hit
@@ -329,7 +330,8 @@ def initial_population(model: nn.Module, size: int, generator: torch.Generator) 
     `reset_parameters` (Such et al.: a population of randomly initialised networks), drawn under `fork_rng` from a
     seed taken from `generator` so the global random state is left as it was."""
     given = population.flatten(model)
-    owners = [m for m in model.modules() if hasattr(m, "reset_parameters") and next(m.parameters(recurse=False), None) is not None]
+    owners = [m for m in model.modules()
+              if hasattr(m, "reset_parameters") and next(m.parameters(recurse=False), None) is not None]
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
     rows = [given]
     with torch.random.fork_rng(devices=[given.device] if given.device.type == "cuda" else []):
@@ -340,12 +342,6 @@ def initial_population(model: nn.Module, size: int, generator: torch.Generator) 
             rows.append(population.flatten(model))
     population.load(model, given)
     return torch.stack(rows)
-
-
-def tensor_scales(model: nn.Module) -> Tensor:
-    """`[n_params]`: each parameter tensor's standard deviation, repeated over its entries."""
-    return torch.cat([p.detach().std().expand(p.numel()) if p.numel() > 1 else p.detach().abs().reshape(1)
-                      for p in model.parameters() if p.requires_grad])
 
 
 def _deap_types() -> None:

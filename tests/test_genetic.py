@@ -99,6 +99,24 @@ def test_elite_improves_monotonically_to_known_optimum(hparams):
     assert (model(x).argmax(1) == y).float().mean() > 0.9
 
 
+@pytest.mark.parametrize("elite_batches", [2, 0])
+def test_elite_is_chosen_on_the_held_back_pool_not_on_a_lucky_batch(elite_batches):
+    g = torch.Generator().manual_seed(5)
+    teacher = torch.randn(3, 5, generator=g)
+    impostor = teacher[[1, 2, 0]]  # right on the lucky batch only
+    labelled = lambda w: Batch(x := torch.randn(128, 5, generator=g), (x @ w.T).argmax(1))
+    trainer = make(d=5, hidden=(), popsize=6, batch_size=128, candidates=6, elite_batches=elite_batches,
+                   cxpb=0.0, mutpb=0.0)
+    for _ in range(2):
+        trainer.step(labelled(teacher))  # the pool: batches labelled by the teacher
+    as_genome = lambda w: torch.cat([10 * w.flatten(), torch.zeros(3)])  # linear model: weight, then bias
+    trainer._genomes[2], trainer._genomes[4] = as_genome(teacher), as_genome(impostor)
+    trainer.step(labelled(impostor))  # on this batch the impostor is by far the best
+    assert trainer.logbook[-1]["min"] < 0.1
+    expected = as_genome(teacher) if elite_batches else as_genome(impostor)
+    assert torch.equal(flat(trainer.eval_model()), expected)
+
+
 # ------------------------------------------------------------------------------- operators vs DEAP's originals
 
 def deap_rows(rows: np.ndarray, operator, pairs: bool, probability: float, seed: int = 0, **kwargs) -> np.ndarray:
@@ -198,7 +216,7 @@ def test_deap_selection_is_called_and_decides_the_parents(monkeypatch, variant, 
     trainer.step(batches(1)[0])
     assert calls
     if patched != "selBest":
-        assert calls == [trainer.popsize - trainer.elites]
+        assert calls == [trainer._popsize - trainer.elites]
         offspring = trainer._genomes[trainer.elites:]  # unvaried copies of the one parent DEAP returned
         assert all(torch.equal(row, before[picked[0]]) for row in offspring)
 
