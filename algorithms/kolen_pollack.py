@@ -1,0 +1,64 @@
+"""Kolen-Pollack learning (Kolen & Pollack 1994, "Backpropagation without weight transport"; Akrout, Wilson,
+Humphreys, Lillicrap & Tweed 2019, "Deep Learning without Weight Transport", NeurIPS 2019).
+
+FA whose feedback matrices learn. Akrout et al.'s eqs. 16-17 (with B stored in W's shape, as here):
+
+    W <- W - lr (delta x^T) - lr decay W          B <- B - lr (delta x^T) - lr decay B
+
+B receives the same update as W (`delta x^T` is available at both synapses) and both decay, so
+B - W shrinks by (1 - lr decay) per step and B converges to W. With any `torch.optim` optimizer this trainer gives
+B exactly the update the optimizer applied to W (a snapshot before `optimizer.step`, the difference after), then
+decays both, decoupled and scaled by the current learning rate. The optimizer, schedule and step are otherwise
+the backprop trainer's. Without decay B - W stays B0 - W0 and B only aligns as far as W outgrows it.
+
+Defaults: backprop's Adam settings, B ~ N(0, 1/(fan_in+fan_out)) as in Akrout et al.'s FCNN_KP.py; `decay` has no
+published Adam value (their MNIST code uses none, their ResNets SGD): see its docstring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from learnbench.algorithms.feedback_alignment import FeedbackAlignment
+from learnbench.spec import TaskInfo
+
+
+@dataclass(eq=False)
+class KolenPollack(FeedbackAlignment):
+    """Minibatch training with feedback matrices that receive W's updates plus weight decay on both (KP)."""
+
+    name: ClassVar[str] = "kolen-pollack"
+    rule: ClassVar[str] = "kp"
+
+    decay: float = 1.0
+    """KP weight decay on W and B, times the current lr per step (lr 1e-3: B - W shrinks 0.1% a step)."""
+
+    def validate(self, task: TaskInfo) -> None:
+        super().validate(task)
+        if self.decay < 0:
+            raise ValueError(f"decay must be >= 0; got {self.decay}")
+
+    def setup(self, model: nn.Module, task: TaskInfo, generator: torch.Generator) -> None:
+        super().setup(model, task, generator)
+        layers = list(self._conversion.layers.values())
+        self._weights = [layer.weight for layer in layers]
+        self._feedback = [layer.weight_feedback for layer in layers]
+        self._previous = [w.detach().clone() for w in self._weights]
+        self._optimizer.register_step_pre_hook(self._snapshot)
+        self._optimizer.register_step_post_hook(self._mirror)
+
+    @torch.no_grad()
+    def _snapshot(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        torch._foreach_copy_(self._previous, self._weights)
+
+    @torch.no_grad()
+    def _mirror(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        """B += (W after - W before); then both decay by lr * decay."""
+        torch._foreach_sub_(self._previous, self._weights)  # -delta W
+        torch._foreach_sub_(self._feedback, self._previous)
+        if self.decay:
+            torch._foreach_mul_([*self._weights, *self._feedback], 1.0 - optimizer.param_groups[0]["lr"] * self.decay)
