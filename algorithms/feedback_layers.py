@@ -78,12 +78,13 @@ class _LinearFn(torch.autograd.Function):
         x, weight, feedback = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         layer, grad_x, grad_w, grad_b = ctx.layer, None, None, None
+        dtype = grad_out.dtype  # bfloat16 under autocast: x and W were cast inside F.linear, not saved cast
         if need_x:
             grad_x = (layer.direct_error(x, feedback) if layer.feedback_rule == "dfa"
-                      else grad_out @ layer.backward_matrix(weight, feedback))  # [..., in]
+                      else grad_out @ layer.backward_matrix(weight, feedback).to(dtype))  # [..., in]
         g2 = grad_out.reshape(-1, grad_out.shape[-1])  # [N, out]
         if need_w:
-            grad_w = g2.T @ x.reshape(-1, x.shape[-1])  # [out, in]: the local delta x^T, as in backprop
+            grad_w = g2.T @ x.reshape(-1, x.shape[-1]).to(dtype)  # [out, in]: the local delta x^T, as backprop's
         if need_b:
             grad_b = g2.sum(0)
         return grad_x, grad_w, grad_b, None, None
@@ -105,9 +106,10 @@ class _Conv2dFn(torch.autograd.Function):
         layer = ctx.layer
         routed = need_x and layer.feedback_rule != "dfa"
         matrix = layer.backward_matrix(weight, feedback) if routed else weight
+        dtype = grad_out.dtype  # bfloat16 under autocast (see _LinearFn)
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad_out, x, matrix, [weight.shape[0]] if need_b else None, layer.stride, layer.int_padding,
-            layer.dilation, False, [0, 0], layer.groups, [routed, need_w, need_b])
+            grad_out, x.to(dtype), matrix.to(dtype), [weight.shape[0]] if need_b else None, layer.stride,
+            layer.int_padding, layer.dilation, False, [0, 0], layer.groups, [routed, need_w, need_b])
         if need_x and not routed:
             grad_x = layer.direct_error(x, feedback)
         return grad_x, grad_w, grad_b, None, None

@@ -85,6 +85,24 @@ def test_feedback_equal_to_weights_gives_autograd_gradients(name: str, rule: str
         torch.testing.assert_close(ours[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+@pytest.mark.parametrize("name", ["mlp", "cnn-batch", "lenet"])
+def test_b_equal_w_matches_autograd_under_bfloat16_autocast(name: str) -> None:
+    """The backward casts saved fp32 inputs to the gradient's dtype, as autograd's graph of casts does."""
+    model, (x, y) = build(name), batch()
+    reference = copy.deepcopy(model)
+    conversion = convert(model, "fa", generator())
+    with torch.no_grad():
+        for layer in conversion.layers.values():
+            layer.weight_feedback.copy_(layer.weight)
+    for net in (model, reference):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = net(x)
+        F.cross_entropy(logits.float(), y).backward()
+    for (key, ours), theirs in zip(model.named_parameters(), reference.parameters()):
+        assert ours.grad.dtype == torch.float32
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=0, atol=0, msg=key)
+
+
 @pytest.mark.parametrize("name", ["mlp", "cnn-batch", "user"])
 def test_sign_rule_is_fa_with_b_set_to_scaled_sign_of_w(name: str) -> None:
     sign_model, x_y = build(name), batch()

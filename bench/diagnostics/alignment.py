@@ -60,8 +60,8 @@ class AlignmentProbe:
                 _put(values, f"align/estimate-grad/{name}", angle(estimate, true))
                 _put(values, f"align/norm-ratio/{name}", _ratio(estimate, true))
         for name, layer in feedback_layers(self.training_model).items():
-            matrix = layer.backward_matrix(layer.weight.detach(), layer.weight_feedback)
-            if matrix.shape == layer.weight.shape:
+            if layer.feedback_rule != "dfa":  # DFA's matrices map the output error, not this layer's
+                matrix = layer.backward_matrix(layer.weight.detach(), layer.weight_feedback)
                 _put(values, f"align/B-W/{name}", angle(matrix, layer.weight.detach()))
         self._true = self._before = None
         return values
