@@ -39,5 +39,5 @@ class FeedbackAlignment(FeedbackTrainer):
         if self.feedback_init not in INITS:
             raise ValueError(f"feedback_init must be one of {INITS}; got {self.feedback_init!r}")
 
-    def convert(self, model: nn.Module, task: TaskInfo, generator: torch.Generator) -> Conversion:
+    def convert_model(self, model: nn.Module, task: TaskInfo, generator: torch.Generator) -> Conversion:
         return convert(model, self.rule, generator, init=self.feedback_init, input_shape=task.input_shape)

@@ -233,14 +233,19 @@ class FeedbackTrainer(Backprop):
 
     def setup(self, model: nn.Module, task: TaskInfo, generator: torch.Generator) -> None:
         self.validate(task)
-        self._conversion = self.convert(model, task, generator)
+        self._conversion = self.convert_model(model, task, generator)
         super().setup(model, task, generator)
 
-    def convert(self, model: nn.Module, task: TaskInfo, generator: torch.Generator) -> Conversion:
+    def convert_model(self, model: nn.Module, task: TaskInfo, generator: torch.Generator) -> Conversion:
         raise NotImplementedError
 
     def eval_model(self) -> nn.Module:
         return self._conversion.plain
+
+    @property
+    def conversion(self) -> Conversion:
+        """The converted model's layers (name -> feedback layer), plain view and `undo`."""
+        return self._conversion
 
 
 def _find_layers(model: nn.Module) -> tuple[list[tuple[nn.Module, str, nn.Module]], dict[str, nn.Module]]:

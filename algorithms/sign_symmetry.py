@@ -30,5 +30,5 @@ class SignSymmetry(FeedbackTrainer):
     scale: bool = True
     """Multiply sign(W) by sqrt(2/(fan_in+fan_out)) (BioTorch's scaling_factor); False is Liao et al.'s plain uSF."""
 
-    def convert(self, model: nn.Module, task: TaskInfo, generator: torch.Generator) -> Conversion:
+    def convert_model(self, model: nn.Module, task: TaskInfo, generator: torch.Generator) -> Conversion:
         return convert(model, "sign", generator, sign_scale=self.scale)

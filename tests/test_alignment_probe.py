@@ -59,7 +59,7 @@ def test_fa_with_b_equal_w_and_sgd_is_aligned_and_random_b_is_not() -> None:
     assert values["align/estimate-grad/blocks.0.0"] > 20
     assert 60 < values["align/B-W/blocks.0.0"] < 120  # independent random matrices
     with torch.no_grad():
-        for layer in trainer._conversion.layers.values():
+        for layer in trainer.conversion.layers.values():
             layer.weight_feedback.copy_(layer.weight)
     values = probed_step(probe, trainer, batches[1])
     for layer in ["blocks.0.0", "blocks.1.0", "head"]:

@@ -264,14 +264,14 @@ def test_kolen_pollack_b_aligns_with_w_within_a_short_run(digits) -> None:
     """Akrout et al.'s setting: SGD with momentum and weight decay on B and W."""
     trainer = KolenPollack(batch_size=64, optimizer="momentum", lr=0.05, decay=0.1)
     train(trainer, digits, 800, hidden=(64, 64))
-    angles = [angle(layer.weight_feedback, layer.weight) for layer in trainer._conversion.layers.values()]
+    angles = [angle(layer.weight_feedback, layer.weight) for layer in trainer.conversion.layers.values()]
     assert max(angles) < 10, angles
 
 
 def test_kolen_pollack_moves_b_by_w_update_then_decays_both(digits) -> None:
     trainer = KolenPollack(batch_size=16, optimizer="adam", lr=1e-2, decay=0.5)
     train(trainer, digits, 1)
-    layers = list(trainer._conversion.layers.values())
+    layers = list(trainer.conversion.layers.values())
     w0 = [layer.weight.detach().clone() for layer in layers]
     b0 = [layer.weight_feedback.clone() for layer in layers]
     x, y = digits
