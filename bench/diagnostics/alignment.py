@@ -15,7 +15,8 @@ Per Linear/Conv2d layer (named as in the model, e.g. `blocks.0.0`, `head`), in d
 
 Akrout et al. (2019) report the B-W angle and the angle between hidden-layer deltas; BioTorch only B-W. Angles of
 weight updates cover all four algorithms, DFA included, and backprop as the reference (estimate-grad 0; with SGD
-update-grad 0 too). Weights only (biases have no feedback).
+update-grad 0 too). Weights only (biases have no feedback). The first layer's B only shapes the input gradient,
+which no update uses, so under fa its B-W angle stays near 90 degrees: W1 has nothing to align with.
 
 The true gradient is computed on the plain model (`trainer.eval_model()`, same Parameters) in train mode, as the
 step sees it, under a forked RNG (dropout draws the step's masks) and with every buffer restored afterwards, so the
