@@ -101,3 +101,4 @@ def test_registry() -> None:
     assert "alignment" in PROBES
     with pytest.raises(UsageError, match="alignment"):
         get_probe("nope")
+
