@@ -8,10 +8,16 @@ sent to the layer's input changes; the weight and bias gradients are the usual l
 | rule   | error sent to the input, with `g` the gradient at the layer's output   | feedback weights             |
 | ------ | ---------------------------------------------------------------------- | ---------------------------- |
 | `fa`   | `g B`, with B fixed and random, shaped like W (Lillicrap et al. 2016)   | buffer `weight_feedback`     |
-| `kp`   | `g B`, B moved by W's updates (Akrout et al. 2019; the trainer does it) | buffer `weight_feedback`     |
+| `kp`   | `g B`, B given W's updates, both decaying (Akrout et al. 2019):        | buffer: B0 - W0              |
+|        | kept as B = W + c (B0 - W0), see below                                 |                              |
 | `sign` | `g sign(W) s`, recomputed at every backward (Liao et al. 2016)          | none (from W)                |
 | `dfa`  | `e B`: the *output* error `e` [N, C] projected straight to the input    | buffer [C, input numel]      |
 |        | (Nøkland 2016); autograd then applies the preceding layers' f'(a)      |                              |
+
+Kolen-Pollack gives B exactly the update W receives (whatever the optimizer does) and decays both by
+k = 1 - lr * decay per step, so B - W is only ever multiplied by k: B_t = W_t + c_t (B_0 - W_0), c_t the product of
+the k's. The layer stores B_0 - W_0 and c (`mismatch_scale`, kept by the trainer) and forms B when a backward needs
+it: the same matrices as updating a stored B, without applying every update twice (the tests check the two agree).
 
 Attaching DFA's matrix to the *consumer* of a hidden activation lets autograd multiply by the derivative of whatever
 lies between two layers (activation, norm, pooling, skip connection), so no model code is copied. `e` is the gradient
@@ -123,13 +129,22 @@ class _FeedbackMixin:
 
     feedback_rule: str
     sign_scale: float
+    """sign: the factor on sign(W)."""
+    mismatch_scale: float
+    """kp: c in B = W + c (B0 - W0)."""
     error_hub: ErrorHub | None
 
     def backward_matrix(self, weight: Tensor, feedback: Tensor | None) -> Tensor:
-        """The matrix the error is multiplied by on its way to the input, shaped like W."""
+        """The matrix the error is multiplied by on its way to the input, shaped like W (DFA: [C, input size])."""
         if self.feedback_rule == "sign":
             return torch.sign(weight).mul_(self.sign_scale)
+        if self.feedback_rule == "kp":
+            return torch.add(weight, feedback, alpha=self.mismatch_scale)
         return feedback
+
+    def feedback_matrix(self) -> Tensor:
+        """B as the next backward pass will use it (for diagnostics and tests)."""
+        return self.backward_matrix(self.weight.detach(), self.weight_feedback)
 
     def direct_error(self, x: Tensor, feedback: Tensor) -> Tensor:
         """DFA: the output error of this backward pass projected into this layer's input space."""
@@ -204,12 +219,24 @@ def convert(model: nn.Module, rule: str, generator: torch.Generator, *, init: st
             clone.int_padding = _int_padding(name, layer)
         shape = (n_out, math.prod(shapes[name])) if rule == "dfa" else tuple(layer.weight.shape)
         feedback = None if rule == "sign" else feedback_weights(shape, init, generator).to(layer.weight)
+        if rule == "kp":
+            feedback, clone.mismatch_scale = feedback - layer.weight.detach(), 1.0
         clone.register_buffer("weight_feedback", feedback)
         clones[id(layer)] = clone
     for parent, child_name, layer in slots:
         setattr(parent, child_name, clones[id(layer)])
     hook = model.register_forward_hook(hub.capture) if hub is not None else None
     return Conversion(model, plain, {name: clones[id(m)] for name, m in names.items()}, slots, hook)
+
+
+@torch.no_grad()
+def set_feedback_to_weights(conversion: Conversion) -> None:
+    """Make every layer's B equal W (B = W^T in the papers' notation): the backward becomes backprop's. For tests."""
+    for layer in conversion.layers.values():
+        if layer.feedback_rule == "kp":
+            layer.weight_feedback.zero_()
+        elif layer.feedback_rule != "sign":
+            layer.weight_feedback.copy_(layer.weight)
 
 
 def feedback_weights(shape: tuple[int, ...], init: str, generator: torch.Generator) -> Tensor:

@@ -5,11 +5,13 @@ FA whose feedback matrices learn. Akrout et al.'s eqs. 16-17 (with B stored in W
 
     W <- W - lr (delta x^T) - lr decay W          B <- B - lr (delta x^T) - lr decay B
 
-B receives the same update as W (`delta x^T` is available at both synapses) and both decay, so
-B - W shrinks by (1 - lr decay) per step and B converges to W. With any `torch.optim` optimizer this trainer gives
-B exactly the update the optimizer applied to W (a snapshot before `optimizer.step`, the difference after), then
-decays both, decoupled and scaled by the current learning rate. The optimizer, schedule and step are otherwise
-the backprop trainer's. Without decay B - W stays B0 - W0 and B only aligns as far as W outgrows it.
+B receives the same update as W (`delta x^T` is available at both synapses) and both decay, so B - W shrinks by
+k = 1 - lr * decay per step and B converges to W. With any `torch.optim` optimizer this trainer gives B exactly
+the update the optimizer applied to W, then decays both (decoupled, scaled by the current learning rate). Since
+that leaves B - W = c (B0 - W0) with c the product of the k's, the feedback layers keep B as W + c (B0 - W0)
+(`feedback_layers`), and a step only decays W and c: the same B as storing it and applying each update twice,
+at a fraction of the cost (the tests compare the two step by step). The optimizer, schedule and step are
+otherwise the backprop trainer's. Without decay B - W stays B0 - W0 and B aligns only as far as W outgrows it.
 
 Defaults: backprop's Adam settings, B ~ N(0, 1/(fan_in+fan_out)) as in Akrout et al.'s FCNN_KP.py; `decay` has no
 published value for Adam (their MNIST code, FCNN_KP.py, leaves it at none): see its docstring. With Adam at lr 1e-3
@@ -46,21 +48,15 @@ class KolenPollack(FeedbackAlignment):
 
     def setup(self, model: nn.Module, task: TaskInfo, generator: torch.Generator) -> None:
         super().setup(model, task, generator)
-        layers = list(self._conversion.layers.values())
-        self._weights = [layer.weight for layer in layers]
-        self._feedback = [layer.weight_feedback for layer in layers]
-        self._previous = [w.detach().clone() for w in self._weights]
-        self._optimizer.register_step_pre_hook(self._snapshot)
-        self._optimizer.register_step_post_hook(self._mirror)
+        self._layers = list(self.conversion.layers.values())
+        self._weights = [layer.weight for layer in self._layers]
+        self._optimizer.register_step_post_hook(self._decay)
 
     @torch.no_grad()
-    def _snapshot(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        torch._foreach_copy_(self._previous, self._weights)
-
-    @torch.no_grad()
-    def _mirror(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        """B += (W after - W before); then both decay by lr * decay."""
-        torch._foreach_sub_(self._previous, self._weights)  # -delta W
-        torch._foreach_sub_(self._feedback, self._previous)
+    def _decay(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        """After the optimizer moved W (and so B, which is W + c (B0 - W0)): both decay by k = 1 - lr * decay."""
         if self.decay:
-            torch._foreach_mul_([*self._weights, *self._feedback], 1.0 - optimizer.param_groups[0]["lr"] * self.decay)
+            keep = 1.0 - optimizer.param_groups[0]["lr"] * self.decay
+            torch._foreach_mul_(self._weights, keep)
+            for layer in self._layers:
+                layer.mismatch_scale *= keep

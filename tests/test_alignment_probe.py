@@ -12,6 +12,7 @@ from learnbench.algorithms.direct_feedback_alignment import DirectFeedbackAlignm
 from learnbench.algorithms.feedback_alignment import FeedbackAlignment
 from learnbench.algorithms.kolen_pollack import KolenPollack
 from learnbench.algorithms.sign_symmetry import SignSymmetry
+from learnbench.algorithms.feedback_layers import set_feedback_to_weights
 from learnbench.diagnostics import PROBES, get_probe
 from learnbench.diagnostics.alignment import AlignmentProbe
 from learnbench.errors import UsageError
@@ -58,9 +59,7 @@ def test_fa_with_b_equal_w_and_sgd_is_aligned_and_random_b_is_not() -> None:
     assert values["align/estimate-grad/head"] == pytest.approx(0, abs=0.1)  # the output layer's update is true
     assert values["align/estimate-grad/blocks.0.0"] > 20
     assert 60 < values["align/B-W/blocks.0.0"] < 120  # independent random matrices
-    with torch.no_grad():
-        for layer in trainer.conversion.layers.values():
-            layer.weight_feedback.copy_(layer.weight)
+    set_feedback_to_weights(trainer.conversion)
     values = probed_step(probe, trainer, batches[1])
     for layer in ["blocks.0.0", "blocks.1.0", "head"]:
         assert values[f"align/update-grad/{layer}"] == pytest.approx(0, abs=0.1)

@@ -15,7 +15,7 @@ from torch import nn
 from learnbench import Batch, TaskInfo, models
 from learnbench.algorithms.direct_feedback_alignment import DirectFeedbackAlignment
 from learnbench.algorithms.feedback_alignment import FeedbackAlignment
-from learnbench.algorithms.feedback_layers import convert
+from learnbench.algorithms.feedback_layers import convert, set_feedback_to_weights
 from learnbench.algorithms.kolen_pollack import KolenPollack
 from learnbench.algorithms.sign_symmetry import SignSymmetry
 from learnbench.diagnostics.alignment import angle
@@ -75,10 +75,7 @@ def generator(seed: int = 0) -> torch.Generator:
 def test_feedback_equal_to_weights_gives_autograd_gradients(name: str, rule: str) -> None:
     model, x_y = build(name), batch()
     reference = copy.deepcopy(model).train()
-    conversion = convert(model.train(), rule, generator())
-    with torch.no_grad():
-        for layer in conversion.layers.values():
-            layer.weight_feedback.copy_(layer.weight)  # B = W^T in the paper's notation
+    set_feedback_to_weights(convert(model.train(), rule, generator()))  # B = W^T in the paper's notation
     ours, expected = gradients(model, *x_y), gradients(reference, *x_y)
     assert ours.keys() == expected.keys()
     for key in expected:
@@ -90,10 +87,7 @@ def test_b_equal_w_matches_autograd_under_bfloat16_autocast(name: str) -> None:
     """The backward casts saved fp32 inputs to the gradient's dtype, as autograd's graph of casts does."""
     model, (x, y) = build(name), batch()
     reference = copy.deepcopy(model)
-    conversion = convert(model, "fa", generator())
-    with torch.no_grad():
-        for layer in conversion.layers.values():
-            layer.weight_feedback.copy_(layer.weight)
+    set_feedback_to_weights(convert(model, "fa", generator()))
     for net in (model, reference):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = net(x)
@@ -192,9 +186,7 @@ def test_pseudo_gradient_differs_for_fa_and_agrees_when_b_equals_w(name: str) ->
     conversion = convert(model, "fa", generator())
     pseudo, true = gradients(model, x, y)["input"], gradients(conversion.plain, x, y)["input"]
     assert angle(pseudo, true) > 30  # random B: the input gradient is another direction
-    with torch.no_grad():
-        for layer in conversion.layers.values():
-            layer.weight_feedback.copy_(layer.weight)
+    set_feedback_to_weights(conversion)
     model.zero_grad()
     torch.testing.assert_close(gradients(model, x, y)["input"], true, rtol=1e-5, atol=1e-7)
 
@@ -264,22 +256,29 @@ def test_kolen_pollack_b_aligns_with_w_within_a_short_run(digits) -> None:
     """Akrout et al.'s setting: SGD with momentum and weight decay on B and W."""
     trainer = KolenPollack(batch_size=64, optimizer="momentum", lr=0.05, decay=0.1)
     train(trainer, digits, 800, hidden=(64, 64))
-    angles = [angle(layer.weight_feedback, layer.weight) for layer in trainer.conversion.layers.values()]
+    angles = [angle(layer.feedback_matrix(), layer.weight) for layer in trainer.conversion.layers.values()]
     assert max(angles) < 10, angles
 
 
-def test_kolen_pollack_moves_b_by_w_update_then_decays_both(digits) -> None:
-    trainer = KolenPollack(batch_size=16, optimizer="adam", lr=1e-2, decay=0.5)
-    train(trainer, digits, 1)
+@pytest.mark.parametrize("optimizer", ["adam", "momentum"])
+def test_kolen_pollack_equals_storing_b_and_applying_w_updates_to_it(digits, optimizer: str) -> None:
+    """Reference: Akrout et al.'s eqs. 16-17 with B stored and given W's update step by step, then both decayed."""
+    trainer = KolenPollack(batch_size=16, optimizer=optimizer, lr=1e-2, decay=2.0, schedule="cosine",
+                           horizon_steps=40)
+    train(trainer, digits, 1, hidden=(16, 16))
     layers = list(trainer.conversion.layers.values())
-    w0 = [layer.weight.detach().clone() for layer in layers]
-    b0 = [layer.weight_feedback.clone() for layer in layers]
+    stored = [layer.feedback_matrix().clone() for layer in layers]
     x, y = digits
-    trainer.step(Batch(x[:16], y[:16]))
-    keep = 1 - 1e-2 * 0.5
-    for layer, w, b in zip(layers, w0, b0):
-        # W_after = keep * (w + u) with u Adam's update; B_after = keep * (b + u)
-        torch.testing.assert_close(layer.weight_feedback - layer.weight, keep * (b - w), rtol=1e-4, atol=1e-6)
+    for step in range(30):
+        before = [layer.weight.detach().clone() for layer in layers]
+        lr = trainer._optimizer.param_groups[0]["lr"]
+        trainer.step(Batch(x[16 * step:16 * step + 16], y[16 * step:16 * step + 16]))
+        keep = 1 - lr * 2.0
+        for i, (layer, w) in enumerate(zip(layers, before)):
+            moved = layer.weight.detach() / keep - w  # the optimizer's update of W, before the decay
+            stored[i] = keep * (stored[i] + moved)
+    for layer, b in zip(layers, stored):
+        torch.testing.assert_close(layer.feedback_matrix(), b, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("cls", TRAINERS, ids=lambda c: c.name)

@@ -62,8 +62,7 @@ class AlignmentProbe:
                 _put(values, f"align/norm-ratio/{name}", _ratio(estimate, true))
         for name, layer in feedback_layers(self.training_model).items():
             if layer.feedback_rule != "dfa":  # DFA's matrices map the output error, not this layer's
-                matrix = layer.backward_matrix(layer.weight.detach(), layer.weight_feedback)
-                _put(values, f"align/B-W/{name}", angle(matrix, layer.weight.detach()))
+                _put(values, f"align/B-W/{name}", angle(layer.feedback_matrix(), layer.weight.detach()))
         self._true = self._before = None
         return values
 
