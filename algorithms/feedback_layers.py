@@ -159,6 +159,8 @@ class _FeedbackMixin:
 
 class FeedbackLinear(_FeedbackMixin, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
+        if not x.requires_grad:  # no error leaves this layer (the first one, in training): backprop's own backward
+            return F.linear(x, self.weight, self.bias)  # computes the same local W and b gradients, in C++
         return _LinearFn.apply(x, self.weight, self.bias, self.weight_feedback, self)
 
 
@@ -167,6 +169,8 @@ class FeedbackConv2d(_FeedbackMixin, nn.Conv2d):
     """Symmetric integer padding equal to the layer's (possibly 'same'/'valid') padding, for the backward."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if not x.requires_grad:  # as in FeedbackLinear
+            return self._conv_forward(x, self.weight, self.bias)
         return _Conv2dFn.apply(x, self.weight, self.bias, self.weight_feedback, self)
 
 
