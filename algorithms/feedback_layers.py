@@ -215,22 +215,29 @@ def convert(model: nn.Module, rule: str, generator: torch.Generator, *, init: st
     hub = ErrorHub() if rule == "dfa" else None
     clones: dict[int, nn.Module] = {}
     for name, layer in names.items():
-        clone = _clone_as(layer, FEEDBACK_CLASSES[_base_class(layer)])
-        clone.feedback_rule, clone.error_hub = rule, hub
-        fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(layer.weight)
-        clone.sign_scale = math.sqrt(2.0 / (fan_in + fan_out)) if sign_scale else 1.0
-        if isinstance(clone, nn.Conv2d):
-            clone.int_padding = _int_padding(name, layer)
+        # DFA's matrix maps the output error [N, C] to this layer's input; the others are shaped like W
         shape = (n_out, math.prod(shapes[name])) if rule == "dfa" else tuple(layer.weight.shape)
         feedback = None if rule == "sign" else feedback_weights(shape, init, generator).to(layer.weight)
-        if rule == "kp":
-            feedback, clone.mismatch_scale = feedback - layer.weight.detach(), 1.0
-        clone.register_buffer("weight_feedback", feedback)
-        clones[id(layer)] = clone
+        clones[id(layer)] = _feedback_layer(name, layer, rule, feedback, sign_scale, hub)
     for parent, child_name, layer in slots:
         setattr(parent, child_name, clones[id(layer)])
     hook = model.register_forward_hook(hub.capture) if hub is not None else None
     return Conversion(model, plain, {name: clones[id(m)] for name, m in names.items()}, slots, hook)
+
+
+def _feedback_layer(name: str, layer: nn.Module, rule: str, feedback: Tensor | None, sign_scale: bool,
+                    hub: ErrorHub | None) -> nn.Module:
+    """The feedback version of `layer`, holding the same Parameters."""
+    clone = _clone_as(layer, FEEDBACK_CLASSES[_base_class(layer)])
+    clone.feedback_rule, clone.error_hub = rule, hub
+    fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(layer.weight)
+    clone.sign_scale = math.sqrt(2.0 / (fan_in + fan_out)) if sign_scale else 1.0
+    if isinstance(clone, nn.Conv2d):
+        clone.int_padding = _int_padding(name, layer)
+    if rule == "kp":  # store B0 - W0; B = W + c (B0 - W0)
+        feedback, clone.mismatch_scale = feedback - layer.weight.detach(), 1.0
+    clone.register_buffer("weight_feedback", feedback)
+    return clone
 
 
 @torch.no_grad()
