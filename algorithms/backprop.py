@@ -87,9 +87,12 @@ class Backprop:
     def step(self, batch: Batch) -> StepStats:
         if not self._model.training:  # the runner switched to eval mode for evaluation
             self._model.train()
-        with torch.autocast(self._device_type, dtype=torch.bfloat16, enabled=self.amp):
+        if self.amp:
+            with torch.autocast(self._device_type, dtype=torch.bfloat16):
+                logits = self._model(batch.x).float()  # [B, C]
+        else:
             logits = self._model(batch.x)  # [B, C]
-        loss = F.cross_entropy(logits.float(), batch.y, label_smoothing=self.label_smoothing)
+        loss = F.cross_entropy(logits, batch.y, label_smoothing=self.label_smoothing)
         self._optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip > 0:

@@ -1,0 +1,248 @@
+"""The `learnbench` command. Exit codes: 0 success; 1 some trials failed or diverged; 2 bad usage or input
+(one line on stderr, no traceback, nothing written)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import json
+import os
+import pkgutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+EPILOG = "Docs: README.md. Exit codes: 0 ok, 1 some trials failed or diverged, 2 bad usage or input."
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="learnbench", description="Compare neural-network training algorithms.", epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run a suite (default: quick)")
+    run.add_argument("suite", nargs="?", default="quick", help="built-in suite name or a .toml file")
+    run.add_argument("--algorithms", nargs="+", help="only these algorithm ids or labels (comma or space separated)")
+    run.add_argument("--datasets", nargs="+", help="replace the suite's datasets")
+    run.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
+    run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a suite value: budget.epochs=5, model.kind=cnn, backprop.lr=0.01, ...")
+    run.add_argument("--out", help="run directory (default: runs/<suite>[-<hash of the overrides>])")
+    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    run.add_argument("--executor", default="local", choices=["local"])
+    run.add_argument("--workers", type=int, help="parallel worker processes (default: cores on CPU, 1 on CUDA)")
+    run.add_argument("--plugin", action="append", default=[], metavar="FILE.py", help="load a trainer from a file")
+    run.add_argument("--data-dir", help="first folder searched for dataset files")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    show = sub.add_parser("show", help="the summary table of a run")
+    show.add_argument("run_dir")
+    show.add_argument("--json", action="store_true", help="machine-readable results")
+
+    report = sub.add_parser("report", help="write report.md, report.html and figures/ for one or more runs")
+    report.add_argument("run_dirs", nargs="+")
+    report.add_argument("--out", help="output folder (default: the first run directory)")
+    report.add_argument("--readme", metavar="README.md", help="also regenerate the README's results section")
+
+    lister = sub.add_parser("list", help="what is installed")
+    lister.add_argument("what", nargs="?", default="algorithms", choices=["algorithms", "datasets", "models", "suites"])
+    lister.add_argument("--plugin", action="append", default=[], metavar="FILE.py")
+
+    perf = sub.add_parser("perf", help="benchmarks against reference loops and peers")
+    perf.add_argument("benchmark", help="one of: " + ", ".join(perf_modules()))
+    perf.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's options (--device, ...)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        print(f"learnbench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("learnbench: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from . import __version__, config, datasets
+    from .executor import ProgressView, default_workers, run_local
+    from .registry import discover
+    from .runner import default_threads
+    from .store import FINISHED, Store
+    from .workspace import RunDirLock, prepare_run_dir
+
+    device = resolve_device(args.device)
+    registry = discover(args.plugin)
+    raw, _ = config.load_suite(args.suite)
+    suite = config.apply_overrides(raw, _names(args.algorithms), _names(args.datasets), args.seeds, args.sets)
+    trials = config.resolve(suite, registry, device, __version__)
+    for name in dict.fromkeys(t["dataset"] for t in trials):
+        datasets.prepare(name, args.data_dir)
+    if args.workers is not None and args.workers <= 0:
+        raise UsageError(f"--workers must be a positive integer; got {args.workers}")
+    overridden = any([args.algorithms, args.datasets, args.seeds, args.sets, args.plugin, args.device != "auto"])
+    run_dir = Path(args.out) if args.out else Path("runs") / (suite["name"] + (f"-{_short_hash(args)}" if overridden else ""))
+    prepare_run_dir(run_dir)  # the first write: everything above only read
+    with RunDirLock(run_dir):
+        store = Store(run_dir)
+        store.set_run_info({"suite": suite["name"], "suite_config": suite, "learnbench": __version__,
+                            "argv": sys.argv[1:], "device": device,
+                            "created": store.run_info().get("created", time.time()), "updated": time.time()})
+        store.add_trials(trials)
+        statuses = store.statuses()
+        pending = [t for t in trials if statuses.get(t["id"]) not in FINISHED]
+        # backprop first: the transfer attack crafts its examples on the backprop model of the same seed
+        pending.sort(key=lambda t: t["algorithm"] != "backprop")
+        workers = args.workers or default_workers(len(pending), device)
+        threads = default_threads(workers) if device == "cpu" else (os.cpu_count() or 1)
+        print(f"learnbench: {len(trials)} trials ({len(trials) - len(pending)} already finished) -> {run_dir} "
+              f"[{device}, {workers} worker(s) x {threads} thread(s)]", file=sys.stderr)
+        view = ProgressView(len(trials), len(trials) - len(pending), enabled=not args.quiet and sys.stderr.isatty())
+        try:
+            run_local(pending, store, str(run_dir), args.data_dir, workers, threads, view)
+        finally:
+            view.close()
+        _post_run(store, run_dir, device, trials)
+        final = store.statuses()
+        from .reports import show_table
+
+        ids = {t["id"] for t in trials}
+        print(show_table([t for t in store.trials() if t["id"] in ids]))
+        store.close()
+    bad = sum(final[t["id"]] in ("failed", "diverged") for t in trials)
+    print(f"learnbench: results in {run_dir}; `learnbench report {run_dir}` writes the report"
+          + (f"; {bad} trial(s) failed or diverged" if bad else ""), file=sys.stderr)
+    return 1 if bad else 0
+
+
+def _post_run(store, run_dir: Path, device: str, trials: list[dict[str, Any]]) -> None:
+    if any(t["robustness"].get("examples") for t in trials):
+        from .attacks.robustness import post_run
+
+        post_run(store, run_dir, device)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from .reports import show_table
+    from .store import Store
+
+    store = Store.open(args.run_dir)
+    trials = store.trials()
+    if args.json:
+        print(json.dumps({"run": {"dir": str(args.run_dir), **store.run_info()},
+                          "trials": [_trial_json(t) for t in trials]}, indent=1, default=str))
+    else:
+        print(show_table(trials))
+    store.close()
+    return 0
+
+
+def _trial_json(trial: dict[str, Any]) -> dict[str, Any]:
+    return {"id": trial["id"], "algorithm": trial["algorithm"], "label": trial["label"],
+            "dataset": trial["dataset"], "model": trial["model"], "seed": trial["seed"], "status": trial["status"],
+            "hparams": trial["config"]["hparams"], "error": trial["error"], "metrics": trial["metrics"]}
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .reports import build_report, readme_section, update_readme
+
+    written = build_report(args.run_dirs, args.out)
+    for path in written.values():
+        print(path)
+    if args.readme:
+        update_readme(args.readme, readme_section(args.run_dirs))
+        print(args.readme)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    if args.what == "algorithms":
+        from .registry import discover
+
+        registry = discover(args.plugin)
+        rows = [(e.name, e.distribution, e.version, _first_line(e.cls.__doc__)) for e in registry.entries.values()]
+        rows += [(e.name, e.distribution, e.version, f"BROKEN: {e.error}") for e in registry.broken]
+        print(tabulate(sorted(rows), headers=["algorithm", "distribution", "version", "description"]))
+    elif args.what == "datasets":
+        from .datasets import NAMES, info
+
+        rows = [(i.name, "x".join(map(str, i.input_shape)), i.n_classes, i.n_train, i.n_val, i.n_test,
+                 "yes" if i.needs_files else "no", i.description) for i in map(info, NAMES)]
+        print(tabulate(rows, headers=["dataset", "input", "classes", "train", "val", "test", "files", "description"]))
+    elif args.what == "models":
+        from .models import DEFAULTS
+
+        rows = [(kind, ", ".join(f"{k}={v}" for k, v in defaults.items())) for kind, defaults in DEFAULTS.items()]
+        rows.append(("factory", 'factory = "package.module:function" (+ keyword arguments)'))
+        print(tabulate(rows, headers=["model", "keys (defaults)"]))
+    else:
+        from .config import builtin_suites, load_suite
+
+        rows = [(name, load_suite(name)[0].get("description", "")) for name in builtin_suites()]
+        print(tabulate(rows, headers=["suite", "description"]))
+    return 0
+
+
+def cmd_perf(args: argparse.Namespace) -> int:
+    """Each benchmark module brings its own options: its parser is built only when it is asked for."""
+    if args.benchmark not in perf_modules():
+        raise UsageError(f"unknown benchmark {args.benchmark!r}; known: {', '.join(perf_modules())}")
+    module = importlib.import_module(f"learnbench.perf.{args.benchmark}")
+    parser = _Parser(prog=f"learnbench perf {args.benchmark}", description=module.__doc__)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    module.add_arguments(parser)
+    options = parser.parse_args(args.options)
+    options.device = resolve_device(options.device)
+    return module.main(options)
+
+
+def perf_modules() -> list[str]:
+    from . import perf
+
+    return sorted(m.name for m in pkgutil.iter_modules(perf.__path__) if not m.name.startswith("_"))
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+    return name
+
+
+def _names(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+def _short_hash(args: argparse.Namespace) -> str:
+    key = json.dumps([args.algorithms, args.datasets, args.seeds, args.sets, args.plugin, args.device])
+    return hashlib.sha256(key.encode()).hexdigest()[:6]
+
+
+def _first_line(text: str | None) -> str:
+    return (text or "").strip().splitlines()[0] if text and text.strip() else ""
+
+
+COMMANDS = {"run": cmd_run, "show": cmd_show, "report": cmd_report, "list": cmd_list, "perf": cmd_perf}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""Suites: TOML files -> validated, resolved trials (datasets x models x algorithms x seeds), and the trial id.
+
+A suite file:
+
+    name = "quick"
+    datasets = ["digits"]
+    seeds = 3                       # or an explicit list [0, 1, 2]
+    [[models]]                      # one or more; a single [model] table works too
+    kind = "mlp"
+    hidden = [64]
+    [budget]                        # whichever comes first: steps, epochs, time_s, flops
+    epochs = 20
+    [eval]                          # evaluation cadence (off the clock)
+    points = 20
+    [robustness]                    # see learnbench.attacks.robustness
+    examples = 500
+    [diagnostics]                   # probes run every N steps, off the clock
+    every = 0
+    [[algorithms]]
+    id = "backprop"                 # registry id
+    label = "backprop-adam"         # optional, defaults to id; distinguishes two entries of one algorithm
+    models = ["mlp-64x1"]           # optional: only these model labels
+    budget = { time_s = 60 }        # optional: replaces the suite budget for this entry
+    optimizer = "adam"              # every other key is a hyper-parameter
+
+`--set key=value` edits the resolved suite before validation: `budget.epochs=5`, `model.kind=cnn` (any `model.*`
+key replaces the models with one), `robustness.examples=0`, `eval.points=10`, `diagnostics.every=50`,
+`<label or id>.<hyper-parameter>=value`. An unknown key is an error.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import json
+import math
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from . import models as models_mod
+from .errors import UsageError
+from .registry import Registry, resolve_hparams
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+TOP_KEYS = {"name", "description", "datasets", "seeds", "models", "model", "budget", "eval", "robustness",
+            "diagnostics", "algorithms"}
+BUDGET_KEYS = ("steps", "epochs", "time_s", "flops")
+EVAL_DEFAULTS = {"points": 20, "batch_size": 2048}
+DIAGNOSTICS_DEFAULTS = {"every": 0, "probes": []}
+ENTRY_KEYS = {"id", "label", "models", "budget"}
+
+
+# --- loading -----------------------------------------------------------------------------------------------------
+
+def builtin_suites() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("learnbench.suites").iterdir() if p.name.endswith(".toml"))
+
+
+def load_suite(name_or_path: str) -> tuple[dict[str, Any], str]:
+    """A built-in suite name or a TOML file path -> (raw dict, source description)."""
+    path = Path(name_or_path)
+    if name_or_path.endswith(".toml") or path.is_file():
+        if not path.is_file():
+            raise UsageError(f"suite file {name_or_path} does not exist")
+        text, source = path.read_text(encoding="utf-8", errors="replace"), str(path)
+    elif name_or_path in builtin_suites():
+        text = resources.files("learnbench.suites").joinpath(f"{name_or_path}.toml").read_text(encoding="utf-8")
+        source = f"built-in suite {name_or_path!r}"
+    else:
+        raise UsageError(f"unknown suite {name_or_path!r}; built-in suites: {', '.join(builtin_suites())} "
+                         "(or give a path to a .toml file)")
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{source}: malformed TOML: {exc}") from None
+    raw.setdefault("name", path.stem if path.suffix == ".toml" else name_or_path)
+    return raw, source
+
+
+# --- command-line overrides --------------------------------------------------------------------------------------
+
+def parse_value(text: str) -> Any:
+    """A `--set` value as TOML (numbers, booleans, lists, quoted strings); anything else is a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], algorithms: list[str] | None = None, datasets: list[str] | None = None,
+                    seeds: int | None = None, sets: list[str] = ()) -> dict[str, Any]:
+    """Return a copy of the raw suite with the CLI's --algorithms/--datasets/--seeds/--set applied."""
+    suite = copy.deepcopy(raw)
+    if datasets:
+        suite["datasets"] = datasets
+    if seeds is not None:
+        if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds <= 0:
+            raise UsageError(f"--seeds must be a positive integer; got {seeds!r}")
+        suite["seeds"] = seeds
+    entries = suite.get("algorithms", [])
+    if algorithms:
+        known = {e.get("label", e.get("id")) for e in entries} | {e.get("id") for e in entries}
+        missing = [a for a in algorithms if a not in known]
+        if missing:
+            raise UsageError(f"algorithm(s) {', '.join(missing)} not in suite {suite['name']!r}; "
+                             f"it has: {', '.join(sorted(k for k in known if k))}")
+        suite["algorithms"] = [e for e in entries if e.get("id") in algorithms or e.get("label") in algorithms]
+    model_sets = {}
+    for item in sets:
+        if "=" not in item:
+            raise UsageError(f"--set takes key=value; got {item!r}")
+        key, _, text = item.partition("=")
+        head, _, rest = key.strip().partition(".")
+        value = parse_value(text.strip())
+        if not rest and head in ("seeds", "datasets"):
+            suite[head] = value
+        elif head == "model" and rest:
+            model_sets[rest] = value
+        elif head in ("budget", "eval", "robustness", "diagnostics") and rest:
+            suite.setdefault(head, {})[rest] = value
+            if head == "budget":  # an explicit budget on the command line wins over every entry's own
+                for entry in suite.get("algorithms", []):
+                    entry.pop("budget", None)
+        else:
+            matched = [e for e in suite.get("algorithms", []) if head in (e.get("id"), e.get("label"))]
+            if not matched or not rest:
+                raise UsageError(f"unknown --set key {key!r}: use budget.*, model.*, eval.*, robustness.*, "
+                                 "diagnostics.*, seeds, datasets or <algorithm>.<hyper-parameter>")
+            for entry in matched:
+                if rest in ENTRY_KEYS:
+                    raise UsageError(f"--set cannot change {rest!r} of an algorithm entry")
+                entry[rest] = value
+    if model_sets:
+        base = (suite.get("models") or [suite.get("model") or {}])[0]
+        kind = model_sets.get("kind", base.get("kind"))
+        spec = dict(base) if base.get("kind") == kind else {}
+        spec.update(model_sets, kind=kind)
+        suite["models"], _ = [spec], suite.pop("model", None)
+    return suite
+
+
+# --- resolution --------------------------------------------------------------------------------------------------
+
+def resolve(suite: dict[str, Any], registry: Registry, device: str, code_version: str) -> list[dict[str, Any]]:
+    """Validate a suite and expand it into trial configs (see ARCHITECTURE.md); every error is a UsageError."""
+    from .attacks.robustness import resolve_settings as attacks_settings  # local: keeps this import light
+    from .datasets import info as datasets_info
+
+    where = f"suite {suite.get('name')!r}"
+    unknown = set(suite) - TOP_KEYS
+    if unknown:
+        raise UsageError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(TOP_KEYS))}")
+    dataset_names = _string_list(suite.get("datasets", ["digits"]), f"{where}: datasets")
+    infos = {name: datasets_info(name) for name in dataset_names}
+    seeds = _seeds(suite.get("seeds", 1), where)
+    model_specs = suite.get("models") or ([suite["model"]] if "model" in suite else [{"kind": "mlp"}])
+    if not isinstance(model_specs, list) or not all(isinstance(m, dict) for m in model_specs):
+        raise UsageError(f"{where}: models must be a list of tables ([[models]])")
+    specs = [models_mod.normalize_spec(m) for m in model_specs]
+    budget = _budget(suite.get("budget", {}), where)
+    eval_cfg = _table(suite.get("eval", {}), EVAL_DEFAULTS, f"{where}: eval")
+    diag_cfg = _table(suite.get("diagnostics", {}), DIAGNOSTICS_DEFAULTS, f"{where}: diagnostics")
+    entries = suite.get("algorithms")
+    if not isinstance(entries, list) or not entries:
+        raise UsageError(f"{where}: needs at least one [[algorithms]] entry")
+    trials = []
+    for dataset in dataset_names:
+        robustness = attacks_settings(suite.get("robustness", {}), dataset)
+        for spec in specs:
+            model_label = models_mod.label(spec)
+            for entry in entries:
+                resolved = _entry(entry, registry, where)
+                if resolved["models"] is not None and model_label not in resolved["models"]:
+                    continue
+                entry_budget = _budget(resolved["budget"], f"{where}: {resolved['label']}.budget") \
+                    if resolved["budget"] is not None else budget
+                hparams = _fill_horizon(dict(resolved["hparams"]), entry_budget, infos[dataset].n_train)
+                for seed in seeds:
+                    trial = {
+                        "suite": suite.get("name"), "label": resolved["label"], "algorithm": resolved["id"],
+                        "hparams": hparams, "dataset": dataset, "model": spec, "model_label": model_label,
+                        "budget": entry_budget, "seed": seed, "device": device, "eval": eval_cfg,
+                        "robustness": robustness, "diagnostics": diag_cfg,
+                        "code": {"learnbench": code_version, "trainer_sha256": resolved["sha256"]},
+                        "plugin": resolved["plugin"],
+                    }
+                    trial["id"] = trial_id(trial)
+                    trials.append(trial)
+    if not trials:
+        raise UsageError(f"{where}: no trials (check the algorithms' `models` filters against the model labels)")
+    return _unique(trials)
+
+
+def trial_id(trial: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of everything that defines the experiment (the suite name does not)."""
+    body = {k: v for k, v in trial.items() if k not in ("id", "suite")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _entry(entry: Any, registry: Registry, where: str) -> dict[str, Any]:
+    if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
+        raise UsageError(f"{where}: every [[algorithms]] entry needs id = \"<algorithm>\"; got {entry!r}")
+    reg = registry.get(entry["id"])
+    label = entry.get("label", entry["id"])
+    if not isinstance(label, str):
+        raise UsageError(f"{where}: label must be a string; got {label!r}")
+    given = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
+    source = inspect.getsourcefile(reg.cls)
+    sha = hashlib.sha256(Path(source).read_bytes()).hexdigest() if source else None
+    models = entry.get("models")
+    if models is not None:
+        models = _string_list(models, f"{where}: {label}.models")
+    return {"id": reg.name, "label": label, "models": models, "budget": entry.get("budget"),
+            "hparams": resolve_hparams(reg.cls, given, f"{where}: [[algorithms]] {label!r}"),
+            "sha256": sha, "plugin": reg.provenance()}
+
+
+def _fill_horizon(hparams: dict[str, Any], budget: dict[str, Any], n_train: int) -> dict[str, Any]:
+    """`horizon_steps = None` -> the number of steps the step/epoch budget allows (for cosine/one-cycle)."""
+    if "horizon_steps" in hparams and hparams["horizon_steps"] is None:
+        limits = []
+        if budget["steps"]:
+            limits.append(int(budget["steps"]))
+        if budget["epochs"] and isinstance(hparams.get("batch_size"), int) and hparams["batch_size"] > 0:
+            limits.append(math.ceil(budget["epochs"] * n_train / hparams["batch_size"]))
+        if limits:
+            hparams["horizon_steps"] = min(limits)
+    return hparams
+
+
+def _budget(table: Any, where: str) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise UsageError(f"{where}: budget must be a table")
+    unknown = set(table) - set(BUDGET_KEYS)
+    if unknown:
+        raise UsageError(f"{where}: unknown budget key(s) {', '.join(sorted(unknown))}; known: {', '.join(BUDGET_KEYS)}")
+    out = {}
+    for key in BUDGET_KEYS:
+        value = table.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value <= 0):
+            raise UsageError(f"{where}: budget.{key} must be a positive number; got {value!r}")
+        out[key] = value
+    if all(v is None for v in out.values()):
+        raise UsageError(f"{where}: the budget needs at least one of {', '.join(BUDGET_KEYS)}")
+    if out["steps"] is not None and out["steps"] != int(out["steps"]):
+        raise UsageError(f"{where}: budget.steps must be a whole number; got {out['steps']!r}")
+    return out
+
+
+def _table(table: Any, defaults: dict[str, Any], where: str) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise UsageError(f"{where} must be a table")
+    unknown = set(table) - set(defaults)
+    if unknown:
+        raise UsageError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(defaults)}")
+    out = {**defaults, **table}
+    for key, default in defaults.items():
+        value = out[key]
+        if isinstance(default, int) and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise UsageError(f"{where}.{key} must be a non-negative integer; got {value!r}")
+        if isinstance(default, list):
+            out[key] = _string_list(value, f"{where}.{key}")
+    return out
+
+
+def _seeds(value: Any, where: str) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise UsageError(f"{where}: seeds must be a positive count or a list of seeds; got {value!r}")
+        return list(range(value))
+    if isinstance(value, list) and value and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                 for s in value):
+        return sorted(set(value))
+    raise UsageError(f"{where}: seeds must be a positive count or a list of non-negative integers; got {value!r}")
+
+
+def _string_list(value: Any, where: str) -> list[str]:
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UsageError(f"{where} must be a list of names; got {value!r}")
+    return value
+
+
+def _unique(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    seen, out = set(), []
+    for t in trials:
+        if t["id"] not in seen:
+            seen.add(t["id"])
+            out.append(t)
+    return out

@@ -1,0 +1,232 @@
+"""Finding trainers: entry points in the group `learnbench.algorithms` (built-ins register the same way) and single
+files passed with `--plugin FILE.py`; reading and validating their hyper-parameters.
+
+A trainer's hyper-parameters are its dataclass fields (the built-ins' form) or, for a plain class, the keyword
+parameters of its `__init__`, stored under the same names (scikit-learn's rule).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import inspect
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+GROUP = "learnbench.algorithms"
+DISABLE_ENV = "LEARNBENCH_DISABLE_PLUGIN_AUTOLOAD"
+
+
+@dataclass
+class Entry:
+    """One registered trainer, or one that failed to load (`error` set, `cls` None)."""
+
+    name: str
+    cls: type | None
+    distribution: str
+    version: str
+    source: str  # "entry-point" or the plugin file's path
+    sha256: str | None = None  # plugin files only
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def provenance(self) -> dict[str, Any]:
+        info = {"distribution": self.distribution, "version": self.version}
+        if self.sha256:
+            info.update(file=self.source, sha256=self.sha256)
+        return info
+
+
+class Registry:
+    """Name -> Entry. Build it with `discover(plugin_files)`."""
+
+    def __init__(self, entries: dict[str, Entry], broken: list[Entry]):
+        self.entries = entries
+        self.broken = broken
+
+    def get(self, name: str) -> Entry:
+        if name in self.entries:
+            return self.entries[name]
+        for entry in self.broken:
+            if entry.name == name:
+                raise UsageError(f"algorithm {name!r} failed to load ({entry.distribution}): {entry.error}")
+        raise UsageError(f"unknown algorithm {name!r}; installed: {', '.join(sorted(self.entries))}")
+
+    def names(self) -> list[str]:
+        return sorted(self.entries)
+
+
+def discover(plugin_files: list[str] | tuple[str, ...] = ()) -> Registry:
+    """Load every entry point of the group (only learnbench's own when LEARNBENCH_DISABLE_PLUGIN_AUTOLOAD=1) and
+    every plugin file. A plugin that fails to import is kept in `broken`; two claiming one name is an error."""
+    entries: dict[str, Entry] = {}
+    broken: list[Entry] = []
+    autoload = os.environ.get(DISABLE_ENV, "") in ("", "0")
+    for ep in entry_points(group=GROUP):
+        dist = ep.dist.name if ep.dist else "unknown"
+        if not autoload and dist != "learnbench":
+            continue
+        version = ep.dist.version if ep.dist else "unknown"
+        try:
+            cls = ep.load()
+        except Exception as exc:  # a broken plugin is reported, never fatal
+            broken.append(Entry(ep.name, None, dist, version, "entry-point", error=f"{type(exc).__name__}: {exc}"))
+            continue
+        _add(entries, Entry(getattr(cls, "name", ep.name), cls, dist, version, "entry-point"))
+    for path in plugin_files:
+        for entry in load_plugin_file(path):
+            _add(entries, entry)
+    return Registry(entries, broken)
+
+
+def load_plugin_file(path: str | os.PathLike) -> list[Entry]:
+    """Import FILE.py under a private module name; register every class that implements the Trainer protocol."""
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"plugin file {path} does not exist")
+    data = file.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    module_name = f"_learnbench_plugin_{digest[:12]}"
+    module = sys.modules.get(module_name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(module_name, file)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            del sys.modules[module_name]
+            raise UsageError(f"plugin file {path} failed to import: {type(exc).__name__}: {exc}") from None
+    found = [obj for obj in vars(module).values() if is_trainer_class(obj) and obj.__module__ == module_name]
+    if not found:
+        raise UsageError(f"plugin file {path} defines no trainer (a class with `name`, setup, step, eval_model)")
+    return [Entry(cls.name, cls, file.stem, "file", str(file.resolve()), sha256=digest) for cls in found]
+
+
+def is_trainer_class(obj: Any) -> bool:
+    return (inspect.isclass(obj) and isinstance(getattr(obj, "name", None), str)
+            and all(callable(getattr(obj, m, None)) for m in ("setup", "step", "eval_model")))
+
+
+def _add(entries: dict[str, Entry], entry: Entry) -> None:
+    old = entries.get(entry.name)
+    if old is not None and old.cls is not entry.cls:
+        raise UsageError(f"two plugins claim the algorithm name {entry.name!r}: {old.distribution} "
+                         f"({old.source}) and {entry.distribution} ({entry.source})")
+    entries[entry.name] = entry
+
+
+# --- hyper-parameters -------------------------------------------------------------------------------------------
+
+def hparam_defaults(cls: type) -> dict[str, Any]:
+    """Every hyper-parameter of a trainer class with its default (required ones map to `inspect.Parameter.empty`)."""
+    if dataclasses.is_dataclass(cls):
+        out = {}
+        for f in dataclasses.fields(cls):
+            if not f.init:
+                continue
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f.name] = f.default_factory()
+            else:
+                out[f.name] = inspect.Parameter.empty
+        return out
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    return {p.name: p.default for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def hparams_of(trainer: Any) -> dict[str, Any]:
+    """The hyper-parameters a trainer instance holds (scikit-learn's get_params)."""
+    return {name: getattr(trainer, name) for name in hparam_defaults(type(trainer))}
+
+
+def resolve_hparams(cls: type, given: dict[str, Any], where: str) -> dict[str, Any]:
+    """Defaults updated with `given`; unknown names, missing required values and wrong types are UsageErrors.
+    Values are normalised to JSON-friendly forms (tuples become lists) so the trial hash is stable."""
+    defaults = hparam_defaults(cls)
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise UsageError(f"{where}: unknown hyper-parameter(s) {', '.join(unknown)} for {cls.name!r}; "
+                         f"known: {', '.join(defaults)}")
+    hints = _type_hints(cls)
+    out = {}
+    for name, default in defaults.items():
+        value = given.get(name, default)
+        if value is inspect.Parameter.empty:
+            raise UsageError(f"{where}: {cls.name!r} needs a value for hyper-parameter {name!r}")
+        if name in given and name in hints:
+            value = _coerce(value, hints[name], f"{where}: {cls.name}.{name}")
+        out[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:
+        return {}
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check `value` against a type hint (int, float, bool, str, None, Literal, list[...], tuple[...], unions);
+    ints are accepted for floats. Raises UsageError naming the key and the expected type."""
+    ok, converted = _match(value, hint)
+    if not ok:
+        raise UsageError(f"{where} must be {_describe(hint)}; got {value!r}")
+    return converted
+
+
+def _match(value: Any, hint: Any) -> tuple[bool, Any]:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True, value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        for arg in args:
+            ok, converted = _match(value, arg)
+            if ok:
+                return True, converted
+        return False, value
+    if origin is typing.Literal:
+        return value in args, value
+    if hint is type(None):
+        return value is None, value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if hint is str:
+        return isinstance(value, str), value
+    if origin in (list, tuple) and isinstance(value, (list, tuple)):
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                return False, value
+            pairs = list(zip(value, args))
+        else:
+            pairs = [(v, args[0] if args else Any) for v in value]
+        converted = []
+        for v, a in pairs:
+            ok, c = _match(v, a)
+            if not ok:
+                return False, value
+            converted.append(c)
+        return True, tuple(converted) if origin is tuple else converted
+    if inspect.isclass(hint):
+        return isinstance(value, hint), value
+    return True, value  # an annotation we do not understand: accept
+
+
+def _describe(hint: Any) -> str:
+    text = str(hint).replace("typing.", "")
+    return text.replace("<class '", "").replace("'>", "")

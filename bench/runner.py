@@ -1,0 +1,329 @@
+"""One trial, start to finish: the runner owns the loop (AlgoPerf's rule).
+
+    seed -> data on the device -> model -> trainer.setup -> [batch -> trainer.step]* -> evaluation -> attacks
+
+The clock times `trainer.step` alone (CUDA-synchronised at each check, so queued kernels are paid for); evaluation,
+FLOP counting overhead aside, diagnostics probes and attacks run off the clock. Batches are gathered from
+the training tensors on the device with one permutation per epoch: no DataLoader, no host-device copies.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import artifacts, models
+from .registry import discover
+from .spec import Batch, StepStats, TaskInfo
+
+FLOP_SAMPLE_STEPS = (0, 1)  # FLOPs are counted on these steps and every FLOP_SAMPLE_EVERY-th after
+FLOP_SAMPLE_EVERY = 500
+_DATA_CACHE: dict[tuple, Any] = {}  # per process: (dataset, data_dir, device) -> Splits on the device
+
+
+class Sampler:
+    """Index sampling from on-device tensors: one permutation per epoch, then one `index_select` per step into a
+    fresh contiguous batch. Measured on this CPU for MNIST at batch 128: 8 ms of gathers per epoch, against 60 ms
+    for permuting the whole 172 MB training set once per epoch (which streams it through DRAM twice). A fresh
+    batch also means a trainer that writes into its batch cannot corrupt the training set. The last partial batch
+    of an epoch is dropped so every step sees `batch_size` examples."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator):
+        if batch_size > x.shape[0]:
+            raise ValueError(f"batch_size {batch_size} exceeds the training set ({x.shape[0]} examples)")
+        self.x, self.y, self.batch_size, self.generator = x, y, batch_size, generator
+        self.per_epoch = x.shape[0] // batch_size
+        self.position = self.per_epoch  # forces a permutation on the first call
+
+    def next(self) -> Batch:
+        if self.position == self.per_epoch:
+            self.order = torch.randperm(self.x.shape[0], generator=self.generator, device=self.x.device)
+            self.position = 0
+        start = self.position * self.batch_size
+        self.position += 1
+        index = self.order[start:start + self.batch_size]  # [B]
+        return Batch(self.x.index_select(0, index), self.y.index_select(0, index))
+
+
+@dataclass
+class Progress:
+    """Counters of one trial; `fraction` is how much of the budget is spent (the largest of its criteria)."""
+
+    budget: dict[str, Any]
+    n_train: int
+    steps: int = 0
+    examples: int = 0
+    forward_passes: int = 0
+    backward_passes: int = 0
+    flops: float = 0.0
+    train_seconds: float = 0.0
+    flops_per_step: float = 0.0
+    flop_samples: list[float] = field(default_factory=list)
+
+    @property
+    def fraction(self) -> float:
+        b, parts = self.budget, [0.0]
+        if b.get("steps"):
+            parts.append(self.steps / b["steps"])
+        if b.get("epochs"):
+            parts.append(self.examples / (b["epochs"] * self.n_train))
+        if b.get("time_s"):
+            parts.append(self.train_seconds / b["time_s"])
+        if b.get("flops"):
+            parts.append(self.flops / b["flops"])
+        return max(parts)
+
+    def point(self) -> tuple[int, int, float, float]:
+        return self.steps, self.examples, self.flops, self.train_seconds
+
+
+class Diverged(Exception):
+    pass
+
+
+def run_trial(trial: dict[str, Any], run_dir: str | None, data_dir: str | None = None,
+              on_progress: Callable[[float], None] | None = None) -> dict[str, Any]:
+    """Run one resolved trial in this process; never raises for a trainer's fault. Returns a JSON-able result:
+    {"id", "status", "error", "metrics", "curves", "provenance"}; weights go to RUN_DIR/models/ (if run_dir)."""
+    device = torch.device(trial["device"])
+    curves: list[tuple] = []
+    metrics: dict[str, float] = {}
+    status, error = "done", None
+    _reset_peak_memory(device)
+    try:
+        splits = _data(trial["dataset"], data_dir, device)
+        entry = discover([trial["plugin"]["file"]] if trial["plugin"].get("file") else []).get(trial["algorithm"])
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(trial["seed"])  # model initialisation only; trainers get their own generator
+            model = models.build(trial["model"], splits.input_shape, splits.n_classes).to(device)
+        task = TaskInfo(tuple(splits.input_shape), splits.n_classes, int(splits.train_x.shape[0]), device)
+        trainer = entry.cls(**trial["hparams"])
+        trainer.setup(model, task, _generator(trial["seed"], 0, device))
+        progress = Progress(trial["budget"], task.n_train)
+        sampler = Sampler(splits.train_x, splits.train_y, trial["hparams"]["batch_size"],
+                          _generator(trial["seed"], 1, device))
+        probes = _probes(trial, model, trainer, task)
+        try:
+            _train(trainer, sampler, progress, trial, splits, curves, probes, on_progress)
+        except Diverged as exc:
+            status, error = "diverged", str(exc)
+        final = _evaluate(trainer.eval_model(), splits.test_x, splits.test_y, trial["eval"]["batch_size"])
+        metrics.update({"test/accuracy": final[1], "test/loss": final[0]})
+        val = _evaluate(trainer.eval_model(), splits.val_x, splits.val_y, trial["eval"]["batch_size"])
+        metrics.update({"val/accuracy": val[1], "val/loss": val[0]})
+        metrics.update(_cost_metrics(progress, device))
+        metrics.update(_last_values(curves, ("train/", "align/", "grad/", "update/", "cos/", "flag/")))
+        if status == "done":
+            metrics.update(_robustness(trial, trainer.eval_model(), model, splits, device))
+        if run_dir:
+            artifacts.save_model(run_dir, trial, trainer.eval_model(), splits.input_shape, splits.n_classes)
+    except Exception:  # the trainer's (or a plugin's) fault: this trial fails, the suite goes on
+        status, error = "failed", traceback.format_exc(limit=20)
+    return {"id": trial["id"], "status": status, "error": error, "metrics": metrics, "curves": curves,
+            "provenance": artifacts.provenance(trial, device)}
+
+
+def _train(trainer, sampler: Sampler, progress: Progress, trial: dict, splits, curves: list, probes: list,
+           on_progress) -> None:
+    """The training loop. Evaluation points are where the budget fraction crosses k/points (and at 0)."""
+    device = splits.train_x.device
+    n_points = trial["eval"]["points"]  # 0: no curves, only the final evaluation
+    next_eval, losses = 0.0 if n_points else math.inf, []
+    every = trial["diagnostics"]["every"] if probes else 0
+    while True:
+        if n_points and (progress.fraction >= next_eval or progress.fraction >= 1.0):
+            _record_eval(trainer, splits, trial, progress, curves, losses)
+            losses = []
+            next_eval = (math.floor(progress.fraction * n_points) + 1) / n_points
+            if on_progress:
+                on_progress(min(1.0, progress.fraction))
+        if progress.fraction >= 1.0:
+            return
+        if every and progress.steps % every == 0:
+            batch = sampler.next()
+            for probe in probes:
+                probe.before_step(batch)
+            losses += _timed_steps(trainer, [batch], progress, device)
+            values: dict[str, float] = {}
+            for probe in probes:
+                values.update(probe.after_step(batch))
+            curves.extend((*progress.point(), k, float(v)) for k, v in values.items())
+        else:
+            n = _chunk(progress, next_eval, every, device)
+            losses += _timed_steps(trainer, [sampler.next() for _ in range(n)], progress, device)
+
+
+def _chunk(progress: Progress, next_eval: float, every: int, device: torch.device) -> int:
+    """Steps to run between clock reads. On CPU one (reading the clock is free); on CUDA up to 8, so the host does
+    not wait for the GPU after every step, cut short before a FLOP sample, a probe or a step/epoch limit."""
+    if device.type != "cuda":
+        return 1
+    step = progress.steps
+    if step <= FLOP_SAMPLE_STEPS[-1]:
+        return 1
+    n = min(8, FLOP_SAMPLE_EVERY - step % FLOP_SAMPLE_EVERY)  # a sampled step must open its chunk
+    if every:
+        n = min(n, every - step % every)
+    budget, batch = progress.budget, max(1, progress.examples // max(1, step))
+    for limit in (budget.get("steps"), budget.get("epochs") and budget["epochs"] * progress.n_train / batch):
+        if limit:
+            n = min(n, max(1, math.ceil(min(next_eval, 1.0) * limit) - step))
+    return max(1, n)
+
+
+def _timed_steps(trainer, batches: list[Batch], progress: Progress, device: torch.device) -> list:
+    """`trainer.step` on each batch, on the clock (synchronised at both ends); FLOPs are counted with
+    FlopCounterMode when the first step is a sampled one. Raises Diverged on a non-finite loss."""
+    count_flops = progress.steps in FLOP_SAMPLE_STEPS or progress.steps % FLOP_SAMPLE_EVERY == 0
+    counter = FlopCounterMode(display=False) if count_flops else None
+    losses = []
+    _sync(device)
+    start = time.perf_counter()
+    for i, batch in enumerate(batches):
+        if counter is not None and i == 0:
+            with counter:
+                stats = trainer.step(batch)
+        else:
+            stats = trainer.step(batch)
+        if not isinstance(stats, StepStats):
+            raise TypeError(f"{type(trainer).__name__}.step returned {type(stats).__name__}, not StepStats")
+        losses.append(stats.loss)
+        progress.forward_passes += int(stats.forward_passes)
+        progress.backward_passes += int(stats.backward_passes)
+    _sync(device)  # a CUDA step is not over until its kernels are
+    progress.train_seconds += time.perf_counter() - start
+    if counter is not None:
+        progress.flop_samples.append(float(counter.get_total_flops()))
+        progress.flops_per_step = sum(progress.flop_samples) / len(progress.flop_samples)
+    progress.steps += len(batches)
+    progress.examples += sum(int(b.y.shape[0]) for b in batches)
+    progress.flops += progress.flops_per_step * len(batches)
+    _check_finite(losses, progress.steps)
+    return losses
+
+
+def _check_finite(losses: list, step: int) -> None:
+    if len(losses) == 1:
+        finite = math.isfinite(float(losses[0]))
+    else:  # one host read per chunk, after the synchronisation above
+        finite = bool(torch.isfinite(torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in losses])).all())
+    if not finite:
+        raise Diverged(f"non-finite training loss at step {step}")
+
+
+def _record_eval(trainer, splits, trial: dict, progress: Progress, curves: list, losses: list) -> None:
+    model = trainer.eval_model()
+    batch_size = trial["eval"]["batch_size"]
+    point = progress.point()
+    for split, x, y in (("val", splits.val_x, splits.val_y), ("test", splits.test_x, splits.test_y)):
+        loss, accuracy = _evaluate(model, x, y, batch_size)
+        curves += [(*point, f"{split}/accuracy", accuracy), (*point, f"{split}/loss", loss)]
+    if losses:
+        curves.append((*point, "train/loss", float(torch.stack([torch.as_tensor(v, dtype=torch.float32)
+                                                                 for v in losses]).mean())))
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy in eval mode; the module's mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    loss, correct = torch.zeros((), device=x.device), torch.zeros((), device=x.device)
+    for start in range(0, x.shape[0], batch_size):
+        logits = model(x[start:start + batch_size])  # [b, C]
+        target = y[start:start + batch_size]
+        loss += F.cross_entropy(logits.float(), target, reduction="sum")
+        correct += (logits.argmax(1) == target).sum()
+    model.train(was_training)
+    return float(loss) / x.shape[0], float(correct) / x.shape[0]
+
+
+def _robustness(trial: dict, model: nn.Module, training_model: nn.Module, splits, device) -> dict[str, float]:
+    settings = trial["robustness"]
+    if not settings.get("examples"):
+        return {}
+    from .attacks.robustness import evaluate
+
+    n = min(settings["examples"], splits.test_x.shape[0])
+    return evaluate(model, splits.test_x[:n], splits.test_y[:n], settings,
+                    generator=_generator(trial["seed"], 2, device), training_model=training_model)
+
+
+def _probes(trial: dict, model: nn.Module, trainer, task: TaskInfo) -> list:
+    names = trial["diagnostics"]["probes"]
+    if not names or not trial["diagnostics"]["every"]:
+        return []
+    from .diagnostics import get_probe
+
+    return [get_probe(name)(model, trainer, task) for name in names]
+
+
+def _cost_metrics(progress: Progress, device: torch.device) -> dict[str, float]:
+    return {"cost/train_seconds": progress.train_seconds, "cost/flops": progress.flops,
+            "cost/examples": progress.examples, "cost/steps": progress.steps,
+            "cost/epochs": progress.examples / progress.n_train,
+            "cost/forward_passes": progress.forward_passes, "cost/backward_passes": progress.backward_passes,
+            "cost/flops_per_step": progress.flops_per_step, "cost/peak_memory_bytes": _peak_memory(device),
+            "cost/threads": torch.get_num_threads()}
+
+
+def _last_values(curves: list, prefixes: tuple[str, ...]) -> dict[str, float]:
+    return {row[4]: row[5] for row in curves if row[4].startswith(prefixes)}
+
+
+def _data(name: str, data_dir: str | None, device: torch.device):
+    key = (name, data_dir, str(device))
+    if key not in _DATA_CACHE:
+        from .datasets import load
+
+        _DATA_CACHE[key] = load(name, data_dir).to(device)
+    return _DATA_CACHE[key]
+
+
+def _generator(seed: int, stream: int, device: torch.device) -> torch.Generator:
+    """Independent streams per trial: 0 the trainer's, 1 batch order, 2 attacks."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + stream * 7_919 + 12_345)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:  # Linux: writing 5 resets the resident-set high-water mark (VmHWM) of this process
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+
+def _peak_memory(device: torch.device) -> float:
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def default_threads(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, workers))

@@ -1,0 +1,127 @@
+"""Suites: resolution into trials, --set overrides, trial ids, and every validation error."""
+
+import pytest
+
+from learnbench import config
+from learnbench.errors import UsageError
+from learnbench.registry import discover
+
+REGISTRY = discover()
+
+
+def resolve(suite, **overrides):
+    return config.resolve(config.apply_overrides(suite, **overrides), REGISTRY, "cpu", "test")
+
+
+def base_suite(**changes):
+    suite = {"name": "t", "datasets": ["digits"], "seeds": 2, "models": [{"kind": "mlp", "hidden": [16]}],
+             "budget": {"epochs": 2}, "robustness": {"examples": 0},
+             "algorithms": [{"id": "backprop"}, {"id": "backprop", "label": "sgd", "optimizer": "sgd", "lr": 0.1}]}
+    suite.update(changes)
+    return suite
+
+
+def test_trials_are_the_cross_product_with_stable_distinct_ids():
+    trials = resolve(base_suite())
+    assert len(trials) == 2 * 2  # 2 entries x 2 seeds
+    assert len({t["id"] for t in trials}) == 4
+    assert [t["id"] for t in resolve(base_suite())] == [t["id"] for t in trials]
+    assert {t["label"] for t in trials} == {"backprop", "sgd"}
+    sgd = next(t for t in trials if t["label"] == "sgd")
+    assert sgd["hparams"]["optimizer"] == "sgd" and sgd["hparams"]["lr"] == 0.1
+    assert sgd["hparams"]["batch_size"] == 128  # defaults are filled in, so the hash covers them
+
+
+def test_set_overrides_budget_model_and_hyperparameters():
+    trials = resolve(base_suite(), sets=["budget.epochs=5", "model.hidden=[32, 8]", "sgd.lr=0.5", "seeds=1"])
+    assert {t["budget"]["epochs"] for t in trials} == {5}
+    assert {t["model_label"] for t in trials} == {"mlp-32-8"}
+    assert next(t for t in trials if t["label"] == "sgd")["hparams"]["lr"] == 0.5
+    assert len(trials) == 2
+    cnn = resolve(base_suite(), sets=["model.kind=cnn"])
+    assert {t["model"]["kind"] for t in cnn} == {"cnn"}
+
+
+def test_set_by_algorithm_id_reaches_every_entry_of_it():
+    trials = resolve(base_suite(), sets=["backprop.batch_size=64"])
+    assert {t["hparams"]["batch_size"] for t in trials} == {64}
+
+
+def test_algorithms_filter_and_seeds():
+    trials = resolve(base_suite(), algorithms=["sgd"], seeds=3)
+    assert {t["label"] for t in trials} == {"sgd"} and sorted(t["seed"] for t in trials) == [0, 1, 2]
+
+
+def test_horizon_filled_from_the_epoch_budget():
+    trials = resolve(base_suite(algorithms=[{"id": "backprop", "schedule": "cosine", "batch_size": 100}]))
+    from learnbench.datasets import info
+    import math
+    assert trials[0]["hparams"]["horizon_steps"] == math.ceil(2 * info("digits").n_train / 100)
+
+
+def test_trial_id_changes_with_any_setting():
+    a = resolve(base_suite())[0]
+    b = resolve(base_suite(), sets=["backprop.lr=0.002"])[0]
+    c = resolve(base_suite(), sets=["budget.epochs=3"])[0]
+    assert len({a["id"], b["id"], c["id"]}) == 3
+
+
+def test_entry_level_budget_and_model_filter():
+    suite = base_suite(models=[{"kind": "mlp", "hidden": [16]}, {"kind": "cnn"}],
+                       algorithms=[{"id": "backprop"}, {"id": "backprop", "label": "slow", "models": ["cnn"],
+                                                         "budget": {"steps": 7}}])
+    trials = resolve(suite)
+    slow = [t for t in trials if t["label"] == "slow"]
+    assert {t["model_label"] for t in slow} == {"cnn"} and slow[0]["budget"]["steps"] == 7
+    assert len([t for t in trials if t["label"] == "backprop"]) == 4
+
+
+@pytest.mark.parametrize("suite,overrides,match", [
+    (base_suite(budget={"epochs": -1}), {}, "positive number"),
+    (base_suite(budget={"epochs": 0}), {}, "positive number"),
+    (base_suite(budget={}), {}, "at least one"),
+    (base_suite(budget={"epoch": 3}), {}, "unknown budget key"),
+    (base_suite(seeds=0), {}, "seeds"),
+    (base_suite(seeds="three"), {}, "seeds"),
+    (base_suite(datasets=["imagenet"]), {}, "unknown dataset"),
+    (base_suite(models=[{"kind": "vit"}]), {}, "unknown model kind"),
+    (base_suite(algorithms=[{"id": "hebbian"}]), {}, "unknown algorithm"),
+    (base_suite(algorithms=[{"id": "backprop", "lrr": 1}]), {}, "unknown hyper-parameter"),
+    (base_suite(algorithms=[{"id": "backprop", "lr": "fast"}]), {}, "lr must be"),
+    (base_suite(algorithms=[{"id": "backprop", "batch_size": 3.5}]), {}, "batch_size must be"),
+    (base_suite(algorithms=[]), {}, "at least one"),
+    (base_suite(colour="blue"), {}, "unknown key"),
+    (base_suite(), {"sets": ["budget.epochs=-3"]}, "positive number"),
+    (base_suite(), {"sets": ["frobnicate=1"]}, "unknown --set key"),
+    (base_suite(), {"sets": ["backprop.nope=1"]}, "unknown hyper-parameter"),
+    (base_suite(), {"sets": ["noequals"]}, "key=value"),
+    (base_suite(), {"seeds": 0}, "--seeds"),
+    (base_suite(), {"algorithms": ["ga-not-here"]}, "not in suite"),
+    (base_suite(eval={"points": -1}), {}, "non-negative integer"),
+])
+def test_bad_suites_are_usage_errors(suite, overrides, match):
+    with pytest.raises(UsageError, match=match):
+        resolve(suite, **overrides)
+
+
+def test_set_values_parse_as_toml():
+    assert config.parse_value("1e12") == 1e12
+    assert config.parse_value("[32, 16]") == [32, 16]
+    assert config.parse_value("true") is True
+    assert config.parse_value("sgd") == "sgd"
+    assert config.parse_value('"quoted"') == "quoted"
+
+
+def test_builtin_suites_all_resolve():
+    for name in config.builtin_suites():
+        raw, _ = config.load_suite(name)
+        assert resolve(raw), name
+
+
+def test_malformed_toml_and_unknown_suite(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = [unclosed\n")
+    with pytest.raises(UsageError, match="malformed TOML"):
+        config.load_suite(str(bad))
+    with pytest.raises(UsageError, match="unknown suite"):
+        config.load_suite("no-such-suite")
