@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("target", metavar="NAME|FILE.py", help="an installed algorithm id or a plugin file")
     check.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
 
+    diagnose = sub.add_parser("diagnose", help="influence locality of a run's trained mlp/resmlp models")
+    diagnose.add_argument("run_dir")
+    diagnose.add_argument("--trial", help="only this trial (id or unique prefix); default: every done mlp/resmlp")
+    diagnose.add_argument("--examples", type=int, default=1000, help="test points attributed (default 1000)")
+    diagnose.add_argument("--top", type=int, default=10, help="upstream units kept per unit (default 10)")
+    diagnose.add_argument("--data-dir", help="first folder searched for dataset files")
+
     new = sub.add_parser("new-algorithm", help="write a one-file trainer template that passes check-plugin")
     new.add_argument("name", help="the algorithm id, e.g. my-rule")
     new.add_argument("--out", metavar="FILE.py", help="where to write it (default: ./<name with _ for ->.py)")
@@ -296,8 +303,22 @@ def cmd_new_algorithm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    """Influence locality (learnbench.diagnostics.influence): metrics into the store, one summary line per trial."""
+    from .diagnostics.influence import diagnose_run
+
+    rows = diagnose_run(args.run_dir, args.trial, args.examples, args.top, args.data_dir)
+    for row in rows:
+        means = [v for k, v in row["metrics"].items() if k.startswith("influence/mean-distance/")]
+        print(f"{row['trial'][:12]} {row['label']} {row['model']} seed {row['seed']}: mean influence distance "
+              f"per layer " + " ".join(f"{v:.2f}" for v in means))
+    print(f"learnbench: influence metrics added to {args.run_dir}; `learnbench report {args.run_dir}` draws them",
+          file=sys.stderr)
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "show": cmd_show, "report": cmd_report, "list": cmd_list, "perf": cmd_perf,
-            "check-plugin": cmd_check_plugin, "new-algorithm": cmd_new_algorithm}
+            "check-plugin": cmd_check_plugin, "new-algorithm": cmd_new_algorithm, "diagnose": cmd_diagnose}
 
 if __name__ == "__main__":
     sys.exit(main())

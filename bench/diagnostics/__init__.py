@@ -13,6 +13,8 @@ from ..errors import UsageError
 
 PROBES: dict[str, str] = {
     "alignment": "learnbench.diagnostics.alignment:AlignmentProbe",
+    "gradient-flow": "learnbench.diagnostics.gradient_flow:GradientFlowProbe",
+    "update-grad": "learnbench.diagnostics.update_grad:UpdateGradProbe",
 }
 
 

@@ -25,13 +25,13 @@ probe changes nothing the training sees. The runner keeps this off the training 
 
 from __future__ import annotations
 
-import math
-
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from learnbench.diagnostics.common import (StepState, angle, feedback_layers, put, step_state, trainable,
+                                           true_gradients, weight_layers)
 from learnbench.spec import Batch, TaskInfo
+
+__all__ = ["AlignmentProbe", "angle", "feedback_layers", "true_gradients", "weight_layers"]
 
 
 class AlignmentProbe:
@@ -41,81 +41,33 @@ class AlignmentProbe:
         self.training_model = training_model
         self.trainer = trainer
         self.task = task
-        self._before: dict[str, Tensor] | None = None
-        self._true: dict[str, Tensor] | None = None
+        self._state: StepState | None = None
 
     def before_step(self, batch: Batch) -> None:
-        layers = weight_layers(self.trainer.eval_model())
-        self._before = {name: layer.weight.detach().clone() for name, layer in layers.items()}
-        self._true = true_gradients(self.trainer.eval_model(), layers, batch)
+        self._state = step_state(self.trainer.eval_model(), batch)  # shared with the other probes of this step
 
     def after_step(self, batch: Batch) -> dict[str, float]:
-        if self._true is None or self._before is None:
+        if self._state is None:
             raise RuntimeError("AlignmentProbe.after_step called without before_step")
-        values: dict[str, float] = {}
-        for name, layer in weight_layers(self.trainer.eval_model()).items():
-            true = self._true[name]
-            _put(values, f"align/update-grad/{name}", angle(self._before[name] - layer.weight.detach(), true))
+        model, values = self.trainer.eval_model(), {}
+        names = {id(p): key for key, p in trainable(model).items()}
+        for name, layer in weight_layers(model).items():
+            key = names.get(id(layer.weight))
+            if key is None:  # a frozen weight: nothing moves it
+                continue
+            true, before = self._state.grad[key], self._state.before[key]
+            put(values, f"align/update-grad/{name}", angle(before - layer.weight.detach(), true))
             estimate = layer.weight.grad
             if estimate is not None:
-                _put(values, f"align/estimate-grad/{name}", angle(estimate, true))
-                _put(values, f"align/norm-ratio/{name}", _ratio(estimate, true))
+                put(values, f"align/estimate-grad/{name}", angle(estimate, true))
+                put(values, f"align/norm-ratio/{name}", _ratio(estimate, true))
         for name, layer in feedback_layers(self.training_model).items():
             if layer.feedback_rule != "dfa":  # DFA's matrices map the output error, not this layer's
-                _put(values, f"align/B-W/{name}", angle(layer.feedback_matrix(), layer.weight.detach()))
-        self._true = self._before = None
+                put(values, f"align/B-W/{name}", angle(layer.feedback_matrix(), layer.weight.detach()))
+        self._state = None
         return values
-
-
-def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Qualified name -> every Linear/Conv2d (feedback layers included) of `model`, in module order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-
-
-def feedback_layers(model: nn.Module) -> dict[str, nn.Module]:
-    return {name: m for name, m in model.named_modules() if getattr(m, "uses_feedback_weights", False)}
-
-
-def true_gradients(model: nn.Module, layers: dict[str, nn.Module], batch: Batch) -> dict[str, Tensor]:
-    """d cross-entropy / dW for each layer, by autograd on the plain `model` in train mode, leaving no trace:
-    `.grad`, buffers (BatchNorm statistics), module modes, requires_grad flags and the RNG are as before."""
-    weights = [layer.weight for layer in layers.values()]
-    flags = [w.requires_grad for w in weights]
-    modes = {m: m.training for m in model.modules()}
-    buffers = list(model.buffers())
-    saved = [b.clone() for b in buffers]
-    devices = [batch.x.device] if batch.x.device.type == "cuda" else []
-    try:
-        for w in weights:
-            w.requires_grad_(True)
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
-            loss = F.cross_entropy(model.train()(batch.x), batch.y)
-            grads = torch.autograd.grad(loss, weights, allow_unused=True)
-    finally:
-        with torch.no_grad():
-            for b, s in zip(buffers, saved):
-                b.copy_(s)
-        for w, flag in zip(weights, flags):
-            w.requires_grad_(flag)
-        for m, mode in modes.items():
-            m.training = mode
-    return {name: (g if g is not None else torch.zeros_like(w)) for name, g, w in zip(layers, grads, weights)}
-
-
-def angle(a: Tensor, b: Tensor) -> float:
-    """Angle in degrees between two tensors seen as vectors; NaN when either is zero."""
-    a, b = a.detach().flatten().double(), b.detach().flatten().double()
-    norms = a.norm() * b.norm()
-    if norms == 0:
-        return math.nan
-    return math.degrees(math.acos(max(-1.0, min(1.0, float(a @ b / norms)))))
 
 
 def _ratio(a: Tensor, b: Tensor) -> float:
     denominator = float(b.detach().double().norm())
-    return float(a.detach().double().norm()) / denominator if denominator else math.nan
-
-
-def _put(values: dict[str, float], key: str, value: float) -> None:
-    if not math.isnan(value):  # a zero update or gradient has no direction
-        values[key] = value
+    return float(a.detach().double().norm()) / denominator if denominator else float("nan")
