@@ -2,7 +2,8 @@
 
 A spec is a small dict (from a suite's `[[models]]` table):
 
-* `mlp`     hidden sizes (`hidden = [256, 256]`, or `width` and `depth`), `activation`, `norm`.
+* `mlp`     hidden sizes (`hidden = [256, 256]`, or `width` and `depth`), `activation`, `norm`. A deep net for the
+            diagnostics: `{kind = "mlp", width = 128, depth = 12, activation = "sigmoid"}` (tested to depth 20).
 * `resmlp`  the same MLP with identity skips around every hidden-to-hidden layer (so all hidden sizes are equal).
 * `cnn`     the 11,274-parameter ConvNet of EvoJAX/evosax (conv8 5x5, pool, conv16 5x5, pool, dense 10);
             `depth` adds conv blocks (channels double), `norm` adds BatchNorm/LayerNorm after each conv.

@@ -11,11 +11,12 @@ profile (norm against layer, log scale) and influence distances a histogram per 
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import numpy as np
 
 from . import stats
-from .data import curve_names, done, metric_names, metric_values
+from .data import Curve, curve_names, done, metric_names, metric_values
 from .document import Block, Cell, Figure, Heading, Table, Text
 from .figures import BarPanel, Bars, Line, Panel, bars_figure, lines_figure
 from .sections import Context, Groups, curve_lines
@@ -44,14 +45,15 @@ FLAGS = ("flag/vanishing", "flag/exploding")
 
 
 def family_blocks(ctx: Context, problem: tuple[str, str], groups: Groups, prefix: str, ylabel: str,
-                  caption: str, logy: bool = False, table_skip: tuple[str, ...] = ()) -> list[Block]:
-    """A figure of a metric family's curves and a table of its final values; [] when the run has neither."""
+                  caption: str, logy: bool = False, clip: tuple[float, float] | None = None) -> list[Block]:
+    """A figure of a metric family's curves and a table of its final values; [] when the run has neither.
+    `logy`: log axis, geometric mean and band; `clip`: the range a t band is clipped to (cosines: -1..1)."""
     trials = [t for g in groups.values() for t in g]
     out: list[Block] = []
     names = sorted(curve_names(trials, prefix), key=_natural)
     panels = []
     for name in _sample(names, MAX_PANELS):
-        lines, logx = curve_lines(groups, name, "examples")
+        lines, logx = _log_curve_lines(groups, name) if logy else curve_lines(groups, name, "examples", clip=clip)
         if lines:
             panels.append(Panel(name.removeprefix(prefix), "examples seen", ylabel, lines, logx, logy=logy))
     if panels:
@@ -60,12 +62,28 @@ def family_blocks(ctx: Context, problem: tuple[str, str], groups: Groups, prefix
         extra = len(names) - len(panels)
         more = f" {extra} more curves (layers between those drawn) are in the table and the store." if extra > 0 \
             else ""
-        out.append(Figure(path, caption + " Mean over seeds, shaded 95% band." + more,
+        summary = " Geometric mean over seeds, shaded 95% band (a t interval on log values)." if logy \
+            else " Mean over seeds, shaded 95% band."
+        out.append(Figure(path, caption + summary + more,
                           alt=f"{prefix.strip('/')} curves, {problem[0]} {problem[1]}"))
-    finals = sorted((n for n in metric_names(trials, prefix) if not n.startswith(table_skip)), key=_natural)
+    finals = sorted(metric_names(trials, prefix), key=_natural)
     if finals:
         out.append(_final_table(groups, finals, prefix))
     return out
+
+
+def _log_curve_lines(groups: Groups, metric: str) -> tuple[list[Line], bool]:
+    """`curve_lines` on log10 of the values (norms span decades): geometric mean over seeds and a band that stays
+    positive on a log axis."""
+    logged = {label: [{**t, "curves": {metric: _log10(t["curves"][metric])}} for t in group
+                      if metric in t.get("curves", {})] for label, group in groups.items()}
+    lines, logx = curve_lines(logged, metric, "examples")
+    return [replace(line, y=10**line.y, lo=None if line.lo is None else 10**line.lo,
+                    hi=None if line.hi is None else 10**line.hi) for line in lines], logx
+
+
+def _log10(curve: Curve) -> Curve:
+    return replace(curve, value=np.log10(np.clip(curve.value, 1e-300, None)))
 
 
 def _natural(name: str) -> list:
@@ -102,7 +120,8 @@ def alignment_section(ctx: Context, problem: tuple[str, str], groups: Groups) ->
 def diagnostics_section(ctx: Context, problem: tuple[str, str], groups: Groups) -> list[Block]:
     out: list[Block] = []
     for prefix, title, ylabel, caption, logy in DIAGNOSTICS:
-        blocks = family_blocks(ctx, problem, groups, prefix, ylabel, caption, logy)
+        clip = (-1.0, 1.0) if prefix == "cos/" else None
+        blocks = family_blocks(ctx, problem, groups, prefix, ylabel, caption, logy, clip)
         if prefix == "grad/":
             blocks = _profile_blocks(ctx, problem, groups) + blocks
         if blocks:
@@ -161,6 +180,8 @@ def _profile_blocks(ctx: Context, problem: tuple[str, str], groups: Groups) -> l
     panels = []
     for prefix, what in (("grad/norm/", "true-gradient norm"), ("update/norm/", "update norm")):
         layers = _layers(trials, prefix)
+        if not layers:
+            continue
         ticks = [_short(layer) for layer in layers]
         for first, when in ((True, "first probe reading"), (False, "last probe reading")):
             lines = _profile_lines(groups, prefix, layers, first)
@@ -208,7 +229,8 @@ def influence_blocks(ctx: Context, problem: tuple[str, str], groups: Groups) -> 
             "Influence distance per layer: for every unit of the layer, its most influential upstream units (mean "
             "|activation x gradient| over test points, through the residual stream's per-layer components), and the "
             "share of them sitting d layers back. Without skips every unit reads the layer before (d = 1). Mean over "
-            "seeds; whiskers: Student-t 95% interval when there are several."), alt=f"influence distance histograms, {problem[0]} {problem[1]}"))
+            "seeds; whiskers: Student-t 95% interval when there are several."),
+            alt=f"influence distance histograms, {problem[0]} {problem[1]}"))
     out.append(_final_table(groups, sorted(
         (n for n in metric_names(trials, "influence/") if not n.startswith("influence/share/")), key=_natural),
         "influence/", "of the final model, by `learnbench diagnose`"))

@@ -34,6 +34,13 @@ In the `mlp` every distance is 1 by construction: it is the strict hierarchy the
 `resmlp` whose layers still read mostly from the layer before keeps that hierarchy; large distances mean the skips
 let layers read straight from early components. Only direct paths count: an early unit that acts through an
 intermediate block is credited to that block (the path-length view of residual nets is Veit et al. 2016's).
+
+What decides the ranking: all components reach layer l through the same sum, so on one example the derivative
+d f_l[j] / d s[i] is shared by every source k, and the sources of one stream channel i are ranked by their values
+|f_k[n, i]| (averaged with the derivative's weight over examples). The target's Jacobian picks which channels matter;
+the components' magnitudes in those channels pick the layer. With sigmoid blocks every component lies in (0, 1), so
+the influence *mass* spreads almost evenly over the earlier layers (mass-distance near (l + 1) / 2); the top-unit
+histogram is the more telling summary.
 """
 
 from __future__ import annotations
