@@ -52,8 +52,9 @@ def import_ray():
 
 def connect(address: str | None, trials: list[dict[str, Any]], threads: int | None = None) -> str:
     """Join the Ray cluster at `address` ("auto", "host:port", "ray://host:10001"), or start a local instance with
-    this machine's cores; check that some node can hold each trial. Returns a one-line description. Called before
-    anything is written, so every problem here is a UsageError (exit code 2)."""
+    this machine's cores (a Ray this process already initialised is used as it is); check that some node can hold
+    each trial. Returns a one-line description. Called before anything is written, so every problem here is a
+    UsageError (exit code 2)."""
     global _STARTED_LOCALLY
     ray = import_ray()
     if not ray.is_initialized():
