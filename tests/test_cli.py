@@ -138,3 +138,40 @@ def test_list_commands():
         assert result.returncode == 0, result.stderr
     assert "backprop" in run_cli("list", "algorithms").stdout
     assert "quick" in run_cli("list", "suites").stdout
+
+
+@pytest.fixture
+def isolated_data(tmp_path, monkeypatch, mnist_dir):
+    """A data root of our own, no other roots, and a mirror that refuses connections: nothing can be downloaded."""
+    monkeypatch.delenv("LEARNBENCH_DATA", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LEARNBENCH_MIRROR", "http://127.0.0.1:9")
+    root = tmp_path / "data"
+    (root / "mnist").mkdir(parents=True)
+    for f in (mnist_dir / "mnist").iterdir():
+        (root / "mnist" / f.name).write_bytes(f.read_bytes())
+    return root
+
+
+MNIST_SUITE = TINY_SUITE.replace('datasets = ["digits"]', 'datasets = ["mnist"]')
+
+
+@pytest.mark.parametrize("damage,match", [
+    ("missing", "not found"),
+    ("corrupt", "SHA-256 mismatch"),
+    ("truncated", "truncated"),
+])
+def test_bad_dataset_files(tmp_path, capsys, isolated_data, damage, match):
+    target = isolated_data / "mnist" / "t10k-labels-idx1-ubyte.gz"
+    if damage == "missing":
+        target.unlink()
+    elif damage == "truncated":
+        target.write_bytes(target.read_bytes()[:2000])
+    else:
+        import gzip
+        raw = bytearray(gzip.decompress(target.read_bytes()))
+        raw[100] ^= 0xFF
+        target.write_bytes(gzip.compress(bytes(raw)))
+    out = tmp_path / "out"
+    assert_usage_error(capsys, ["run", suite_file(tmp_path, MNIST_SUITE), "--data-dir", str(isolated_data),
+                                "--out", str(out)], match, out)
