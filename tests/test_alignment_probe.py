@@ -26,6 +26,7 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
 
+
 SHAPE = (1, 8, 8)
 TASK = TaskInfo(SHAPE, 10, 256, torch.device("cpu"))
 

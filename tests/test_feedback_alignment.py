@@ -29,6 +29,7 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
 
+
 SHAPE = (1, 16, 16)  # small enough for speed, big enough for LeNet
 BUILT_IN = {
     "mlp": {"kind": "mlp", "hidden": [24, 12]},
