@@ -145,7 +145,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 run_local(pending, store, str(run_dir), args.data_dir, workers, threads, view)
         finally:
             view.close()
-        _post_run(store, run_dir, device, trials)
+        _post_run(store, run_dir, device, trials, args.data_dir)
         final = store.statuses()
         from .reports import show_table
 
@@ -158,11 +158,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def _post_run(store, run_dir: Path, device: str, trials: list[dict[str, Any]]) -> None:
+def _post_run(store, run_dir: Path, device: str, trials: list[dict[str, Any]], data_dir: str | None) -> None:
     if any(t["robustness"].get("examples") for t in trials):
         from .attacks.robustness import post_run
 
-        post_run(store, run_dir, device)
+        post_run(store, run_dir, device, data_dir)
 
 
 def cmd_show(args: argparse.Namespace) -> int:
