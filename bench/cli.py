@@ -106,7 +106,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     device = args.device if args.executor == "ray" and args.device == "cuda" else resolve_device(args.device)
     registry = discover(args.plugin)
     raw, _ = config.load_suite(args.suite)
-    suite = config.apply_overrides(raw, _names(args.algorithms), _names(args.datasets), args.seeds, args.sets)
+    suite = config.apply_overrides(raw, _names(args.algorithms), _names(args.datasets), args.seeds, args.sets,
+                                   registry)
     trials = config.resolve(suite, registry, device, __version__)
     for name in dict.fromkeys(t["dataset"] for t in trials):
         datasets.prepare(name, args.data_dir)

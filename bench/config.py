@@ -100,8 +100,9 @@ def parse_value(text: str) -> Any:
 
 
 def apply_overrides(raw: dict[str, Any], algorithms: list[str] | None = None, datasets: list[str] | None = None,
-                    seeds: int | None = None, sets: list[str] = ()) -> dict[str, Any]:
-    """Return a copy of the raw suite with the CLI's --algorithms/--datasets/--seeds/--set applied."""
+                    seeds: int | None = None, sets: list[str] = (), registry: Registry | None = None) -> dict[str, Any]:
+    """Return a copy of the raw suite with the CLI's --algorithms/--datasets/--seeds/--set applied. An
+    `--algorithms` name the suite lacks but `registry` knows (a plugin, say) joins with its default settings."""
     suite = copy.deepcopy(raw)
     if datasets:
         suite["datasets"] = datasets
@@ -112,11 +113,13 @@ def apply_overrides(raw: dict[str, Any], algorithms: list[str] | None = None, da
     entries = suite.get("algorithms", [])
     if algorithms:
         known = {e.get("label", e.get("id")) for e in entries} | {e.get("id") for e in entries}
-        missing = [a for a in algorithms if a not in known]
+        installed = set(registry.names()) if registry is not None else set()
+        missing = [a for a in algorithms if a not in known and a not in installed]
         if missing:
-            raise UsageError(f"algorithm(s) {', '.join(missing)} not in suite {suite['name']!r}; "
-                             f"it has: {', '.join(sorted(k for k in known if k))}")
+            raise UsageError(f"algorithm(s) {', '.join(missing)} neither in suite {suite['name']!r} nor installed; "
+                             f"the suite has: {', '.join(sorted(k for k in known if k))}")
         suite["algorithms"] = [e for e in entries if e.get("id") in algorithms or e.get("label") in algorithms]
+        suite["algorithms"] += [{"id": a} for a in algorithms if a not in known]
     model_sets = {}
     for item in sets:
         if "=" not in item:

@@ -32,7 +32,7 @@ def suite_file(tmp_path, text=TINY_SUITE, name="s.toml"):
 
 @pytest.mark.parametrize("argv_tail,match", [
     (["no-such-suite"], "unknown suite"),
-    (["{suite}", "--algorithms", "hebbian"], "not in suite"),
+    (["{suite}", "--algorithms", "hebbian"], "nor installed"),
     (["{suite}", "--datasets", "imagenet"], "unknown dataset"),
     (["{suite}", "--set", "model.kind=transformer"], "unknown model kind"),
     (["{suite}", "--set", "budget.steps=0"], "positive number"),
