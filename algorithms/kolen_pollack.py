@@ -38,8 +38,8 @@ class KolenPollack(FeedbackAlignment):
     rule: ClassVar[str] = "kp"
 
     decay: float = 0.1
-    """KP weight decay on W and B, times the current lr per step; 0.1 was chosen on MNIST's validation split (Adam,
-    lr 1e-3: 1.0 underfits, 0.01 and 0.1 tie); with momentum SGD, lr 0.05, it aligns B in a few hundred steps."""
+    """KP weight decay on W and B, times the current lr per step. Chosen on MNIST's validation split (MLP 256x2,
+    Adam, cosine, 15 epochs): 1.0 underfits, 0 to 0.5 are within 0.2 points, 0.1 with lr 2e-3 was best."""
 
     def validate(self, task: TaskInfo) -> None:
         super().validate(task)

@@ -17,6 +17,16 @@ from learnbench.diagnostics import PROBES, get_probe
 from learnbench.diagnostics.alignment import AlignmentProbe
 from learnbench.errors import UsageError
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: a second intra-op thread only adds waits on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 SHAPE = (1, 8, 8)
 TASK = TaskInfo(SHAPE, 10, 256, torch.device("cpu"))
 
