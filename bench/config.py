@@ -175,6 +175,12 @@ def resolve(suite: dict[str, Any], registry: Registry, device: str, code_version
     budget = _budget(suite.get("budget", {}), where)
     eval_cfg = _table(suite.get("eval", {}), EVAL_DEFAULTS, f"{where}: eval")
     diag_cfg = _table(suite.get("diagnostics", {}), DIAGNOSTICS_DEFAULTS, f"{where}: diagnostics")
+    from .diagnostics import PROBES
+
+    unknown_probes = [p for p in diag_cfg["probes"] if p not in PROBES]
+    if unknown_probes:
+        raise UsageError(f"{where}: unknown diagnostics probe(s) {', '.join(unknown_probes)}; "
+                         f"known: {', '.join(sorted(PROBES))}")
     resources = _resources(suite.get("resources", {}), f"{where}: resources")
     entries = suite.get("algorithms")
     if not isinstance(entries, list) or not entries:

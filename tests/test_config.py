@@ -98,6 +98,7 @@ def test_entry_level_budget_and_model_filter():
     (base_suite(), {"seeds": 0}, "--seeds"),
     (base_suite(), {"algorithms": ["ga-not-here"]}, "nor installed"),
     (base_suite(eval={"points": -1}), {}, "non-negative integer"),
+    (base_suite(diagnostics={"every": 5, "probes": ["telepathy"]}), {}, "unknown diagnostics probe"),
 ])
 def test_bad_suites_are_usage_errors(suite, overrides, match):
     with pytest.raises(UsageError, match=match):
