@@ -142,11 +142,11 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, settings: dict, *, generato
     return metrics
 
 
-def post_run(store, run_dir, device) -> None:
+def post_run(store, run_dir, device, data_dir: str | None = None) -> None:
     """After all trials: the transfer attack from each backprop model to its siblings (see transfer.py)."""
     from .transfer import transfer_post_run
 
-    transfer_post_run(store, run_dir, torch.device(device))
+    transfer_post_run(store, run_dir, torch.device(device), data_dir)
 
 
 def has_feedback_layers(model: nn.Module) -> bool:
