@@ -42,7 +42,8 @@ from torch import Tensor, nn
 from .models import MLP, ConvNet
 
 DEFAULT_MEMORY_BYTES = 256 * 2**20
-_MONOTONE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.LeakyReLU, nn.Identity)
+_MONOTONE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.LeakyReLU, nn.Identity)  # pooling commutes with these
+_ELEMENTWISE = (*_MONOTONE, nn.GELU, nn.SiLU)
 _TILE_BYTES = 2 * 2**20  # first-conv output tile that stays in L2/L3 cache
 
 
@@ -185,19 +186,41 @@ class _eval_mode:
 def _engine(model: nn.Module, x: Tensor) -> _Engine:
     if not all(p.requires_grad for p in model.parameters()):  # frozen parameters: only the generic path knows them
         return _Engine(model, x)
-    if isinstance(model, MLP) and all(isinstance(b[1], nn.Identity) for b in model.blocks):
+    if isinstance(model, MLP) and _mlp_activations(model) is not None:
         return _MLPEngine(model, x)
-    if isinstance(model, ConvNet) and x.device.type == "cpu" and _plain_convnet(model):
+    if isinstance(model, ConvNet) and x.device.type == "cpu" and _conv_blocks(model) is not None:
         return _ConvEngine(model, x)
     return _Engine(model, x)
 
 
-def _plain_convnet(model: ConvNet) -> bool:
-    blocks = [model.features[i:i + 4] for i in range(0, len(model.features), 4)]
-    return all(isinstance(n, nn.Identity) and isinstance(a, _MONOTONE) and isinstance(p, nn.MaxPool2d)
-               and p.kernel_size in (2, (2, 2)) and p.stride in (2, (2, 2)) and c.stride == (1, 1)
-               and c.dilation == (1, 1) and c.groups == 1 and c.padding_mode == "zeros"
-               for c, n, a, p in blocks)
+def _mlp_activations(model: MLP) -> list[nn.Sequential] | None:
+    """Per hidden block, its layers after the Linear when they are all elementwise (no norm); else None."""
+    acts = []
+    for block in model.blocks:
+        rest = list(block)[1:]
+        if not isinstance(block[0], nn.Linear) or not all(isinstance(m, _ELEMENTWISE) for m in rest):
+            return None
+        acts.append(nn.Sequential(*rest))
+    return acts
+
+
+def _conv_blocks(model: ConvNet) -> list[tuple[int, nn.Conv2d, nn.Sequential]] | None:
+    """`(index in features, conv, activations)` per block `Conv2d -> monotone activations -> MaxPool2d(2)`, or
+    None when `features` has anything else (a norm layer, another pooling)."""
+    layers, blocks, i = list(model.features), [], 0
+    while i < len(layers):
+        conv, j = layers[i], i + 1
+        while j < len(layers) and isinstance(layers[j], _MONOTONE):
+            j += 1
+        pool = layers[j] if j < len(layers) else None
+        if not (isinstance(conv, nn.Conv2d) and conv.stride == (1, 1) and conv.dilation == (1, 1)
+                and conv.groups == 1 and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
+                and isinstance(pool, nn.MaxPool2d) and pool.kernel_size in (2, (2, 2))
+                and pool.stride in (2, (2, 2)) and pool.padding in (0, (0, 0)) and not pool.ceil_mode):
+            return None
+        blocks.append((i, conv, nn.Sequential(*layers[i + 1:j])))
+        i = j + 1
+    return blocks
 
 
 class _Engine:
@@ -241,7 +264,7 @@ class _MLPEngine(_Engine):
     def __init__(self, model: MLP, x: Tensor):
         super().__init__(model, x)
         self.prefixes = [f"blocks.{i}.0" for i in range(len(model.blocks))] + ["head"]
-        self.acts = [block[2] for block in model.blocks]
+        self.acts = _mlp_activations(model)
         self.residual = model.residual
         self.first_weight = self.prefixes[0] + ".weight"
         self._active: Tensor | bool | None = None
@@ -289,9 +312,10 @@ class _ConvEngine(_Engine):
 
     def __init__(self, model: ConvNet, x: Tensor):
         super().__init__(model, x)
-        self.convs = [model.features[i] for i in range(0, len(model.features), 4)]
-        self.acts = [model.features[i + 2] for i in range(0, len(model.features), 4)]
-        self.prefixes = [f"features.{i}" for i in range(0, len(model.features), 4)]
+        blocks = _conv_blocks(model)
+        self.convs = [conv for _, conv, _ in blocks]
+        self.acts = [acts for _, _, acts in blocks]
+        self.prefixes = [f"features.{i}" for i, _, _ in blocks]
         self._patches: Tensor | None = None
 
     def patches(self, x: Tensor) -> Tensor:
@@ -336,7 +360,7 @@ class _ConvEngine(_Engine):
         # monotone activation: conv -> pool -> +bias -> act is exact.
         logits = []
         for p in range(h.shape[1]):
-            z = self.acts[0](h[:, p] + params["features.0.bias"][p, :, None, None])  # [B, O, Hp, Wp]
+            z = self.acts[0](h[:, p] + params[self.prefixes[0] + ".bias"][p, :, None, None])  # [B, O, Hp, Wp]
             for conv, act, prefix in zip(self.convs[1:], self.acts[1:], self.prefixes[1:]):
                 z = F.conv2d(z, params[prefix + ".weight"][p], params[prefix + ".bias"][p], padding=conv.padding)
                 z = act(_max_pool2(z))
