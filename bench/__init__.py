@@ -1,11 +1,10 @@
 """learnbench: a comparative benchmark of neural-network training algorithms.
 
-Public API: the trainer contract (`Trainer`, `Batch`, `StepStats`, `TaskInfo`) and `load_model`.
+Public API: the trainer contract (`Trainer`, `Batch`, `StepStats`, `TaskInfo`) and `load_model`. They are
+imported on first use, so `learnbench show` and `learnbench list` do not pay for importing torch.
 """
 
 from importlib.metadata import PackageNotFoundError, version
-
-from .spec import Batch, StepStats, TaskInfo, Trainer
 
 try:
     __version__ = version("learnbench")
@@ -15,8 +14,13 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 __all__ = ["Batch", "StepStats", "TaskInfo", "Trainer", "load_model", "__version__"]
 
 
-def load_model(run_dir, trial_id):
-    """Rebuild a trial's final model from `RUN_DIR/models/<trial>.safetensors` and its `.json` (no pickle)."""
-    from .artifacts import load_model as _load
+def __getattr__(name: str):
+    if name in ("Batch", "StepStats", "TaskInfo", "Trainer"):
+        from . import spec
 
-    return _load(run_dir, trial_id)
+        return getattr(spec, name)
+    if name == "load_model":
+        from .artifacts import load_model
+
+        return load_model
+    raise AttributeError(f"module 'learnbench' has no attribute {name!r}")

@@ -10,6 +10,7 @@ import json
 import os
 import pkgutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     perf = sub.add_parser("perf", help="benchmarks against reference loops and peers")
     perf.add_argument("benchmark", help="one of: " + ", ".join(perf_modules()))
     perf.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's options (--device, ...)")
+
+    check = sub.add_parser("check-plugin", help="the conformance kit: does a trainer keep the contract?")
+    check.add_argument("target", metavar="NAME|FILE.py", help="an installed algorithm id or a plugin file")
+    check.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+
+    new = sub.add_parser("new-algorithm", help="write a one-file trainer template that passes check-plugin")
+    new.add_argument("name", help="the algorithm id, e.g. my-rule")
+    new.add_argument("--out", metavar="FILE.py", help="where to write it (default: ./<name with _ for ->.py)")
+    new.add_argument("--force", action="store_true", help="overwrite an existing file")
     return parser
 
 
@@ -98,7 +108,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     with RunDirLock(run_dir):
         store = Store(run_dir)
         store.set_run_info({"suite": suite["name"], "suite_config": suite, "learnbench": __version__,
-                            "argv": sys.argv[1:], "device": device})
+                            "argv": sys.argv[1:], "device": device,
+                            "created": store.run_info().get("created", time.time()), "updated": time.time()})
         store.add_trials(trials)
         statuses = store.statuses()
         pending = [t for t in trials if statuses.get(t["id"]) not in FINISHED]
@@ -240,7 +251,53 @@ def _first_line(text: str | None) -> str:
     return (text or "").strip().splitlines()[0] if text and text.strip() else ""
 
 
-COMMANDS = {"run": cmd_run, "show": cmd_show, "report": cmd_report, "list": cmd_list, "perf": cmd_perf}
+def cmd_check_plugin(args: argparse.Namespace) -> int:
+    """One line per check; 0 when every check passes, 1 when one fails, 2 when the target cannot be loaded."""
+    from .registry import discover, load_plugin_file
+    from .testing import check_trainer
+
+    if args.target.endswith(".py") or Path(args.target).is_file():
+        entries = load_plugin_file(args.target)  # UsageError: missing, fails to import, defines no trainer
+    else:
+        entries = [discover().get(args.target)]  # UsageError: unknown, or failed to load (with its error)
+    device = resolve_device(args.device)
+    failed = 0
+    for entry in entries:
+        where = (f"class {entry.cls.__qualname__} in {entry.source} (sha256 {entry.sha256[:12]})" if entry.sha256
+                 else f"{entry.cls.__module__}:{entry.cls.__qualname__} ({entry.distribution} {entry.version})")
+        print(f"{entry.name}: {where}, on {device}")
+        results = check_trainer(entry, device)
+        for result in results:
+            print(result.line(), flush=True)
+        bad = sum(not r.passed for r in results)
+        print(f"{entry.name}: {len(results) - bad} of {len(results)} checks passed"
+              + (f", {bad} failed" if bad else "") + f" ({sum(r.seconds for r in results):.1f} s)")
+        failed += bad
+    return 1 if failed else 0
+
+
+def cmd_new_algorithm(args: argparse.Namespace) -> int:
+    from .registry import discover
+    from .template import file_name, render
+
+    out = Path(args.out or file_name(args.name))
+    text = render(args.name, str(out))  # UsageError for a bad name
+    taken = discover().entries.get(args.name)
+    if taken is not None:
+        raise UsageError(f"the algorithm name {args.name!r} is already taken by {taken.distribution}; pick another")
+    if out.exists() and not args.force:
+        raise UsageError(f"{out} already exists; pass --force to overwrite it")
+    if out.suffix != ".py":
+        raise UsageError(f"--out must name a .py file; got {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"wrote {out}: algorithm {args.name!r}, plain minibatch SGD to start from; put your update rule in step")
+    print(f"next: learnbench check-plugin {out}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "show": cmd_show, "report": cmd_report, "list": cmd_list, "perf": cmd_perf,
+            "check-plugin": cmd_check_plugin, "new-algorithm": cmd_new_algorithm}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,8 +14,9 @@ import inspect
 import os
 import sys
 import typing
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+from importlib.metadata import entry_points, packages_distributions, version as dist_version
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from .errors import UsageError
 
 GROUP = "learnbench.algorithms"
 DISABLE_ENV = "LEARNBENCH_DISABLE_PLUGIN_AUTOLOAD"
+PLUGIN_PREFIX = "_learnbench_plugin_"  # private module names of --plugin files
+_EXTRA: dict[str, "Entry"] = {}  # registered in this process only (the conformance kit's classes); see `registered`
 
 
 @dataclass
@@ -40,8 +43,10 @@ class Entry:
 
     def provenance(self) -> dict[str, Any]:
         info = {"distribution": self.distribution, "version": self.version}
-        if self.sha256:
+        if self.sha256:  # a --plugin file: the runner reloads it from `file` in worker processes
             info.update(file=self.source, sha256=self.sha256)
+        elif self.source != "entry-point":  # a class registered in-process only (`registered`)
+            info.update(source=self.source)
         return info
 
 
@@ -77,14 +82,58 @@ def discover(plugin_files: list[str] | tuple[str, ...] = ()) -> Registry:
         version = ep.dist.version if ep.dist else "unknown"
         try:
             cls = ep.load()
+            if not is_trainer_class(cls):
+                raise TypeError(f"{ep.value} is not a trainer class (needs a str `name` and setup, step, eval_model)")
         except Exception as exc:  # a broken plugin is reported, never fatal
-            broken.append(Entry(ep.name, None, dist, version, "entry-point", error=f"{type(exc).__name__}: {exc}"))
+            broken.append(Entry(ep.name, None, dist, version, "entry-point", error=f"{type(exc).__name__}: {exc}",
+                                extra={"target": ep.value}))
             continue
-        _add(entries, Entry(getattr(cls, "name", ep.name), cls, dist, version, "entry-point"))
+        _add(entries, Entry(cls.name, cls, dist, version, "entry-point", extra={"target": ep.value}))
     for path in plugin_files:
         for entry in load_plugin_file(path):
             _add(entries, entry)
+    for entry in _EXTRA.values():
+        _add(entries, entry)
     return Registry(entries, broken)
+
+
+@contextmanager
+def registered(entry: Entry):
+    """Make `entry` part of every `discover()` in this process while the block runs: the conformance kit runs a
+    class that is neither installed nor in a file (one defined in a test) through the real runner this way."""
+    if entry.name in _EXTRA and _EXTRA[entry.name].cls is not entry.cls:
+        raise UsageError(f"two classes claim the algorithm name {entry.name!r}: {_EXTRA[entry.name].source} "
+                         f"and {entry.source}")
+    previous = _EXTRA.get(entry.name)
+    _EXTRA[entry.name] = entry
+    try:
+        yield entry
+    finally:
+        if previous is None:
+            del _EXTRA[entry.name]
+        else:
+            _EXTRA[entry.name] = previous
+
+
+def entry_for_class(cls: type) -> Entry:
+    """The registry entry of a trainer class: its installed entry point if it has one, else one built from the
+    distribution that ships its module (or, for a class defined outside any distribution, its module's name)."""
+    if not is_trainer_class(cls):
+        raise UsageError(f"{cls!r} is not a trainer class (needs a str `name` and setup, step, eval_model)")
+    for ep in entry_points(group=GROUP):
+        if ep.value.replace(":", ".") == f"{cls.__module__}.{cls.__qualname__}" and ep.dist is not None:
+            return Entry(cls.name, cls, ep.dist.name, ep.dist.version, "entry-point")
+    module = sys.modules.get(cls.__module__)
+    file = getattr(module, "__file__", None)
+    if cls.__module__.startswith(PLUGIN_PREFIX) and file:
+        for entry in load_plugin_file(file):
+            if entry.cls is cls:
+                return entry
+    dists = packages_distributions().get(cls.__module__.split(".")[0], [])
+    source = f"{cls.__module__}:{cls.__qualname__}"
+    if dists:
+        return Entry(cls.name, cls, dists[0], dist_version(dists[0]), source)
+    return Entry(cls.name, cls, cls.__module__, "unregistered", source)
 
 
 def load_plugin_file(path: str | os.PathLike) -> list[Entry]:
@@ -94,7 +143,7 @@ def load_plugin_file(path: str | os.PathLike) -> list[Entry]:
         raise UsageError(f"plugin file {path} does not exist")
     data = file.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
-    module_name = f"_learnbench_plugin_{digest[:12]}"
+    module_name = f"{PLUGIN_PREFIX}{digest[:12]}"
     module = sys.modules.get(module_name)
     if module is None:
         spec = importlib.util.spec_from_file_location(module_name, file)
@@ -120,8 +169,13 @@ def _add(entries: dict[str, Entry], entry: Entry) -> None:
     old = entries.get(entry.name)
     if old is not None and old.cls is not entry.cls:
         raise UsageError(f"two plugins claim the algorithm name {entry.name!r}: {old.distribution} "
-                         f"({old.source}) and {entry.distribution} ({entry.source})")
+                         f"({_where(old)}) and {entry.distribution} ({_where(entry)})")
     entries[entry.name] = entry
+
+
+def _where(entry: Entry) -> str:
+    target = entry.extra.get("target")
+    return f"entry point {target}" if target else entry.source
 
 
 # --- hyper-parameters -------------------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ from .spec import Batch, StepStats, TaskInfo
 
 FLOP_SAMPLE_STEPS = (0, 1)  # FLOPs are counted on these steps and every FLOP_SAMPLE_EVERY-th after
 FLOP_SAMPLE_EVERY = 500
+BATCH_CHECK_EVERY = 100  # the batch is compared with a copy after these steps (and the FLOP-sampled ones)
+assert FLOP_SAMPLE_EVERY % BATCH_CHECK_EVERY == 0  # so a FLOP-sampled step is always a checked one
 _DATA_CACHE: dict[tuple, Any] = {}  # per process: (dataset, data_dir, device) -> Splits on the device
 
 
@@ -90,6 +92,28 @@ class Diverged(Exception):
     pass
 
 
+class BatchMutated(RuntimeError):
+    """A trainer wrote into (or replaced a tensor of) the batch it was given: the trial fails."""
+
+
+class _BatchWatch:
+    """A copy of one batch taken before `step` (off the clock) and compared after it. Batches are fresh gathers,
+    so a writing trainer cannot corrupt the training set; it could still corrupt what probes see after the step."""
+
+    def __init__(self, batch: Batch):
+        self.batch, self.x, self.y = batch, batch.x, batch.y
+        self.x_copy, self.y_copy = batch.x.clone(), batch.y.clone()
+
+    def verify(self, trainer, step: int) -> None:
+        changed = [name for name, now, seen, copy in (("x", self.batch.x, self.x, self.x_copy),
+                                                      ("y", self.batch.y, self.y, self.y_copy))
+                   if now is not seen or not torch.equal(seen, copy)]
+        if changed:
+            fields = ", ".join(f"batch.{name}" for name in changed)
+            raise BatchMutated(f"{type(trainer).__name__}.step modified its batch ({fields}) at step {step}; "
+                               "a trainer must not write into the batch it is given (clone it first)")
+
+
 def run_trial(trial: dict[str, Any], run_dir: str | None, data_dir: str | None = None,
               on_progress: Callable[[float], None] | None = None) -> dict[str, Any]:
     """Run one resolved trial in this process; never raises for a trainer's fault. Returns a JSON-able result:
@@ -106,7 +130,7 @@ def run_trial(trial: dict[str, Any], run_dir: str | None, data_dir: str | None =
             torch.manual_seed(trial["seed"])  # model initialisation only; trainers get their own generator
             model = models.build(trial["model"], splits.input_shape, splits.n_classes).to(device)
         task = TaskInfo(tuple(splits.input_shape), splits.n_classes, int(splits.train_x.shape[0]), device)
-        trainer = entry.cls(**trial["hparams"])
+        trainer = _construct(entry.cls, trial["hparams"])
         trainer.setup(model, task, _generator(trial["seed"], 0, device))
         progress = Progress(trial["budget"], task.n_train)
         sampler = Sampler(splits.train_x, splits.train_y, trial["hparams"]["batch_size"],
@@ -116,20 +140,36 @@ def run_trial(trial: dict[str, Any], run_dir: str | None, data_dir: str | None =
             _train(trainer, sampler, progress, trial, splits, curves, probes, on_progress)
         except Diverged as exc:
             status, error = "diverged", str(exc)
-        final = _evaluate(trainer.eval_model(), splits.test_x, splits.test_y, trial["eval"]["batch_size"])
+        final = _evaluate(_eval_model(trainer), splits.test_x, splits.test_y, trial["eval"]["batch_size"])
         metrics.update({"test/accuracy": final[1], "test/loss": final[0]})
-        val = _evaluate(trainer.eval_model(), splits.val_x, splits.val_y, trial["eval"]["batch_size"])
+        val = _evaluate(_eval_model(trainer), splits.val_x, splits.val_y, trial["eval"]["batch_size"])
         metrics.update({"val/accuracy": val[1], "val/loss": val[0]})
         metrics.update(_cost_metrics(progress, device))
         metrics.update(_last_values(curves, ("train/", "align/", "grad/", "update/", "cos/", "flag/")))
         if status == "done":
-            metrics.update(_robustness(trial, trainer.eval_model(), model, splits, device))
+            metrics.update(_robustness(trial, _eval_model(trainer), model, splits, device))
         if run_dir:
-            artifacts.save_model(run_dir, trial, trainer.eval_model(), splits.input_shape, splits.n_classes)
+            artifacts.save_model(run_dir, trial, _eval_model(trainer), splits.input_shape, splits.n_classes)
     except Exception:  # the trainer's (or a plugin's) fault: this trial fails, the suite goes on
         status, error = "failed", traceback.format_exc(limit=20)
     return {"id": trial["id"], "status": status, "error": error, "metrics": metrics, "curves": curves,
             "provenance": artifacts.provenance(trial, device)}
+
+
+def _construct(cls: type, hparams: dict[str, Any]):
+    """The trainer built from the recorded hyper-parameters; a constructor that rejects them fails the trial."""
+    try:
+        return cls(**hparams)
+    except Exception as exc:
+        raise RuntimeError(f"{cls.__name__}(**hparams) rejected the recorded hyper-parameters {hparams}: "
+                           f"{type(exc).__name__}: {exc}") from exc
+
+
+def _eval_model(trainer) -> nn.Module:
+    model = trainer.eval_model()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{type(trainer).__name__}.eval_model returned {type(model).__name__}, not torch.nn.Module")
+    return model
 
 
 def _train(trainer, sampler: Sampler, progress: Progress, trial: dict, splits, curves: list, probes: list,
@@ -152,7 +192,7 @@ def _train(trainer, sampler: Sampler, progress: Progress, trial: dict, splits, c
             batch = sampler.next()
             for probe in probes:
                 probe.before_step(batch)
-            losses += _timed_steps(trainer, [batch], progress, device)
+            losses += _timed_steps(trainer, [batch], progress, device, check_batch=True)  # probes read it after
             values: dict[str, float] = {}
             for probe in probes:
                 values.update(probe.after_step(batch))
@@ -164,13 +204,14 @@ def _train(trainer, sampler: Sampler, progress: Progress, trial: dict, splits, c
 
 def _chunk(progress: Progress, next_eval: float, every: int, device: torch.device) -> int:
     """Steps to run between clock reads. On CPU one (reading the clock is free); on CUDA up to 8, so the host does
-    not wait for the GPU after every step, cut short before a FLOP sample, a probe or a step/epoch limit."""
+    not wait for the GPU after every step, cut short before a FLOP sample or batch check, a probe or a step/epoch
+    limit."""
     if device.type != "cuda":
         return 1
     step = progress.steps
     if step <= FLOP_SAMPLE_STEPS[-1]:
         return 1
-    n = min(8, FLOP_SAMPLE_EVERY - step % FLOP_SAMPLE_EVERY)  # a sampled step must open its chunk
+    n = min(8, BATCH_CHECK_EVERY - step % BATCH_CHECK_EVERY)  # a sampled step (FLOPs, batch check) opens its chunk
     if every:
         n = min(n, every - step % every)
     budget, batch = progress.budget, max(1, progress.examples // max(1, step))
@@ -180,10 +221,15 @@ def _chunk(progress: Progress, next_eval: float, every: int, device: torch.devic
     return max(1, n)
 
 
-def _timed_steps(trainer, batches: list[Batch], progress: Progress, device: torch.device) -> list:
+def _timed_steps(trainer, batches: list[Batch], progress: Progress, device: torch.device,
+                 check_batch: bool = False) -> list:
     """`trainer.step` on each batch, on the clock (synchronised at both ends); FLOPs are counted with
-    FlopCounterMode when the first step is a sampled one. Raises Diverged on a non-finite loss."""
-    count_flops = progress.steps in FLOP_SAMPLE_STEPS or progress.steps % FLOP_SAMPLE_EVERY == 0
+    FlopCounterMode when the first step is a sampled one, and the first batch is compared with a copy when its step
+    is a checked one (BATCH_CHECK_EVERY): other steps pay for neither. Raises Diverged on a non-finite loss and
+    BatchMutated when the trainer wrote into its batch."""
+    sampled = progress.steps in FLOP_SAMPLE_STEPS or progress.steps % BATCH_CHECK_EVERY == 0
+    count_flops = sampled and (progress.steps in FLOP_SAMPLE_STEPS or progress.steps % FLOP_SAMPLE_EVERY == 0)
+    watch = _BatchWatch(batches[0]) if sampled or check_batch else None  # the copy is made off the clock
     counter = FlopCounterMode(display=False) if count_flops else None
     losses = []
     _sync(device)
@@ -201,6 +247,8 @@ def _timed_steps(trainer, batches: list[Batch], progress: Progress, device: torc
         progress.backward_passes += int(stats.backward_passes)
     _sync(device)  # a CUDA step is not over until its kernels are
     progress.train_seconds += time.perf_counter() - start
+    if watch is not None:
+        watch.verify(trainer, progress.steps)
     if counter is not None:
         progress.flop_samples.append(float(counter.get_total_flops()))
         progress.flops_per_step = sum(progress.flop_samples) / len(progress.flop_samples)
@@ -221,7 +269,7 @@ def _check_finite(losses: list, step: int) -> None:
 
 
 def _record_eval(trainer, splits, trial: dict, progress: Progress, curves: list, losses: list) -> None:
-    model = trainer.eval_model()
+    model = _eval_model(trainer)
     batch_size = trial["eval"]["batch_size"]
     point = progress.point()
     for split, x, y in (("val", splits.val_x, splits.val_y), ("test", splits.test_x, splits.test_y)):
@@ -241,10 +289,17 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: in
     for start in range(0, x.shape[0], batch_size):
         logits = model(x[start:start + batch_size])  # [b, C]
         target = y[start:start + batch_size]
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != target.shape[0]:
+            raise TypeError(f"the evaluated model returned {_describe_output(logits)} for {target.shape[0]} inputs; "
+                            "expected [B, n_classes] logits")
         loss += F.cross_entropy(logits.float(), target, reduction="sum")
         correct += (logits.argmax(1) == target).sum()
     model.train(was_training)
     return float(loss) / x.shape[0], float(correct) / x.shape[0]
+
+
+def _describe_output(value: Any) -> str:
+    return f"a tensor of shape {list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
 
 
 def _robustness(trial: dict, model: nn.Module, training_model: nn.Module, splits, device) -> dict[str, float]:

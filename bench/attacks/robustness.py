@@ -1,0 +1,300 @@
+"""Per-trial robustness evaluation: what the runner calls (`resolve_settings`, `evaluate`, `post_run`).
+
+Every finished model is attacked on the first `examples` test points (the same points for every algorithm) through
+its true input gradient, in eval mode with its weights frozen. Only points the model classifies correctly are
+attacked; a point is robust at eps when it is classified correctly both clean and after the attack. Metrics:
+
+  robust/clean                      accuracy on the attacked points
+  robust/<attack>/<eps>             robust accuracy (attack ids below; eps written with `%g`)
+  robust/auc/<attack>               area under accuracy-vs-eps from (0, clean) to the largest eps, divided by that
+                                    eps: 1 = perfectly accurate and robust, clean accuracy = no loss at any eps
+  robust/pgd-linf-pseudo/<eps>      feedback-alignment models only: PGD-Linf crafted through the training model's
+                                    own backward (the feedback weights), scored on the plain model
+  robust/seconds, robust/seconds/<attack>   wall-clock seconds (CUDA-synchronised), `masking` for the checks
+  flag/masking/<check>              0/1 gradient-masking checks (masking.py)
+
+Attacks (one file each): fgsm, pgd-linf, pgd-l2, apgd-ce, square, noise, transfer (after the run: transfer.py).
+Linf attacks use the `eps_linf` grid, pgd-l2 and noise the `eps_l2` grid.
+
+Default grids. Inputs are in [0, 1] for every dataset, so a Linf eps is a fraction of the pixel range and the
+MNIST grid 0.05/0.1/0.2/0.3 applies unchanged to digits (0..16 scaled by 1/16) and mnist1d. An L2 eps measures a
+whole image, so it is scaled by sqrt(D / 784) to keep MNIST's per-pixel RMS change: digits (D = 64) and mnist1d
+(D = 40) get 0.5/1/2/3 times 0.286 and 0.226. Other datasets get the MNIST grids.
+
+Budget. Madry's PGD (40 steps, 1 restart) and APGD-CE at its published 100 iterations are kept; Square runs 1000
+queries instead of AutoAttack's 5000. On one MNIST MLP 784-256-256-10 (1000 points, one CPU thread of the 2-core
+development machine) the whole default evaluation took 17 s at load 3 and 25-35 s at load 6-9, Square 10-21 s of
+it; 5000 queries would add about a minute. The price: at eps 0.05 Square leaves 0.60 accuracy with 1000 queries and
+0.55 with 5000 (PGD 0.49); at eps >= 0.1 the two budgets differ by under 3 points. Raise `square_queries` for a
+stronger black-box check. The eps grid is attacked as one batch (one radius per row), so small models pay the
+per-step overheads once per attack rather than once per eps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import UsageError
+from . import masking
+from .apgd import apgd_ce
+from .common import attack_mode, chunked, predict
+from .fgsm import fgsm
+from .noise import gaussian_noise
+from .pgd import pgd_linf
+from .pgd_l2 import pgd_l2
+from .square import square_linf
+
+ATTACKS = ("fgsm", "pgd-linf", "pgd-l2", "apgd-ce", "square", "noise", "transfer")
+NORM = {"fgsm": "linf", "pgd-linf": "linf", "pgd-l2": "l2", "apgd-ce": "linf", "square": "linf", "noise": "l2",
+        "transfer": "linf", "pgd-linf-pseudo": "linf"}
+MNIST_LINF = [0.05, 0.1, 0.2, 0.3]
+MNIST_L2 = [0.5, 1.0, 2.0, 3.0]
+INPUT_DIMS = {"mnist": 784, "fashion-mnist": 784, "digits": 64, "mnist1d": 40}
+
+DEFAULTS: dict[str, Any] = {
+    "examples": 1000,              # first test points attacked; 0 turns robustness off
+    "attacks": list(ATTACKS),
+    "eps_linf": None,              # None: the dataset's grid (module docstring)
+    "eps_l2": None,
+    "batch_size": 4096,            # rows (points x eps) attacked at once (bounds memory)
+    "pgd_steps": 40,               # Madry et al. 2018
+    "pgd_step_factor": 2.5,        # step = factor * eps / steps
+    "pgd_restarts": 1,
+    "apgd_steps": 100,             # Croce & Hein 2020
+    "apgd_restarts": 1,
+    "square_queries": 1000,        # AutoAttack: 5000 (see the module docstring)
+    "square_p_init": 0.8,          # Andriushchenko et al. 2020, MNIST
+    "square_restarts": 1,
+    "pseudo_gradient": True,       # also attack feedback-alignment models through their own backward
+    "masking_margin": 0.02,        # fraction of points a masking check tolerates
+    "masking_steps_factor": 4,     # the more-iterations check: steps x this ...
+    "masking_restarts": 2,         # ... and this many restarts
+    "standard_eps": None,          # reports: the eps of the summary tables (a number, or a table by attack id)
+}
+POSITIVE_INT = ("batch_size", "pgd_steps", "pgd_restarts", "apgd_steps", "apgd_restarts", "square_queries",
+                "square_restarts", "masking_steps_factor", "masking_restarts")
+
+
+def eps_key(eps: float) -> str:
+    return f"{eps:g}"
+
+
+def default_grids(dataset: str) -> tuple[list[float], list[float]]:
+    scale = math.sqrt(INPUT_DIMS.get(dataset, 784) / 784)
+    return list(MNIST_LINF), [float(f"{e * scale:.3g}") for e in MNIST_L2]
+
+
+def resolve_settings(table: dict, dataset: str) -> dict:
+    """Fill defaults into a suite's `[robustness]` table for one dataset; UsageError naming a bad key or value."""
+    if not isinstance(table, dict):
+        raise UsageError(f"[robustness] must be a table; got {table!r}")
+    unknown = sorted(set(table) - set(DEFAULTS))
+    if unknown:
+        raise UsageError(f"unknown robustness key(s): {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
+    out = {**DEFAULTS, **table}
+    linf, l2 = default_grids(dataset)
+    out["eps_linf"] = _eps_list(out["eps_linf"] if out["eps_linf"] is not None else linf, "eps_linf", 1.0)
+    out["eps_l2"] = _eps_list(out["eps_l2"] if out["eps_l2"] is not None else l2, "eps_l2", math.inf)
+    out["attacks"] = _attack_list(out["attacks"])
+    _check_int(out["examples"], "examples", minimum=0)
+    for key in POSITIVE_INT:
+        _check_int(out[key], key, minimum=1)
+    for key, low, high in (("pgd_step_factor", 0.0, math.inf), ("square_p_init", 0.0, 1.0),
+                           ("masking_margin", 0.0, 1.0)):
+        out[key] = _check_float(out[key], key, low, high, low_inclusive=key == "masking_margin")
+    if not isinstance(out["pseudo_gradient"], bool):
+        raise UsageError(f"robustness.pseudo_gradient must be true or false; got {out['pseudo_gradient']!r}")
+    out["standard_eps"] = _standard_eps(out["standard_eps"])
+    return out
+
+
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, settings: dict, *, generator: torch.Generator,
+             training_model: nn.Module | None = None) -> dict[str, float]:
+    """Attack `model` on x [N, ...], y [N] (the first `examples` test points, on the run's device) with every
+    attack in `settings` but transfer (see `post_run`); returns the metrics listed in the module docstring."""
+    n = settings["examples"]
+    if n == 0:
+        return {}
+    x, y = x[:n], y[:n]
+    pseudo = settings["pseudo_gradient"] and training_model is not None and has_feedback_layers(training_model)
+    extra = (training_model,) if pseudo else ()
+    started = _now(x.device)
+    with attack_mode(model, *extra):
+        clean = predict(model, x, settings["batch_size"]) == y  # [N]
+        metrics, robust = {"robust/clean": clean.float().mean().item()}, {}
+        for name in [a for a in settings["attacks"] if a != "transfer"]:
+            robust[name] = _timed(metrics, name, x.device, lambda: _run_attack(
+                name, model, x, y, clean, settings, generator))
+        if pseudo:
+            robust["pgd-linf-pseudo"] = _timed(metrics, "pgd-linf-pseudo", x.device, lambda: _run_attack(
+                "pgd-linf", model, x, y, clean, settings, generator, grad_model=training_model))
+        for name, by_eps in robust.items():
+            metrics.update(accuracy_metrics(name, metrics["robust/clean"],
+                                            {eps: m.float().mean().item() for eps, m in by_eps.items()}))
+        metrics.update(_timed(metrics, "masking", x.device, lambda: _masking_flags(
+            model, x, y, clean, robust, settings, generator)))
+    metrics["robust/seconds"] = _now(x.device) - started
+    return metrics
+
+
+def post_run(store, run_dir, device) -> None:
+    """After all trials: the transfer attack from each backprop model to its siblings (see transfer.py)."""
+    from .transfer import transfer_post_run
+
+    transfer_post_run(store, run_dir, torch.device(device))
+
+
+def has_feedback_layers(model: nn.Module) -> bool:
+    """True when a module's class declares `uses_feedback_weights = True` (the feedback-alignment converter's)."""
+    return any(getattr(type(m), "uses_feedback_weights", False) for m in model.modules())
+
+
+def accuracy_metrics(name: str, clean: float, acc: dict[float, float]) -> dict[str, float]:
+    """`robust/<name>/<eps>` for each eps and `robust/auc/<name>` (trapezoid from (0, clean), over the largest eps)."""
+    out = {f"robust/{name}/{eps_key(eps)}": a for eps, a in acc.items()}
+    xs, ys = [0.0, *sorted(acc)], [clean, *(acc[e] for e in sorted(acc))]
+    area = sum((x1 - x0) * (y0 + y1) / 2 for x0, x1, y0, y1 in zip(xs, xs[1:], ys, ys[1:]))
+    out[f"robust/auc/{name}"] = area / xs[-1]
+    return out
+
+
+def grid(settings: dict, name: str) -> list[float]:
+    return settings["eps_linf"] if NORM[name] == "linf" else settings["eps_l2"]
+
+
+def attack_fn(name: str, model: nn.Module, settings: dict, generator: torch.Generator,
+              grad_model: nn.Module | None = None) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """The attack `name` bound to its model and settings: (x, y, eps [B]) -> x_adv."""
+    s, g = settings, generator
+    table: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
+        "fgsm": lambda x, y, eps: fgsm(model, x, y, eps),
+        "pgd-linf": lambda x, y, eps: pgd_linf(model, x, y, eps, generator=g, steps=s["pgd_steps"],
+                                               step_factor=s["pgd_step_factor"], restarts=s["pgd_restarts"],
+                                               grad_model=grad_model),
+        "pgd-l2": lambda x, y, eps: pgd_l2(model, x, y, eps, generator=g, steps=s["pgd_steps"],
+                                           step_factor=s["pgd_step_factor"], restarts=s["pgd_restarts"]),
+        "apgd-ce": lambda x, y, eps: apgd_ce(model, x, y, eps, generator=g, steps=s["apgd_steps"],
+                                             restarts=s["apgd_restarts"]),
+        "square": lambda x, y, eps: square_linf(model, x, y, eps, generator=g, queries=s["square_queries"],
+                                                p_init=s["square_p_init"], restarts=s["square_restarts"]),
+        "noise": lambda x, y, eps: gaussian_noise(x, eps, generator=g),
+    }
+    return table[name]
+
+
+def robust_masks(model: nn.Module, attack: Callable[[Tensor, Tensor, Tensor], Tensor], x: Tensor, y: Tensor,
+                 targets: Tensor, eps_grid: list[float], norm: str, chunk: int) -> dict[float, Tensor]:
+    """eps -> [N] bool: the point is among `targets` (the points to attack) and still classified correctly after
+    the attack at that eps. The whole grid is one batch (rows: eps-major copies of the targets, each with its own
+    radius). Checks that every adversarial point is in [0, 1] and inside its ball."""
+    idx = targets.nonzero().squeeze(1)  # [n]
+    out = {eps: torch.zeros_like(targets) for eps in eps_grid}
+    if idx.numel() == 0:
+        return out
+    n, reps = idx.numel(), len(eps_grid)
+    xs = x[idx].repeat(reps, *([1] * (x.dim() - 1)))  # [E n, ...]
+    ys = y[idx].repeat(reps)  # [E n]
+    radii = torch.tensor(eps_grid, dtype=x.dtype, device=x.device).repeat_interleave(n)  # [E n]
+    adv = chunked(attack, xs, ys, radii, chunk)
+    check_constraint(adv, xs, radii, norm)
+    still = (predict(model, adv, chunk) == ys).view(reps, n)  # [E, n]
+    for row, eps in enumerate(eps_grid):
+        out[eps][idx] = still[row]
+    return out
+
+
+def check_constraint(adv: Tensor, x: Tensor, eps: float | Tensor, norm: str, tol: float = 1e-5) -> None:
+    """Raise if an attack left [0, 1] or the eps ball (eps: one radius or one per row): a bug, never a result."""
+    delta = (adv - x).flatten(1)
+    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    if adv.min() < 0 or adv.max() > 1 or bool((size > eps * (1 + tol) + tol).any()):
+        raise RuntimeError(f"an attack left the {norm} ball or the [0, 1] box")
+
+
+def _run_attack(name: str, model: nn.Module, x: Tensor, y: Tensor, clean: Tensor, settings: dict,
+                generator: torch.Generator, grad_model: nn.Module | None = None) -> dict[float, Tensor]:
+    attack = attack_fn(name, model, settings, generator, grad_model)
+    return robust_masks(model, attack, x, y, clean, grid(settings, name), NORM[name], settings["batch_size"])
+
+
+def _masking_flags(model: nn.Module, x: Tensor, y: Tensor, clean: Tensor, robust: masking.Robust,
+                   settings: dict, generator: torch.Generator) -> dict[str, float]:
+    margin, chunk = settings["masking_margin"], settings["batch_size"]
+    checks = {k: v for k, v in {
+        "black-box-beats-white-box": masking.black_box_beats_white_box(robust, margin),
+        "accuracy-not-falling": masking.accuracy_not_falling(robust, margin),
+    }.items() if v is not None}
+    checks["zero-gradients"] = float(masking.zero_gradient_fraction(model, x[clean], y[clean], chunk) > margin)
+    if "pgd-linf" in robust:
+        strong_settings = {**settings, "pgd_steps": settings["pgd_steps"] * settings["masking_steps_factor"],
+                           "pgd_restarts": settings["masking_restarts"]}
+        attack = attack_fn("pgd-linf", model, strong_settings, generator)
+
+        def strong(points: Tensor, eps: float) -> Tensor:
+            targets = torch.zeros_like(clean)
+            targets[points] = True
+            return robust_masks(model, attack, x, y, targets, [eps], "linf", chunk)[eps][points]
+
+        checks["more-iterations-help"] = masking.more_iterations_help(robust["pgd-linf"], clean, strong, margin)
+    return {f"flag/masking/{k}": v for k, v in checks.items()}
+
+
+def _timed(metrics: dict[str, float], name: str, device: torch.device, fn: Callable[[], Any]) -> Any:
+    start = _now(device)
+    result = fn()
+    metrics[f"robust/seconds/{name}"] = _now(device) - start
+    return result
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _eps_list(value: Any, key: str, high: float) -> list[float]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise UsageError(f"robustness.{key} must be a non-empty list of numbers; got {value!r}")
+    out = [_check_float(v, key, 0.0, high) for v in value]
+    if len(set(out)) != len(out):
+        raise UsageError(f"robustness.{key} has a repeated value: {value!r}")
+    return sorted(out)
+
+
+def _standard_eps(value: Any) -> float | dict[str, float] | None:
+    """None, one eps for every attack, or {attack id: eps} (ids as in metric names, pgd-linf-pseudo included)."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        bad = [k for k in value if k not in NORM]
+        if bad:
+            raise UsageError(f"unknown attack(s) in robustness.standard_eps: {', '.join(bad)}")
+        return {k: _check_float(v, "standard_eps", 0.0, math.inf) for k, v in value.items()}
+    return _check_float(value, "standard_eps", 0.0, math.inf)
+
+
+def _attack_list(value: Any) -> list[str]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise UsageError(f"robustness.attacks must be a list of attack ids; got {value!r}")
+    bad = [v for v in value if v not in ATTACKS]
+    if bad:
+        raise UsageError(f"unknown attack(s) in robustness.attacks: {', '.join(bad)}; known: {', '.join(ATTACKS)}")
+    return [a for a in ATTACKS if a in value]  # canonical order, duplicates dropped
+
+
+def _check_int(value: Any, key: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UsageError(f"robustness.{key} must be an integer >= {minimum}; got {value!r}")
+
+
+def _check_float(value: Any, key: str, low: float, high: float, low_inclusive: bool = False) -> float:
+    above = (lambda v: v >= low) if low_inclusive else (lambda v: v > low)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (above(value) and value <= high):
+        bracket = "[" if low_inclusive else "("
+        raise UsageError(f"robustness.{key} must be a number in {bracket}{low:g}, {high:g}]; got {value!r}")
+    return float(value)

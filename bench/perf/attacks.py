@@ -1,0 +1,146 @@
+"""PGD-Linf through learnbench against the Adversarial Robustness Toolbox, on the same model and points, alternated.
+
+The model is an MNIST MLP 784-256-256-10 trained here with learnbench's backprop (Adam, `--epochs`), the points the
+first `--examples` test images. Both sides run the same work: Madry's PGD-Linf with a uniform random start and
+`--steps` steps of 2.5 * eps / steps, every step on every point, the last iterate kept, in one batch:
+
+* ART: `ProjectedGradientDescentPyTorch` on a `PyTorchClassifier` (`norm=inf`, `num_random_init=1`,
+  `batch_size = --examples`), which takes numpy arrays and computes each step's input gradient with a full
+  `loss.backward()` (weight gradients included);
+* learnbench: `pgd_linf(..., early_stop=False)` inside `attack_mode` (weights frozen, `torch.autograd.grad` with
+  respect to the input only, no numpy round trip).
+
+A third row times learnbench's default PGD (`early_stop=True`: a point leaves the batch once misclassified, which
+changes no result) for information; the ratio is taken on the same work. Robust accuracy counts a point when it is
+classified correctly both clean and adversarial. The first repeat of each side is a warm-up and is not counted.
+Needs ART: `pip install 'learnbench[peers]'`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+from tabulate import tabulate
+from torch import nn
+
+from learnbench.algorithms.backprop import Backprop
+from learnbench.attacks import attack_mode, pgd_linf
+from learnbench.errors import UsageError
+from learnbench.models import build
+from learnbench.spec import Batch, TaskInfo
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", default="mnist", help="the issue's figures are on mnist")
+    parser.add_argument("--examples", type=int, default=1000, help="test points attacked (one batch)")
+    parser.add_argument("--eps", type=float, default=0.1, help="Linf radius (pixels in [0, 1])")
+    parser.add_argument("--steps", type=int, default=40, help="PGD steps (Madry et al.: 40)")
+    parser.add_argument("--repeats", type=int, default=5, help="counted repeats per side (after one warm-up)")
+    parser.add_argument("--epochs", type=int, default=2, help="backprop epochs to train the attacked MLP")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--data-dir", default=None)
+
+
+def main(args: argparse.Namespace) -> int:
+    from learnbench.datasets import load, prepare
+
+    try:
+        from art.attacks.evasion import ProjectedGradientDescentPyTorch
+        from art.estimators.classification import PyTorchClassifier
+    except ImportError:
+        raise UsageError("learnbench perf attacks compares against ART: pip install 'learnbench[peers]'") from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    prepare(args.dataset, args.data_dir)
+    data = load(args.dataset, args.data_dir).to(device)
+    model = _train(data, args.epochs, device)
+    x, y = data.test_x[:args.examples], data.test_y[:args.examples]
+    classifier = PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), input_shape=tuple(data.input_shape),
+                                   nb_classes=data.n_classes, clip_values=(0.0, 1.0),
+                                   device_type="gpu" if device.type == "cuda" else "cpu")
+    art_attack = ProjectedGradientDescentPyTorch(classifier, norm=np.inf, eps=args.eps,
+                                                 eps_step=2.5 * args.eps / args.steps, max_iter=args.steps,
+                                                 num_random_init=1, batch_size=args.examples, verbose=False)
+    sides = {
+        "ART ProjectedGradientDescentPyTorch": lambda seed: _art(art_attack, x, y, seed),
+        "learnbench pgd_linf (same work)": lambda seed: _ours(model, x, y, args, seed, early_stop=False),
+        "learnbench pgd_linf (default, early stop)": lambda seed: _ours(model, x, y, args, seed, early_stop=True),
+    }
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    accs: dict[str, list[float]] = {name: [] for name in sides}
+    for repeat in range(args.repeats + 1):
+        for name, fn in sides.items():
+            seconds, adv = _timed(fn, repeat, device)
+            if repeat > 0:
+                times[name].append(seconds)
+                accs[name].append(_robust_accuracy(model, x, y, adv))
+    _print(args, device, model, x, y, times, accs)
+    return 0
+
+
+def _train(data, epochs: int, device: torch.device) -> nn.Module:
+    """The attacked model: MLP D-256-256-C, learnbench's backprop (Adam, batch 128), fixed seed."""
+    with torch.random.fork_rng(devices=[]):  # initialised on the CPU from a fixed seed, then moved
+        torch.manual_seed(0)
+        model = build({"kind": "mlp", "hidden": [256, 256]}, tuple(data.input_shape), data.n_classes).to(device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    trainer = Backprop(batch_size=128)
+    n = data.train_x.shape[0]
+    trainer.setup(model, TaskInfo(tuple(data.input_shape), data.n_classes, n, device), generator)
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator, device=device)
+        for start in range(0, n - 127, 128):
+            idx = order[start:start + 128]
+            trainer.step(Batch(data.train_x[idx], data.train_y[idx]))
+    return model.eval()
+
+
+def _art(attack, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
+    np.random.seed(seed)  # ART draws its random start from numpy's global generator
+    adv = attack.generate(x=x.cpu().numpy(), y=y.cpu().numpy())
+    return torch.from_numpy(adv).to(x.device)
+
+
+def _ours(model: nn.Module, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace, seed: int,
+          early_stop: bool) -> torch.Tensor:
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    with attack_mode(model):
+        return pgd_linf(model, x, y, args.eps, generator=generator, steps=args.steps, early_stop=early_stop)
+
+
+def _timed(fn, seed: int, device: torch.device) -> tuple[float, torch.Tensor]:
+    _sync(device)
+    start = time.perf_counter()
+    adv = fn(seed)
+    _sync(device)
+    return time.perf_counter() - start, adv
+
+
+@torch.no_grad()
+def _robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, adv: torch.Tensor) -> float:
+    return ((model(x).argmax(1) == y) & (model(adv).argmax(1) == y)).float().mean().item()
+
+
+def _print(args, device, model, x, y, times, accs) -> None:
+    art_name, same_name = list(times)[:2]
+    rows = [(name, statistics.median(t), min(t), max(t), statistics.mean(accs[name]))
+            for name, t in times.items()]
+    ratio = statistics.median(o / r for o, r in zip(times[same_name], times[art_name]))
+    gap = abs(statistics.mean(accs[same_name]) - statistics.mean(accs[art_name]))
+    clean = _robust_accuracy(model, x, y, x)
+    print(f"PGD-Linf, {args.dataset} MLP 256-256 (clean accuracy {clean:.3f} on these points): {x.shape[0]} points, "
+          f"eps {args.eps:g}, {args.steps} steps, {device}, {torch.get_num_threads()} threads, "
+          f"{args.repeats} counted repeats each (alternated)")
+    print(tabulate(rows, headers=["implementation", "median s", "min s", "max s", "robust acc"], floatfmt=".3f"))
+    print(f"ratio learnbench / ART (same work): {ratio:.3f} (median of {args.repeats} alternated pairs; goal <= 0.5)")
+    print(f"robust accuracy gap: {100 * gap:.2f} pp (mean over repeats; goal <= 2 pp)")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

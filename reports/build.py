@@ -1,0 +1,177 @@
+"""`build_report`: one or more run directories -> `report.md`, a self-contained `report.html` and `figures/`.
+
+The report is assembled once as blocks (`document.py`) and rendered twice, so the Markdown and the HTML always
+show the same numbers. Sections, per (dataset, model): final accuracy, learning curves, time-to-target, cost vs
+accuracy, pairwise significance, robustness, alignment, diagnostics; then the performance profiles across all of
+them, and the provenance of every run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any, Iterable
+
+from learnbench.errors import UsageError
+
+from .data import ReportData, by_problem, load_runs, status_counts, suite_name, suite_names
+from .document import Block, Heading, Table, Text, to_markdown
+from .figures import palette
+from .html import to_html
+from .probes import alignment_section, diagnostics_section
+from .robustness import robustness_section
+from .sections import (Context, accuracy_section, curves_section, pareto_section, profiles_section,
+                       significance_section, time_to_target_section)
+
+# Provenance keys shown first, in this order (the runner's names and common spellings); the rest follow sorted.
+PROVENANCE_ORDER = ("learnbench", "version", "git_commit", "git", "commit", "python", "torch", "numpy", "deap",
+                    "device", "device_name", "gpu", "cuda", "threads", "torch_threads", "platform", "hostname")
+
+
+def build_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> dict[str, Path]:
+    """Write report.md, report.html and figures/ for the merged runs into out_dir (default: the first run
+    directory). Returns {relative name: path} of every file written. UsageError if a path is not a run or the
+    output folder cannot be written."""
+    if not run_dirs:
+        raise UsageError("report needs at least one run directory")
+    data = load_runs(run_dirs)
+    out = Path(out_dir) if out_dir is not None else Path(run_dirs[0])
+    try:
+        (out / "figures").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot write the report to {out}: {exc.strerror or exc}") from None
+    ctx = Context(data, palette(data.labels()), out / "figures")
+    blocks = report_blocks(ctx)
+    title = "learnbench report: " + ", ".join(suite_names(data)) if suite_names(data) else "learnbench report"
+    written = {}
+    try:
+        md, page = out / "report.md", out / "report.html"
+        md.write_text(f"# {title}\n\n" + to_markdown(blocks), encoding="utf-8")
+        page.write_text(to_html([Heading(1, title)] + blocks, title), encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot write the report to {out}: {exc.strerror or exc}") from None
+    written["report.md"], written["report.html"] = md, page
+    for path in ctx.figures:
+        written[f"figures/{path.name}"] = path
+    return written
+
+
+def report_blocks(ctx: Context) -> list[Block]:
+    blocks = overview(ctx.data)
+    for problem, groups in by_problem(ctx.data.trials).items():
+        blocks.append(Heading(2, f"{problem[0]} / {problem[1]}"))
+        blocks += accuracy_section(groups)
+        blocks += curves_section(ctx, problem, groups)
+        blocks += time_to_target_section(ctx, groups)
+        blocks += pareto_section(ctx, problem, groups)
+        blocks += significance_section(groups)
+        blocks += robustness_section(ctx, problem, groups)
+        blocks += alignment_section(ctx, problem, groups)
+        blocks += diagnostics_section(ctx, problem, groups)
+    if ctx.data.trials:
+        blocks += profiles_section(ctx)
+    return blocks + provenance_section(ctx.data)
+
+
+def overview(data: ReportData) -> list[Block]:
+    counts = status_counts(data.trials)
+    status = ", ".join(f"{v} {k}" for k, v in counts.items()) or "none"
+    problems = ", ".join(f"{d}/{m}" for d, m in data.problems()) or "none"
+    runs = ", ".join(str(p) for p in data.run_dirs)
+    text = (f"{_count(len(data.trials), 'trial')} ({status}) of {_count(len(data.labels()), 'algorithm')} from "
+            f"{_count(len(data.run_dirs), 'run')}: {runs}. Datasets / models: {problems}.")
+    note = ("Statistics are over seeds: mean, sample standard deviation and Student-t 95% confidence intervals. "
+            "Trials that appear in several runs (same config id) count once. Accuracies are in percent.")
+    out: list[Block] = [Heading(2, "Overview"), Text(text), Text(note, note=True)]
+    if data.trials:
+        out += [Heading(3, "Algorithms compared"), configurations(data.trials)]
+    return out
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def configurations(trials: list[dict[str, Any]]) -> Table:
+    """Each label's algorithm, hyper-parameters and budget, from the trial configs (every distinct setting)."""
+    seen: dict[str, dict[str, set[str]]] = {}
+    for t in trials:
+        cfg = t["config"]
+        entry = seen.setdefault(t["label"], {"algorithm": set(), "hparams": set(), "budget": set()})
+        entry["algorithm"].add(t["algorithm"])
+        entry["hparams"].add(_settings(cfg.get("hparams")))
+        entry["budget"].add(_settings(cfg.get("budget")))
+    rows = [[label, *(" | ".join(sorted(e[k])) for k in ("algorithm", "hparams", "budget"))]
+            for label, e in seen.items()]
+    return Table(["label", "algorithm", "hyper-parameters", "budget"], rows, align_left=4, caption=(
+        "From the resolved trial configs; where seeds or datasets differ (e.g. a schedule length filled in from "
+        "the budget), every distinct setting is listed, separated by |."))
+
+
+def _settings(d: Any) -> str:
+    if not isinstance(d, dict):
+        return "–"
+    return ", ".join(f"{k}={v}" for k, v in sorted(d.items()) if v is not None) or "–"
+
+
+# --- provenance ----------------------------------------------------------------------------------------------
+def provenance_section(data: ReportData) -> list[Block]:
+    out: list[Block] = [Heading(2, "Provenance")]
+    run_rows = [[str(r.get("run_dir", "")), suite_name(r.get("suite")) or "–",
+                 str(r.get("learnbench", r.get("learnbench_version", r.get("version", "–")))),
+                 _when(r.get("created"))] for r in data.runs]
+    out.append(Table(["run", "suite", "learnbench", "created"], run_rows, align_left=4))
+    rows = [[key, value] for key, value in _trial_provenance(data.trials)]
+    finished = [t.get("finished") for t in data.trials if isinstance(t.get("finished"), (int, float))]
+    if finished:
+        rows.append(["trials finished", f"{_when(min(finished))} – {_when(max(finished))}"])
+    plugins = _plugins(data.trials)
+    if plugins:
+        rows.append(["plugin distributions", plugins])
+    rows.append(["report generated", dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")])
+    out.append(Table(["what", "value"], rows, align_left=2, caption=(
+        "From each trial's recorded provenance and config; where trials differ, every value is listed with the "
+        "number of trials that had it.")))
+    return out
+
+
+def _when(stamp: Any) -> str:
+    if isinstance(stamp, (int, float)):
+        return dt.datetime.fromtimestamp(stamp).astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    return str(stamp) if stamp else "–"
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, str]]:
+    for key, value in d.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            text = "–" if value is None or value == "" else str(value)
+            yield f"{prefix}{key}", text if len(text) <= 300 else text[:299] + "…"
+
+
+def _trial_provenance(trials: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    values: dict[str, dict[str, int]] = {}
+    for t in trials:
+        for key, value in _flatten({k: v for k, v in (t.get("provenance") or {}).items() if k != "plugin"}):
+            values.setdefault(key, {}).setdefault(value, 0)
+            values[key][value] += 1
+    rank = {k: i for i, k in enumerate(PROVENANCE_ORDER)}
+    keys = sorted(values, key=lambda k: (rank.get(k.split(".")[0], len(rank)), k))
+    return [(k, _distinct(values[k])) for k in keys]
+
+
+def _distinct(counts: dict[str, int]) -> str:
+    if len(counts) == 1:
+        return next(iter(counts))
+    return "; ".join(f"{v} ({n} trials)" for v, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _plugins(trials: list[dict[str, Any]]) -> str:
+    used: dict[str, set[str]] = {}
+    for t in trials:  # what the worker actually imported (provenance), else what the config resolved
+        plugin = (t.get("provenance") or {}).get("plugin") or t["config"].get("plugin") or {}
+        if isinstance(plugin, dict) and plugin.get("distribution"):
+            name = f"{plugin['distribution']} {plugin.get('version', '')}".strip()
+            used.setdefault(name, set()).add(t["algorithm"])
+    return "; ".join(f"{name} ({', '.join(sorted(algos))})" for name, algos in used.items())

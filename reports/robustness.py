@@ -1,0 +1,164 @@
+"""The robustness section: robust accuracy against epsilon per attack (from the `robust/<attack>/<eps>` final
+metrics), a table at each attack's standard epsilon, and the gradient-masking flags (`flag/masking/*`).
+
+The pseudo-gradient attack on feedback-alignment models (`pgd-linf-pseudo`) is drawn dashed in the panel of its
+true-gradient twin (`pgd-linf`) and sits in the column beside it: a model that resists its own pseudo-gradient but
+not its true gradient owes its "robustness" to the attack's choice of gradient, not to the model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from . import stats
+from .data import done, metric_names, metric_values
+from .document import Block, Cell, Figure, Heading, Table, Text, mark_best, pct
+from .figures import Line, Panel, lines_figure
+
+PSEUDO = "-pseudo"
+
+
+def attack_grid(trials: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """attack -> sorted epsilons, from metric names `robust/<attack>/<eps>` (other robust/ names are skipped)."""
+    grid: dict[str, set[float]] = {}
+    for name in metric_names(trials, "robust/"):
+        parts = name.split("/")
+        if len(parts) != 3 or parts[1] == "auc":
+            continue
+        try:
+            eps = float(parts[2])
+        except ValueError:
+            continue
+        grid.setdefault(parts[1], set()).add(eps)
+    return {a: sorted(grid[a]) for a in _pseudo_beside(list(grid))}
+
+
+def _pseudo_beside(attacks: list[str]) -> list[str]:
+    """Order attacks so that `X-pseudo` directly follows `X`."""
+    out = [a for a in attacks if not (a.endswith(PSEUDO) and a.removesuffix(PSEUDO) in attacks)]
+    for a in attacks:
+        if a.endswith(PSEUDO) and a.removesuffix(PSEUDO) in out:
+            out.insert(out.index(a.removesuffix(PSEUDO)) + 1, a)
+    return out
+
+
+def standard_eps(attack: str, grid: list[float], trials: list[dict[str, Any]]) -> float:
+    """The suite's `robustness.standard_eps` (a number, or a table by attack) when given; otherwise the lower
+    median of the attack's grid (MNIST's 0.05/0.1/0.2/0.3 -> 0.1)."""
+    for t in trials:
+        named = (t.get("config", {}).get("robustness") or {}).get("standard_eps")
+        if isinstance(named, dict):
+            named = named.get(attack, named.get(attack.removesuffix(PSEUDO)))
+        if isinstance(named, (int, float)) and float(named) in grid:
+            return float(named)
+    return grid[(len(grid) - 1) // 2]
+
+
+def robust_values(group: list[dict[str, Any]], attack: str, eps: float) -> np.ndarray:
+    """Robust accuracy at (attack, eps) over done trials; metric names may spell eps either way (0.1 / 0.10)."""
+    vals = []
+    for t in done(group):
+        for name, v in t["metrics"].items():
+            parts = name.split("/")
+            if (len(parts) == 3 and parts[0] == "robust" and parts[1] == attack and _is_eps(parts[2], eps)
+                    and v is not None and math.isfinite(v)):
+                vals.append(v)
+                break
+    return np.array(vals, dtype=float)
+
+
+def _is_eps(text: str, eps: float) -> bool:
+    try:
+        return math.isclose(float(text), eps, rel_tol=1e-9, abs_tol=1e-12)
+    except ValueError:
+        return False
+
+
+def _panels(groups: dict[str, list[dict[str, Any]]], grid: dict[str, list[float]]) -> list[Panel]:
+    panels: dict[str, Panel] = {}
+    for attack, eps_list in grid.items():
+        base = attack.removesuffix(PSEUDO)
+        pseudo = attack != base and base in grid
+        if not pseudo:
+            panels[attack] = Panel(attack, "ε", "robust accuracy (%)", [], ylim=(-2, 102))
+        elif "dashed" not in panels[base].title:
+            panels[base].title += " (dashed: pseudo-gradient)"
+        for label, group in groups.items():
+            xs, means, los, his = [], [], [], []
+            for eps in ([0.0] if 0.0 not in eps_list else []) + eps_list:
+                vals = metric_values(group, "robust/clean") if eps == 0.0 and 0.0 not in eps_list \
+                    else robust_values(group, attack, eps)
+                if vals.size:
+                    s = stats.summarize(100 * vals)
+                    xs.append(eps), means.append(s.mean)
+                    los.append(s.lo if math.isfinite(s.lo) else s.mean)
+                    his.append(s.hi if math.isfinite(s.hi) else s.mean)
+            if xs:
+                panels[base if pseudo else attack].lines.append(Line(
+                    label, np.array(xs), np.array(means), np.array(los), np.array(his),
+                    style="--" if pseudo else "-", marker="o"))
+    return list(panels.values())
+
+
+def _table(groups: dict[str, list[dict[str, Any]]], grid: dict[str, list[float]],
+           trials: list[dict[str, Any]]) -> Table:
+    std = {a: standard_eps(a, eps, trials) for a, eps in grid.items()}
+    flags = metric_names(trials, "flag/masking/")
+    headers = ["algorithm", "clean"] + [f"{a} ε={std[a]:g}" for a in grid] + ["masking flags"]
+    rows: list[list[Cell]] = []
+    columns: list[list[float]] = [[] for _ in range(len(grid) + 1)]
+    for label, group in groups.items():
+        cells = [metric_values(group, "robust/clean")] + [robust_values(group, a, std[a]) for a in grid]
+        row: list[Cell] = [label]
+        for col, vals in enumerate(cells):
+            s = stats.summarize(vals)
+            half = (s.hi - s.mean) if math.isfinite(s.hi) else math.nan
+            row.append(pct(s.mean) + (f" ± {100 * half:.2f}" if math.isfinite(half) else ""))
+            columns[col].append(s.mean)
+        row.append(_flag_text(group, flags))
+        rows.append(row)
+    for col, values in enumerate(columns):
+        mark_best(rows, col + 1, values, higher=True)
+    return Table(headers, rows, text_columns=(len(headers) - 1,), caption=(
+        "Robust accuracy (%) on the attacked test points: mean ± Student-t 95% half-width over seeds, at each "
+        "attack's standard ε (the suite's choice, else the lower median of its grid). 'clean' is the accuracy on "
+        "the same points without attack. Masking flags: how many seeds raised each gradient-masking check "
+        "(AutoAttack-style: black-box beats white-box, zero input gradients, accuracy not falling with ε); a "
+        "flagged model's white-box numbers overstate its robustness. Bold: best in its column."))
+
+
+def _flag_text(group: list[dict[str, Any]], flags: list[str]) -> str:
+    n = len(done(group))
+    raised = []
+    for name in flags:
+        k = sum(1 for t in done(group) if (t["metrics"].get(name) or 0) >= 0.5)
+        if k:
+            raised.append(f"⚠ {name.removeprefix('flag/masking/')} {k}/{n}")
+    return ", ".join(raised) if raised else ("none" if flags else "–")
+
+
+def robustness_section(ctx, problem: tuple[str, str], groups: dict[str, list[dict[str, Any]]]) -> list[Block]:
+    trials = [t for g in groups.values() for t in g]
+    grid = attack_grid(trials)
+    if not grid:
+        return []
+    path = lines_figure(_panels(groups, grid), ctx.colours, ctx.figure_path(*problem, "robustness"))
+    ctx.figures.append(path)
+    out: list[Block] = [Heading(3, "Robustness"), Figure(path, (
+        "Robust test accuracy against the attack budget ε, per attack (ε = 0: clean accuracy on the attacked "
+        "points): mean over seeds with a 95% band."), alt=f"robustness, {problem[0]} {problem[1]}"),
+        _table(groups, grid, trials)]
+    auc = metric_names(trials, "robust/auc/")
+    if auc:
+        out.append(Text("Area under the accuracy-vs-ε curve (mean over seeds): " + "; ".join(
+            f"{label}: " + ", ".join(f"{n.removeprefix('robust/auc/')} {_mean(g, n):.3g}" for n in auc)
+            for label, g in groups.items()) + "."))
+    return out
+
+
+def _mean(group: list[dict[str, Any]], name: str) -> float:
+    vals = metric_values(group, name)
+    return float(vals.mean()) if vals.size else math.nan

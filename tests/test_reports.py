@@ -1,0 +1,331 @@
+"""Reports: numbers checked against independent computations (scipy.stats and hand formulas), merging, escaping,
+a self-contained HTML page, and a headless-Chromium render of it."""
+
+from __future__ import annotations
+
+import base64
+import math
+import re
+import subprocess
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import interpolate
+from scipy import stats as sps
+
+from learnbench.errors import UsageError
+from learnbench.reports import build_report, readme_section, show_table, update_readme
+from learnbench.reports import stats
+from learnbench.reports.data import Curve, load_runs
+from learnbench.reports.document import si
+from learnbench.store import Store
+from report_fixtures import realistic_store, trial_config, write_trial
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+# Known final accuracies per label (three seeds each) and, for label A, test-accuracy curves whose first
+# crossings of 90% / 95% the tests work out by hand.
+FINAL = {"A": [0.90, 0.92, 0.94], "B": [0.80, 0.85, 0.83], "C": [0.91, 0.915, 0.925]}
+A_CURVES = [  # per seed: (seconds, examples, flops, accuracy) at each evaluation
+    [(1.0, 100, 1e6, 0.50), (2.0, 200, 2e6, 0.91), (3.0, 300, 3e6, 0.96), (4.0, 400, 4e6, 0.90)],
+    [(1.5, 100, 1e6, 0.60), (2.5, 200, 2e6, 0.89), (3.5, 300, 3e6, 0.93), (4.5, 400, 4e6, 0.92)],
+    [(0.9, 100, 1e6, 0.70), (1.9, 200, 2e6, 0.90), (2.9, 300, 3e6, 0.95), (3.9, 400, 4e6, 0.94)],
+]
+
+
+def known_store(run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(run_dir)
+    store.set_run_info({"suite": "toy", "learnbench": "0.1.0", "created": 1.7e9})
+    for label, accs in FINAL.items():
+        for seed, acc in enumerate(accs):
+            cfg = trial_config(label, label.lower(), seed, dataset="toy", model="mlp-8", suite="toy")
+            curves = {"test/accuracy": A_CURVES[seed]} if label == "A" else {
+                "test/accuracy": [(1.0, 100, 1e6, acc / 2), (2.0, 200, 2e6, acc)]}
+            metrics = {"test/accuracy": acc, "cost/train_seconds": 10.0 + seed, "cost/flops": 1e9,
+                       "cost/examples": 400.0}
+            write_trial(store, cfg, metrics=metrics, curves=curves)
+    write_trial(store, trial_config("B", "b", 3, dataset="toy", model="mlp-8", suite="toy"), "failed",
+                error="Traceback (most recent call last):\n  File \"x.py\"\nValueError: bad <script>alert(1)</script>")
+    store.close()
+
+
+@pytest.fixture(scope="module")
+def known_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("known") / "run"
+    known_store(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def known_md(known_run: Path) -> str:
+    return build_report([known_run])["report.md"].read_text()
+
+
+@pytest.fixture(scope="module")
+def realistic(tmp_path_factory) -> tuple[Path, dict[str, Path], float]:
+    run = tmp_path_factory.mktemp("realistic") / "run"
+    realistic_store(run).close()
+    start = time.perf_counter()
+    written = build_report([run])
+    return run, written, time.perf_counter() - start
+
+
+def md_row(markdown: str, first_cell: str, after: str = "") -> list[str]:
+    """The cells of the first Markdown table row starting with first_cell (after the line containing `after`)."""
+    text = markdown[markdown.index(after):] if after else markdown
+    for line in text.splitlines():
+        cells = [_unmark(c.strip()) for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no row {first_cell!r}")
+
+
+def _unmark(cell: str) -> str:
+    """A Markdown cell's text: bold markers off, backslash escapes undone."""
+    if cell.startswith("**") and cell.endswith("**") and len(cell) > 4:
+        cell = cell[2:-2]
+    return re.sub(r"\\(.)", r"\1", cell)
+
+
+# --- statistics against independent computations ------------------------------------------------------------
+def test_summary_is_the_student_t_interval():
+    values = FINAL["A"]
+    s = stats.summarize(values)
+    lo, hi = sps.t.interval(0.95, df=2, loc=np.mean(values), scale=sps.sem(values))
+    assert (s.mean, s.n) == (pytest.approx(0.92), 3)
+    assert s.std == pytest.approx(math.sqrt(sum((v - 0.92) ** 2 for v in values) / 2))
+    assert (s.lo, s.hi) == (pytest.approx(lo), pytest.approx(hi))
+    assert math.isnan(stats.summarize([0.5]).lo) and stats.summarize([]).n == 0
+
+
+def test_report_table_shows_known_means_and_cis(known_md: str):
+    for label, values in FINAL.items():
+        row = md_row(known_md, label, after="### Final test accuracy")
+        lo, hi = sps.t.interval(0.95, df=2, loc=np.mean(values), scale=sps.sem(values))
+        assert float(row[1]) == pytest.approx(100 * np.mean(values), abs=0.005)
+        assert float(row[2]) == pytest.approx(100 * np.std(values, ddof=1), abs=0.005)
+        assert row[3] == f"[{100 * lo:.2f}, {100 * hi:.2f}]"
+        assert row[4] == "3"
+    assert md_row(known_md, "B", after="### Final test accuracy")[5] == "3 done, 1 failed"
+    assert "`ValueError: bad <script>alert(1)</script>`" in known_md  # the failed trial, listed with its error
+
+
+def test_band_matches_independent_interpolation():
+    curves = [Curve(np.arange(4), np.array(s) * 1.0, np.array(e) * 1.0, np.zeros(4), np.array(v))
+              for s, e, v in (([0, 1, 2, 4], [0, 10, 20, 40], [0.1, 0.5, 0.7, 0.9]),
+                              ([0.5, 1.5, 2.5, 3.5], [5, 15, 25, 35], [0.2, 0.4, 0.8, 0.85]),
+                              ([0, 2, 3, 3.8], [0, 20, 30, 38], [0.0, 0.6, 0.7, 0.95]))]
+    grid = stats.common_grid(curves, "seconds")
+    assert grid[0] == 0.5 and grid[-1] == 3.5  # the range every seed covers, no extrapolation
+    mean, lo, hi = stats.band(curves, "seconds", grid)
+    ys = np.stack([interpolate.interp1d(c.seconds, c.value)(grid) for c in curves])
+    half = sps.t.ppf(0.975, 2) * ys.std(axis=0, ddof=1) / math.sqrt(3)
+    np.testing.assert_allclose(mean, ys.mean(axis=0))
+    np.testing.assert_allclose(hi - mean, half)
+    np.testing.assert_allclose(mean - lo, half)
+
+
+def test_time_to_target_matches_hand_computation(known_md: str):
+    curves = [Curve(np.arange(4), *(np.array(c, dtype=float).T)) for c in A_CURVES]
+    # seeds reach 90% at their 2nd, 3rd and 2nd evaluations: seconds 2.0, 3.5, 1.9 -> median 2.0
+    r90 = stats.time_to_target(curves, 0.90)
+    assert (r90.reached, r90.n, r90.seconds, r90.examples, r90.flops) == (3, 3, 2.0, 200.0, 2e6)
+    # 95%: only seeds 0 (3.0 s) and 2 (2.9 s): median over those two; the profile cost needs a majority
+    r95 = stats.time_to_target(curves, 0.95)
+    assert (r95.reached, r95.seconds, r95.examples) == (2, pytest.approx(2.95), 300.0)
+    assert r95.profile_costs["seconds"] == 3.0  # median of [3.0, inf, 2.9]
+    assert stats.time_to_target(curves, 0.97).reached == 0
+    assert stats.time_to_target(curves[:2], 0.95).profile_costs["seconds"] == math.inf  # 1 of 2 is no majority
+    assert md_row(known_md, "≥ 90%", after="### Time to target")[1:6] == ["A", "3/3", "2", "200", "2M"]
+    assert md_row(known_md, "≥ 95%", after="### Time to target")[1:6] == ["A", "2/3", "2.95", "300", "3M"]
+
+
+def _welch_by_hand(a, b) -> float:
+    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    t = (np.mean(a) - np.mean(b)) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    return 2 * sps.t.sf(abs(t), df)
+
+
+def test_pairwise_welch_with_holm_matches_hand_formulas(known_md: str):
+    samples = {k: np.array(v) for k, v in FINAL.items()}
+    labels, raw, adj = stats.pairwise(samples)
+    pairs = {("A", "B"): _welch_by_hand(FINAL["A"], FINAL["B"]), ("A", "C"): _welch_by_hand(FINAL["A"], FINAL["C"]),
+             ("B", "C"): _welch_by_hand(FINAL["B"], FINAL["C"])}
+    ordered = sorted(pairs, key=pairs.get)  # Holm: k-th smallest times (m - k + 1), running maximum, capped at 1
+    expected, running = {}, 0.0
+    for k, pair in enumerate(ordered):
+        running = max(running, min(1.0, (3 - k) * pairs[pair]))
+        expected[pair] = running
+    for (x, y), p in pairs.items():
+        i, j = labels.index(x), labels.index(y)
+        assert raw[i, j] == pytest.approx(p) and raw[j, i] == pytest.approx(p)
+        assert adj[i, j] == pytest.approx(expected[(x, y)])
+    cell = md_row(known_md, "A", after="### Pairwise significance")[2]  # A (higher mean) vs B
+    p_ab = expected[("A", "B")]
+    assert cell == f"▲ {p_ab:.3f}" + ("*" if p_ab < 0.05 else "")
+
+
+def test_holm_and_profiles_and_pareto_on_hand_examples():
+    np.testing.assert_allclose(stats.holm([0.01, 0.04, 0.03, np.nan]), [0.03, 0.06, 0.06, np.nan])
+    ratios = stats.performance_ratios({"A": np.array([1.0, 2.0, np.inf, np.inf]),
+                                       "B": np.array([2.0, 1.0, 4.0, np.inf])})
+    np.testing.assert_allclose(ratios["A"], [1, 2, np.inf])  # the problem nobody solved is dropped
+    np.testing.assert_allclose(ratios["B"], [2, 1, 1])
+    taus = np.array([1.0, 1.5, 2.0, 10.0])
+    np.testing.assert_allclose(stats.profile(ratios["A"], taus), [1 / 3, 1 / 3, 2 / 3, 2 / 3])
+    np.testing.assert_allclose(stats.profile(ratios["B"], taus), [2 / 3, 2 / 3, 1, 1])
+    assert stats.pareto_front([1, 2, 3, 2, 4], [0.8, 0.9, 0.85, 0.7, 0.95]) == [0, 1, 4]
+    assert [si(v) for v in (9.996e11, 1.234e12, 48_000, 999.6, 0.5)] == ["1T", "1.23T", "48k", "1k", "0.5"]
+
+
+# --- merging, terminal summary, README -------------------------------------------------------------------------
+def test_merging_runs_counts_a_shared_trial_once(tmp_path: Path):
+    first, second = Store(_mk(tmp_path / "r1")), Store(_mk(tmp_path / "r2"))
+    accs = {0: 0.90, 1: 0.92, 2: 0.97}
+    for store, seeds in ((first, (0, 1)), (second, (1, 2))):  # seed 1 is the same trial in both runs
+        for seed in seeds:
+            write_trial(store, trial_config("A", "a", seed), metrics={"test/accuracy": accs[seed]})
+    write_trial(first, trial_config("B", "b", 0), "failed", error="boom")
+    write_trial(second, trial_config("B", "b", 0), metrics={"test/accuracy": 0.5})  # the rerun that finished
+    first.close(), second.close()
+    data = load_runs([tmp_path / "r1", tmp_path / "r2"])
+    assert len(data.trials) == 4 and [t["status"] for t in data.trials if t["label"] == "B"] == ["done"]
+    md = build_report([tmp_path / "r1", tmp_path / "r2"], tmp_path / "out")["report.md"].read_text()
+    row = md_row(md, "A", after="### Final test accuracy")
+    assert row[4] == "3" and float(row[1]) == pytest.approx(100 * np.mean(list(accs.values())), abs=0.005)
+    assert (tmp_path / "out" / "report.html").is_file() and not (tmp_path / "r1" / "report.md").exists()
+
+
+def _mk(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path
+
+
+def test_show_table_summarises_and_lists_failures(known_run: Path):
+    text = show_table(Store.open(known_run).trials())
+    half = sps.t.ppf(0.975, 2) * np.std(FINAL["A"], ddof=1) / math.sqrt(3)
+    assert re.search(rf"toy\s+mlp-8\s+A\s+92\.00 ± {100 * half:.2f}\s+3\s+3 done", text)
+    assert "3 done, 1 failed" in text
+    assert "B seed 3 [failed]" in text and "ValueError: bad <script>alert(1)</script>" in text
+
+
+def test_show_table_flags_and_robust_column(realistic):
+    run, _, _ = realistic
+    text = show_table(Store.open(run).trials())
+    assert "pgd-linf ε=0.1 %" in text and "!zero-grad" in text
+    assert "dfa seed 1 [diverged]" in text and "non-finite loss at step 412" in text
+
+
+def test_readme_section_and_update(known_run: Path, tmp_path: Path):
+    section = readme_section([known_run])
+    assert "`toy` suite" in section and md_row(section, "toy")[2] == "A"
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\nintro\n\n<!-- results:start -->\nold table\n<!-- results:end -->\n\nmore\n")
+    update_readme(readme, section)
+    once = readme.read_text()
+    assert "old table" not in once and section.strip() in once
+    assert once.startswith("# x\n\nintro\n\n<!-- results:start -->\n")
+    assert once.endswith("<!-- results:end -->\n\nmore\n")
+    update_readme(readme, section)
+    assert readme.read_text() == once  # idempotent
+    readme.write_text("no markers here\n")
+    with pytest.raises(UsageError, match="results:start"):
+        update_readme(readme, section)
+
+
+def test_not_a_run_directory_is_a_usage_error(tmp_path: Path):
+    with pytest.raises(UsageError, match="not a learnbench run"):
+        build_report([tmp_path])
+    with pytest.raises(UsageError):
+        readme_section([tmp_path / "missing"])
+
+
+def test_empty_run_gives_a_report(tmp_path: Path):
+    Store(_mk(tmp_path / "empty")).close()
+    written = build_report([tmp_path / "empty"])
+    assert "0 trials" in written["report.md"].read_text()
+
+
+# --- the HTML page ---------------------------------------------------------------------------------------------
+class _Collector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str]]] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_html_is_self_contained_escaped_and_has_every_figure(realistic):
+    _, written, _ = realistic
+    page = written["report.html"].read_text()
+    parser = _Collector()
+    parser.feed(page)
+    parser.close()
+    figures = {k: p for k, p in written.items() if k.startswith("figures/")}
+    names = {"curves", "pareto", "robustness", "align", "grad"}
+    assert all(any(n in k for k in figures) for n in names) and "figures/performance-profiles.svg" in figures
+    images = [a for tag, a in parser.tags if tag == "img"]
+    assert len(images) == len(figures)
+    embedded = {base64.b64decode(a["src"].split(",", 1)[1]) for a in images}
+    assert embedded == {p.read_bytes() for p in figures.values()}  # every figure file, byte for byte
+    assert all(a["src"].startswith("data:image/svg+xml;base64,") for a in images)
+    assert not [t for t, _ in parser.tags if t in ("script", "link", "iframe", "object", "embed")]
+    refs = [v for _, a in parser.tags for k, v in a.items() if k in ("src", "href") and v]
+    assert all(v.startswith(("data:", "#")) for v in refs)
+    assert "url(" not in page and "@import" not in page and "http://" not in page and "https://" not in page
+    assert "<script" not in page.lower()
+    assert "population &lt;script&gt;alert(1)&lt;/script&gt; collapsed" in page
+    assert "population <script>alert(1)</script> collapsed" in "".join(parser.text)  # shown as text
+
+
+def test_html_escapes_config_text(tmp_path: Path):
+    store = Store(_mk(tmp_path / "run"))
+    cfg = trial_config("x<i>y</i>$", "a", 0, hparams={"note": "<script>alert(2)</script>"},
+                       plugin={"distribution": "<b>plug</b>", "version": "1"})
+    write_trial(store, cfg, metrics={"test/accuracy": 0.5},
+                curves={"test/accuracy": [(1.0, 10, 1e3, 0.2), (2.0, 20, 2e3, 0.5)]})
+    store.close()
+    page = build_report([tmp_path / "run"])["report.html"].read_text()
+    assert "x&lt;i&gt;y&lt;/i&gt;$" in page and "&lt;b&gt;plug&lt;/b&gt; 1" in page
+    assert "<script" not in page.lower() and "<i>" not in page and "<b>" not in page
+
+
+def test_realistic_report_is_fast_and_complete(realistic):
+    _, written, seconds = realistic
+    assert seconds < 20, f"report took {seconds:.1f} s"
+    md = written["report.md"].read_text()
+    for section in ("Final test accuracy", "Learning curves", "Time to target", "Cost versus accuracy",
+                    "Pairwise significance", "Robustness", "Alignment angles", "Diagnostics",
+                    "Performance profiles", "Provenance", "Algorithms compared"):
+        assert f"# {section}" in md, section
+    header = next(line for line in md.splitlines() if line.startswith("| algorithm") and "masking" in line)
+    assert "pgd-linf ε=0.1 | pgd-linf-pseudo ε=0.1" in re.sub(r"\s+", " ", header)
+    assert "⚠ zero-grad" in md and "0123456789abcdef0123" in md and "deap" in md
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="headless Chromium (/usr/bin/chromium, Debian's `chromium` "
+                    "package) is not installed: `apt-get install -y chromium` to run the browser test")
+def test_chromium_renders_the_report(realistic, tmp_path: Path):
+    _, written, _ = realistic
+    png = tmp_path / "report.png"
+    subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--no-first-run",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={png}", "--window-size=1200,2000",
+                    written["report.html"].resolve().as_uri()], check=True, timeout=60, capture_output=True)
+    from matplotlib.image import imread
+
+    pixels = imread(png)[..., :3]  # [H, W, 3] floats in [0, 1]
+    assert pixels.shape[:2] == (2000, 1200)
+    ink = (pixels.mean(axis=2) < 0.9).mean()
+    colours = len(np.unique((pixels * 255).astype(np.uint8).reshape(-1, 3), axis=0))
+    assert ink > 0.02 and colours > 50, (ink, colours)  # text, tables and a coloured figure, not a blank page

@@ -1,0 +1,222 @@
+"""The runner hooks: settings resolution, the per-trial evaluation (metrics, masking flags, the pseudo-gradient
+attack on feedback-alignment models) and the transfer attack after the run."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from attack_models import digits, masked_mlp, trained_mlp
+from torch import nn
+
+import learnbench
+from learnbench.attacks import attack_mode, evaluate, pgd_linf, resolve_settings
+from learnbench.attacks.robustness import accuracy_metrics
+from learnbench.errors import UsageError
+from learnbench.store import Store
+
+FAST = {"examples": 500, "square_queries": 200, "apgd_steps": 40}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is fastest, and the test machine's cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(model: nn.Module, training_model: nn.Module | None = None, **overrides) -> dict[str, float]:
+    _, _, x, y = digits()
+    return evaluate(model, x, y, resolve_settings({**FAST, **overrides}, "digits"),
+                    generator=torch.Generator().manual_seed(0), training_model=training_model)
+
+
+# --- settings ------------------------------------------------------------------------------------------------------
+
+def test_defaults_and_grids_per_dataset():
+    mnist = resolve_settings({}, "mnist")
+    assert mnist["examples"] == 1000 and mnist["attacks"] == ["fgsm", "pgd-linf", "pgd-l2", "apgd-ce", "square",
+                                                              "noise", "transfer"]
+    assert mnist["eps_linf"] == [0.05, 0.1, 0.2, 0.3] and mnist["eps_l2"] == [0.5, 1.0, 2.0, 3.0]
+    assert resolve_settings({}, "fashion-mnist")["eps_l2"] == [0.5, 1.0, 2.0, 3.0]
+    digits_grid = resolve_settings({}, "digits")
+    assert digits_grid["eps_linf"] == [0.05, 0.1, 0.2, 0.3]  # inputs are in [0, 1] for every dataset
+    assert digits_grid["eps_l2"] == pytest.approx([0.5 * 8 / 28, 8 / 28, 2 * 8 / 28, 3 * 8 / 28], rel=2e-3)
+    assert resolve_settings({"eps_linf": [0.3, 0.1], "attacks": ["square", "fgsm"]}, "mnist")["eps_linf"] == [0.1, 0.3]
+    assert resolve_settings({"standard_eps": {"pgd-linf": 0.3, "pgd-l2": 2}}, "mnist")["standard_eps"] == \
+        {"pgd-linf": 0.3, "pgd-l2": 2.0}
+
+
+@pytest.mark.parametrize("table, needle", [
+    ({"exampels": 10}, "exampels"),
+    ({"examples": -1}, "examples"),
+    ({"examples": True}, "examples"),
+    ({"pgd_steps": 4.0}, "pgd_steps"),
+    ({"pgd_steps": 0}, "pgd_steps"),
+    ({"attacks": ["pgd", "fgsm"]}, "pgd"),
+    ({"attacks": "fgsm"}, "attacks"),
+    ({"eps_linf": []}, "eps_linf"),
+    ({"eps_linf": [0.1, 1.5]}, "eps_linf"),
+    ({"eps_l2": ["1"]}, "eps_l2"),
+    ({"square_p_init": 0}, "square_p_init"),
+    ({"pseudo_gradient": 1}, "pseudo_gradient"),
+    ({"masking_margin": 2}, "masking_margin"),
+    ({"standard_eps": "0.1"}, "standard_eps"),
+    ({"standard_eps": {"pgd": 0.1}}, "pgd"),
+])
+def test_bad_settings_are_usage_errors_naming_the_key(table, needle):
+    with pytest.raises(UsageError, match=needle):
+        resolve_settings(table, "mnist")
+
+
+def test_auc_is_the_normalised_trapezoid():
+    got = accuracy_metrics("pgd-linf", 0.9, {0.1: 0.5, 0.3: 0.0})
+    assert got["robust/pgd-linf/0.1"] == 0.5 and got["robust/pgd-linf/0.3"] == 0.0
+    assert got["robust/auc/pgd-linf"] == pytest.approx((0.1 * (0.9 + 0.5) / 2 + 0.2 * 0.5 / 2) / 0.3)
+
+
+# --- evaluation ----------------------------------------------------------------------------------------------------
+
+def test_evaluate_reports_every_attack_and_eps_and_no_masking_on_a_plain_model():
+    settings = resolve_settings(FAST, "digits")
+    metrics = run(trained_mlp())
+    for attack in ("fgsm", "pgd-linf", "pgd-l2", "apgd-ce", "square", "noise"):
+        grid = settings["eps_l2"] if attack in ("pgd-l2", "noise") else settings["eps_linf"]
+        accs = [metrics[f"robust/{attack}/{eps:g}"] for eps in grid]
+        assert all(0.0 <= a <= metrics["robust/clean"] for a in accs)
+        assert f"robust/auc/{attack}" in metrics and metrics[f"robust/seconds/{attack}"] > 0
+    assert not any(k.startswith("robust/transfer") or "pseudo" in k for k in metrics)  # transfer: after the run
+    assert metrics["robust/pgd-linf/0.2"] < 0.1 < metrics["robust/clean"] - 0.5  # a plain MLP is not robust
+    flags = {k: v for k, v in metrics.items() if k.startswith("flag/masking/")}
+    assert set(flags) == {"flag/masking/black-box-beats-white-box", "flag/masking/accuracy-not-falling",
+                          "flag/masking/zero-gradients", "flag/masking/more-iterations-help"}
+    assert all(v == 0.0 for v in flags.values()), flags
+    assert metrics["robust/seconds"] >= sum(v for k, v in metrics.items() if k.startswith("robust/seconds/"))
+
+
+def test_a_masked_model_raises_the_masking_flags():
+    metrics = run(masked_mlp())
+    assert metrics["robust/clean"] > 0.85
+    assert metrics["robust/pgd-linf/0.2"] > 0.8  # white-box attacks see a zero gradient and do nothing ...
+    assert metrics["robust/square/0.2"] < 0.3  # ... the black-box attack breaks it
+    assert metrics["flag/masking/zero-gradients"] == 1.0
+    assert metrics["flag/masking/black-box-beats-white-box"] == 1.0
+    assert metrics["flag/masking/accuracy-not-falling"] == 1.0
+
+
+def test_examples_zero_turns_robustness_off():
+    assert run(trained_mlp(), examples=0) == {}
+
+
+# --- the pseudo-gradient attack on feedback-alignment models -------------------------------------------------------
+
+class _FeedbackLinearFn(torch.autograd.Function):
+    """y = x W^T + b; backward sends the error to the input through a fixed matrix B instead of W (FA)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, feedback):
+        ctx.save_for_backward(x, feedback)
+        return x @ weight.T + bias
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, feedback = ctx.saved_tensors
+        grad_w = grad.T @ x if ctx.needs_input_grad[1] else None
+        grad_b = grad.sum(0) if ctx.needs_input_grad[2] else None
+        return grad @ feedback, grad_w, grad_b, None
+
+
+class FeedbackLinear(nn.Module):
+    uses_feedback_weights = True
+
+    def __init__(self, linear: nn.Linear, feedback: torch.Tensor):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias  # shared with the plain model
+        self.register_buffer("feedback", feedback)
+
+    def forward(self, x):
+        return _FeedbackLinearFn.apply(x, self.weight, self.bias, self.feedback)
+
+
+def feedback_twin(model: nn.Module, random_feedback: bool) -> nn.Module:
+    """The model with every Linear swapped for a FeedbackLinear sharing its parameters (B random or B = W)."""
+    twin = copy.copy(model)
+    twin._modules = dict(model._modules)
+    for name, child in model.named_children():
+        if isinstance(child, nn.Linear):
+            feedback = torch.randn_like(child.weight) * child.weight.std() if random_feedback else child.weight.detach()
+            twin._modules[name] = FeedbackLinear(child, feedback)
+        elif len(list(child.children())):
+            twin._modules[name] = feedback_twin(child, random_feedback)
+    return twin
+
+
+def test_pseudo_gradient_with_feedback_equal_to_weights_is_the_true_gradient():
+    model, (_, _, x, y) = trained_mlp(), digits()
+    twin = feedback_twin(model, random_feedback=False)
+    assert any(isinstance(m, FeedbackLinear) for m in twin.modules())
+    with attack_mode(model, twin):
+        true = pgd_linf(model, x, y, 0.1, generator=torch.Generator().manual_seed(3))
+        pseudo = pgd_linf(model, x, y, 0.1, generator=torch.Generator().manual_seed(3), grad_model=twin)
+    torch.testing.assert_close(pseudo, true)
+
+
+def test_pseudo_gradient_attack_is_reported_for_feedback_models_and_is_weaker():
+    torch.manual_seed(5)
+    model = trained_mlp()
+    twin = feedback_twin(model, random_feedback=True)
+    flags = [p.requires_grad for p in model.parameters()]
+    metrics = run(model, training_model=twin, attacks=["pgd-linf"])
+    assert [p.requires_grad for p in model.parameters()] == flags
+    for eps in ("0.05", "0.1", "0.2", "0.3"):
+        assert f"robust/pgd-linf-pseudo/{eps}" in metrics
+    assert metrics["robust/pgd-linf-pseudo/0.1"] > metrics["robust/pgd-linf/0.1"] + 0.2
+    assert "robust/pgd-linf-pseudo/0.1" not in run(model, training_model=model, attacks=["pgd-linf"])
+
+
+# --- the transfer attack after the run ------------------------------------------------------------------------------
+
+def _add_trial(store: Store, trial_id: str, algorithm: str, seed: int, model: nn.Module, models: dict) -> None:
+    _, _, x, y = digits()
+    settings = resolve_settings({**FAST, "attacks": ["fgsm", "pgd-linf", "transfer"]}, "digits")
+    config = {"label": algorithm, "algorithm": algorithm, "dataset": "digits", "model": {"kind": "mlp"},
+              "model_label": "mlp-64x1", "seed": seed, "robustness": settings}
+    store.add_trials([{**config, "id": trial_id}])
+    metrics = evaluate(model, x, y, settings, generator=torch.Generator().manual_seed(seed))
+    store.finish_trial(trial_id, "done", None, metrics, [], {})
+    models[trial_id] = model
+
+
+def test_post_run_transfers_from_the_backprop_sibling(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import learnbench.datasets
+
+    _, _, x, y = digits()
+    store, models = Store(tmp_path), {}
+    _add_trial(store, "bp0", "backprop", 0, trained_mlp(), models)
+    _add_trial(store, "other0", "fa", 0, trained_mlp(1), models)  # an independently trained model
+    _add_trial(store, "masked0", "ga", 0, masked_mlp(), models)
+    _add_trial(store, "orphan1", "fa", 1, trained_mlp(1), models)  # no backprop trial with seed 1
+    monkeypatch.setattr(learnbench, "load_model", lambda run_dir, trial: models[trial])
+    monkeypatch.setattr(learnbench.datasets, "load", lambda name: SimpleNamespace(test_x=x, test_y=y),
+                        raising=False)
+    learnbench.attacks.post_run(store, tmp_path, "cpu")
+    got = {t["id"]: t["metrics"] for t in store.trials()}
+    assert not any(k.startswith("robust/transfer") for k in got["bp0"]) and \
+        not any(k.startswith("robust/transfer") for k in got["orphan1"])
+    other, masked = got["other0"], got["masked0"]
+    for eps in ("0.05", "0.1", "0.2", "0.3"):
+        # Black-box transfer is weaker than white-box PGD on an ordinary model, but still an attack.
+        assert other[f"robust/pgd-linf/{eps}"] - 0.02 <= other[f"robust/transfer/{eps}"] <= other["robust/clean"]
+    assert other["robust/transfer/0.3"] < other["robust/clean"] - 0.3
+    assert other["flag/masking/transfer-beats-white-box"] == 0.0
+    assert masked["robust/transfer/0.2"] < masked["robust/pgd-linf/0.2"] - 0.3  # the masked model's PGD fails
+    assert masked["flag/masking/transfer-beats-white-box"] == 1.0
+    assert other["robust/seconds/transfer"] > 0
+    learnbench.attacks.post_run(store, tmp_path, "cpu")  # idempotent: the same metrics again
+    assert {t["id"]: t["metrics"]["robust/transfer/0.1"] for t in store.trials() if t["id"] in ("other0", "masked0")} \
+        == {"other0": other["robust/transfer/0.1"], "masked0": masked["robust/transfer/0.1"]}
