@@ -101,10 +101,10 @@ class SNES:
         if self.antithetic:  # member j and j + P/2 share |s|; their signs differ
             half = noise.shape[0]
             grad_mean = (weights[:half] - weights[half:]) @ noise  # [d]
-            grad_sigma = (weights[:half] + weights[half:]) @ (noise * noise) - weights.sum()
+            weights = weights[:half] + weights[half:]
         else:
-            grad_mean = weights @ noise
-            grad_sigma = weights @ (noise * noise) - weights.sum()
+            grad_mean = weights @ noise  # [d]
+        grad_sigma = weights @ noise.square_() - weights.sum()  # in place: the noise is not needed any more
         self._mean += self.lr_mean * self._sigma * grad_mean
         self._sigma *= torch.exp(0.5 * self._lr_sigma * grad_sigma)
 

@@ -3,7 +3,8 @@
 On MNIST (the `mlp` 784-32-10 and the `cnn`), with one population size and one minibatch size for everyone
 (default P=256, B=256), it times:
 
-* `openai-es`, `snes`, `cma-es`: one `step()` of the learnbench trainer (population evaluated in one batched call);
+* `openai-es`, `snes`, `snes-antithetic`, `cma-es`: one `step()` of the learnbench trainer at its defaults
+  (population evaluated in one batched call; cma-es runs separable on both models);
 * `loop`: the same OpenAI-ES generation written the plain way: load each member's vector into the module
   (`vector_to_parameters`), call it, then rank, estimate the gradient and take an Adam step (same noise table);
 * `evotorch-snes`, `evotorch-pgpe`: one `searcher.step()` of EvoTorch's SNES and PGPE on a `SupervisedNE` problem
@@ -105,6 +106,7 @@ def make_contenders(model_name: str, x: torch.Tensor, y: torch.Tensor, device: t
     contenders: dict[str, Callable[[Batch], object]] = {}
     for name, trainer in [("openai-es", OpenAIES(popsize=popsize, batch_size=batch_size)),
                           ("snes", SNES(popsize=popsize, batch_size=batch_size)),
+                          ("snes-antithetic", SNES(popsize=popsize, batch_size=batch_size, antithetic=True)),
                           ("cma-es", CMAES(popsize=popsize, batch_size=batch_size))]:
         torch.manual_seed(0)
         trainer.setup(build(MODELS[model_name], task.input_shape, 10).to(device), task,
