@@ -1,5 +1,5 @@
 """OpenAI evolution strategy (Salimans, Ho, Chen, Sidor & Sutskever 2017, "Evolution Strategies as a Scalable
-Alternative to Reinforcement Learning", arXiv:1703.03864; reference code github.com/openai/evolution-strategies-starter).
+Alternative to Reinforcement Learning", arXiv:1703.03864; code: github.com/openai/evolution-strategies-starter).
 
 One generation per `step()`: draw `popsize / 2` noise vectors from the trainer's generator, evaluate the mirrored
 (antithetic) pairs `mean +- sigma * eps` on the step's minibatch in one batched call
@@ -70,7 +70,8 @@ class OpenAIES:
             self._optimizer, lambda t: max(self.lr_decay**t, floor))
         self._sigma = self.sigma
         n = self._mean.numel()
-        self._table = population.NoiseTable(generator, self.noise_table, n, self._mean.device) if self.noise_table else None
+        self._table = (population.NoiseTable(generator, self.noise_table, n, self._mean.device)
+                       if self.noise_table else None)
 
     def validate(self) -> None:
         """Check hyper-parameter values; raises ValueError naming the bad one."""
