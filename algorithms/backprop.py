@@ -12,11 +12,12 @@ schedule and step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint_sequential
 
 from learnbench.spec import Batch, StepStats, TaskInfo
 
@@ -63,6 +64,9 @@ class Backprop:
     """Cross-entropy label smoothing (Szegedy et al. 2016); 0 is plain cross-entropy."""
     amp: bool = False
     """bfloat16 autocast for the forward pass (CUDA only)."""
+    checkpoint_segments: int = 0
+    """Activation checkpointing (Chen et al. 2016, torch.utils.checkpoint): keep only this many segments' inputs
+    and recompute the rest in the backward pass (same gradients, about one more forward); 0 keeps everything."""
 
     def setup(self, model: nn.Module, task: TaskInfo, generator: torch.Generator) -> None:
         self.validate(task)
@@ -70,6 +74,7 @@ class Backprop:
         self._device_type = task.device.type
         self._optimizer = make_optimizer(self, [p for p in model.parameters() if p.requires_grad], task.device)
         self._scheduler = make_scheduler(self, self._optimizer)
+        self._stages = checkpoint_stages(model, self.checkpoint_segments) if self.checkpoint_segments else None
 
     def validate(self, task: TaskInfo) -> None:
         """Check hyper-parameter values; raises ValueError naming the bad one."""
@@ -79,6 +84,8 @@ class Backprop:
             raise ValueError(f"schedule must be one of {SCHEDULES}; got {self.schedule!r}")
         if self.schedule in ("cosine", "onecycle") and not self.horizon_steps:
             raise ValueError(f"schedule {self.schedule!r} needs horizon_steps (or a step/epoch budget)")
+        if self.checkpoint_segments < 0:
+            raise ValueError(f"checkpoint_segments must be >= 0; got {self.checkpoint_segments}")
         if self.batch_size <= 0 or (self.lr is not None and self.lr <= 0):
             raise ValueError("batch_size and lr must be positive")
         if self.amp and task.device.type != "cuda":
@@ -89,9 +96,9 @@ class Backprop:
             self._model.train()
         if self.amp:
             with torch.autocast(self._device_type, dtype=torch.bfloat16):
-                logits = self._model(batch.x).float()  # [B, C]
+                logits = self._forward(batch.x).float()  # [B, C]
         else:
-            logits = self._model(batch.x)  # [B, C]
+            logits = self._forward(batch.x)  # [B, C]
         loss = F.cross_entropy(logits, batch.y, label_smoothing=self.label_smoothing)
         self._optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -106,6 +113,33 @@ class Backprop:
 
     def eval_model(self) -> nn.Module:
         return self._model
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._stages is None:
+            return self._model(x)
+        # non-reentrant: works with autocast, custom autograd functions (feedback layers) and inputs without grad
+        return checkpoint_sequential(self._stages, self.checkpoint_segments, x, use_reentrant=False)
+
+
+def checkpoint_stages(model: nn.Module, segments: int) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    """The model's forward as a chain of functions to checkpoint: an `nn.Sequential`'s layers, or what the model's
+    `stages()` returns (the built-in models have one). ValueError for models checkpointing would change."""
+    if isinstance(model, nn.Sequential):
+        stages = list(model)
+    elif callable(getattr(model, "stages", None)):
+        stages = model.stages()
+    else:
+        raise ValueError(f"checkpoint_segments needs an nn.Sequential or a model with stages() (the built-in "
+                         f"mlp, resmlp, cnn, lenet); {type(model).__name__} has neither")
+    if segments > len(stages):
+        raise ValueError(f"checkpoint_segments {segments} exceeds the model's {len(stages)} stages")
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ValueError("checkpoint_segments cannot be used with BatchNorm: the recomputed forward would update "
+                         "the running statistics twice")
+    if model._forward_hooks or model._forward_pre_hooks:  # dfa catches the output error with one
+        raise ValueError("checkpoint_segments cannot be used on a model with forward hooks (dfa's output-error "
+                         "hook among them): the checkpointed stages bypass the model's own call")
+    return stages
 
 
 def make_optimizer(hp: Backprop, params: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:

@@ -39,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a suite value: budget.epochs=5, model.kind=cnn, backprop.lr=0.01, ...")
     run.add_argument("--out", help="run directory (default: runs/<suite>[-<hash of the overrides>])")
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    run.add_argument("--executor", default="local", choices=["local"])
+    run.add_argument("--executor", default="local", choices=["local", "ray"],
+                     help="local worker processes, or one Ray task per trial (needs learnbench[ray])")
+    run.add_argument("--address", help="with --executor ray: the Ray cluster to join (auto, HOST:PORT, "
+                     "ray://HOST:PORT; default: start a local Ray instance with this machine's cores)")
     run.add_argument("--workers", type=int, help="parallel worker processes (default: cores on CPU, 1 on CUDA)")
     run.add_argument("--plugin", action="append", default=[], metavar="FILE.py", help="load a trainer from a file")
     run.add_argument("--data-dir", help="first folder searched for dataset files")
@@ -65,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-plugin", help="the conformance kit: does a trainer keep the contract?")
     check.add_argument("target", metavar="NAME|FILE.py", help="an installed algorithm id or a plugin file")
     check.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+
+    diagnose = sub.add_parser("diagnose", help="influence locality of a run's trained mlp/resmlp models")
+    diagnose.add_argument("run_dir")
+    diagnose.add_argument("--trial", help="only this trial (id or unique prefix); default: every done mlp/resmlp")
+    diagnose.add_argument("--examples", type=int, default=1000, help="test points attributed (default 1000)")
+    diagnose.add_argument("--top", type=int, default=10, help="upstream units kept per unit (default 10)")
+    diagnose.add_argument("--data-dir", help="first folder searched for dataset files")
 
     new = sub.add_parser("new-algorithm", help="write a one-file trainer template that passes check-plugin")
     new.add_argument("name", help="the algorithm id, e.g. my-rule")
@@ -93,16 +103,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .store import FINISHED, Store
     from .workspace import RunDirLock, prepare_run_dir
 
-    device = resolve_device(args.device)
+    if args.address and args.executor != "ray":
+        raise UsageError("--address needs --executor ray")
+    if args.executor == "ray":
+        from .executor_ray import import_ray
+
+        import_ray()  # a missing extra is one line before any work
+    # a Ray cluster's GPUs may be on other nodes than this driver's
+    device = args.device if args.executor == "ray" and args.device == "cuda" else resolve_device(args.device)
     registry = discover(args.plugin)
     raw, _ = config.load_suite(args.suite)
-    suite = config.apply_overrides(raw, _names(args.algorithms), _names(args.datasets), args.seeds, args.sets)
+    suite = config.apply_overrides(raw, _names(args.algorithms), _names(args.datasets), args.seeds, args.sets,
+                                   registry)
     trials = config.resolve(suite, registry, device, __version__)
     for name in dict.fromkeys(t["dataset"] for t in trials):
         datasets.prepare(name, args.data_dir)
     if args.workers is not None and args.workers <= 0:
         raise UsageError(f"--workers must be a positive integer; got {args.workers}")
-    overridden = any([args.algorithms, args.datasets, args.seeds, args.sets, args.plugin, args.device != "auto"])
+    if args.executor == "ray":
+        from .executor_ray import connect
+
+        cluster = connect(args.address, trials)  # before the first write: a bad address is exit code 2
+    overridden = any([args.algorithms, args.datasets, args.seeds, _experiment_sets(args), args.plugin,
+                      args.device != "auto"])
     run_dir = Path(args.out) if args.out else Path("runs") / (suite["name"] + (f"-{_short_hash(args)}" if overridden else ""))
     prepare_run_dir(run_dir)  # the first write: everything above only read
     with RunDirLock(run_dir):
@@ -117,14 +140,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         pending.sort(key=lambda t: t["algorithm"] != "backprop")
         workers = args.workers or default_workers(len(pending), device)
         threads = default_threads(workers) if device == "cpu" else (os.cpu_count() or 1)
+        where = cluster if args.executor == "ray" else f"{workers} worker(s) x {threads} thread(s)"
         print(f"learnbench: {len(trials)} trials ({len(trials) - len(pending)} already finished) -> {run_dir} "
-              f"[{device}, {workers} worker(s) x {threads} thread(s)]", file=sys.stderr)
+              f"[{device}, {where}]", file=sys.stderr)
         view = ProgressView(len(trials), len(trials) - len(pending), enabled=not args.quiet and sys.stderr.isatty())
         try:
-            run_local(pending, store, str(run_dir), args.data_dir, workers, threads, view)
+            if args.executor == "ray":
+                from .executor_ray import run_ray
+
+                run_ray(pending, store, str(run_dir), args.data_dir, threads, view)
+            else:
+                run_local(pending, store, str(run_dir), args.data_dir, workers, threads, view)
         finally:
             view.close()
-        _post_run(store, run_dir, device, trials)
+        _post_run(store, run_dir, device, trials, args.data_dir)
         final = store.statuses()
         from .reports import show_table
 
@@ -137,11 +166,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def _post_run(store, run_dir: Path, device: str, trials: list[dict[str, Any]]) -> None:
+def _post_run(store, run_dir: Path, device: str, trials: list[dict[str, Any]], data_dir: str | None) -> None:
     if any(t["robustness"].get("examples") for t in trials):
         from .attacks.robustness import post_run
 
-        post_run(store, run_dir, device)
+        post_run(store, run_dir, device, data_dir)
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -243,8 +272,13 @@ def _names(values: list[str] | None) -> list[str] | None:
 
 
 def _short_hash(args: argparse.Namespace) -> str:
-    key = json.dumps([args.algorithms, args.datasets, args.seeds, args.sets, args.plugin, args.device])
+    key = json.dumps([args.algorithms, args.datasets, args.seeds, _experiment_sets(args), args.plugin, args.device])
     return hashlib.sha256(key.encode()).hexdigest()[:6]
+
+
+def _experiment_sets(args: argparse.Namespace) -> list[str]:
+    """The --set items that change trials: resources.* only place them, like --executor and --workers."""
+    return [s for s in args.sets if not s.strip().startswith("resources.")]
 
 
 def _first_line(text: str | None) -> str:
@@ -296,8 +330,22 @@ def cmd_new_algorithm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    """Influence locality (learnbench.diagnostics.influence): metrics into the store, one summary line per trial."""
+    from .diagnostics.influence import diagnose_run
+
+    rows = diagnose_run(args.run_dir, args.trial, args.examples, args.top, args.data_dir)
+    for row in rows:
+        means = [v for k, v in row["metrics"].items() if k.startswith("influence/mean-distance/")]
+        print(f"{row['trial'][:12]} {row['label']} {row['model']} seed {row['seed']}: mean influence distance "
+              f"per layer " + " ".join(f"{v:.2f}" for v in means))
+    print(f"learnbench: influence metrics added to {args.run_dir}; `learnbench report {args.run_dir}` draws them",
+          file=sys.stderr)
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "show": cmd_show, "report": cmd_report, "list": cmd_list, "perf": cmd_perf,
-            "check-plugin": cmd_check_plugin, "new-algorithm": cmd_new_algorithm}
+            "check-plugin": cmd_check_plugin, "new-algorithm": cmd_new_algorithm, "diagnose": cmd_diagnose}
 
 if __name__ == "__main__":
     sys.exit(main())

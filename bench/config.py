@@ -16,6 +16,9 @@ A suite file:
     examples = 500
     [diagnostics]                   # probes run every N steps, off the clock
     every = 0
+    [resources]                     # per trial, for `--executor ray` (not part of the trial id)
+    cpus = 1                        # Ray num_cpus and torch threads (default: the executor's threads per trial)
+    gpus = 0.5                      # Ray num_gpus (default: 1 on CUDA, 0 on CPU)
     [[algorithms]]
     id = "backprop"                 # registry id
     label = "backprop-adam"         # optional, defaults to id; distinguishes two entries of one algorithm
@@ -25,7 +28,7 @@ A suite file:
 
 `--set key=value` edits the resolved suite before validation: `budget.epochs=5`, `model.kind=cnn` (any `model.*`
 key replaces the models with one), `robustness.examples=0`, `eval.points=10`, `diagnostics.every=50`,
-`<label or id>.<hyper-parameter>=value`. An unknown key is an error.
+`resources.cpus=2`, `resources.gpus=1`, `<label or id>.<hyper-parameter>=value`. An unknown key is an error.
 """
 
 from __future__ import annotations
@@ -50,11 +53,13 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 TOP_KEYS = {"name", "description", "datasets", "seeds", "models", "model", "budget", "eval", "robustness",
-            "diagnostics", "algorithms"}
+            "diagnostics", "algorithms", "resources"}
 BUDGET_KEYS = ("steps", "epochs", "time_s", "flops")
 EVAL_DEFAULTS = {"points": 20, "batch_size": 2048}
 DIAGNOSTICS_DEFAULTS = {"every": 0, "probes": []}
 ENTRY_KEYS = {"id", "label", "models", "budget"}
+RESOURCE_KEYS = ("cpus", "gpus")  # what one trial asks of a Ray cluster; None: the executor's default
+NOT_HASHED = ("id", "suite", "resources")  # trial keys that do not change the experiment
 
 
 # --- loading -----------------------------------------------------------------------------------------------------
@@ -95,8 +100,9 @@ def parse_value(text: str) -> Any:
 
 
 def apply_overrides(raw: dict[str, Any], algorithms: list[str] | None = None, datasets: list[str] | None = None,
-                    seeds: int | None = None, sets: list[str] = ()) -> dict[str, Any]:
-    """Return a copy of the raw suite with the CLI's --algorithms/--datasets/--seeds/--set applied."""
+                    seeds: int | None = None, sets: list[str] = (), registry: Registry | None = None) -> dict[str, Any]:
+    """Return a copy of the raw suite with the CLI's --algorithms/--datasets/--seeds/--set applied. An
+    `--algorithms` name the suite lacks but `registry` knows (a plugin, say) joins with its default settings."""
     suite = copy.deepcopy(raw)
     if datasets:
         suite["datasets"] = datasets
@@ -107,11 +113,13 @@ def apply_overrides(raw: dict[str, Any], algorithms: list[str] | None = None, da
     entries = suite.get("algorithms", [])
     if algorithms:
         known = {e.get("label", e.get("id")) for e in entries} | {e.get("id") for e in entries}
-        missing = [a for a in algorithms if a not in known]
+        installed = set(registry.names()) if registry is not None else set()
+        missing = [a for a in algorithms if a not in known and a not in installed]
         if missing:
-            raise UsageError(f"algorithm(s) {', '.join(missing)} not in suite {suite['name']!r}; "
-                             f"it has: {', '.join(sorted(k for k in known if k))}")
+            raise UsageError(f"algorithm(s) {', '.join(missing)} neither in suite {suite['name']!r} nor installed; "
+                             f"the suite has: {', '.join(sorted(k for k in known if k))}")
         suite["algorithms"] = [e for e in entries if e.get("id") in algorithms or e.get("label") in algorithms]
+        suite["algorithms"] += [{"id": a} for a in algorithms if a not in known]
     model_sets = {}
     for item in sets:
         if "=" not in item:
@@ -123,7 +131,7 @@ def apply_overrides(raw: dict[str, Any], algorithms: list[str] | None = None, da
             suite[head] = value
         elif head == "model" and rest:
             model_sets[rest] = value
-        elif head in ("budget", "eval", "robustness", "diagnostics") and rest:
+        elif head in ("budget", "eval", "robustness", "diagnostics", "resources") and rest:
             suite.setdefault(head, {})[rest] = value
             if head == "budget":  # an explicit budget on the command line wins over every entry's own
                 for entry in suite.get("algorithms", []):
@@ -132,7 +140,7 @@ def apply_overrides(raw: dict[str, Any], algorithms: list[str] | None = None, da
             matched = [e for e in suite.get("algorithms", []) if head in (e.get("id"), e.get("label"))]
             if not matched or not rest:
                 raise UsageError(f"unknown --set key {key!r}: use budget.*, model.*, eval.*, robustness.*, "
-                                 "diagnostics.*, seeds, datasets or <algorithm>.<hyper-parameter>")
+                                 "diagnostics.*, resources.*, seeds, datasets or <algorithm>.<hyper-parameter>")
             for entry in matched:
                 if rest in ENTRY_KEYS:
                     raise UsageError(f"--set cannot change {rest!r} of an algorithm entry")
@@ -167,6 +175,13 @@ def resolve(suite: dict[str, Any], registry: Registry, device: str, code_version
     budget = _budget(suite.get("budget", {}), where)
     eval_cfg = _table(suite.get("eval", {}), EVAL_DEFAULTS, f"{where}: eval")
     diag_cfg = _table(suite.get("diagnostics", {}), DIAGNOSTICS_DEFAULTS, f"{where}: diagnostics")
+    from .diagnostics import PROBES
+
+    unknown_probes = [p for p in diag_cfg["probes"] if p not in PROBES]
+    if unknown_probes:
+        raise UsageError(f"{where}: unknown diagnostics probe(s) {', '.join(unknown_probes)}; "
+                         f"known: {', '.join(sorted(PROBES))}")
+    resources = _resources(suite.get("resources", {}), f"{where}: resources")
     entries = suite.get("algorithms")
     if not isinstance(entries, list) or not entries:
         raise UsageError(f"{where}: needs at least one [[algorithms]] entry")
@@ -189,7 +204,7 @@ def resolve(suite: dict[str, Any], registry: Registry, device: str, code_version
                         "budget": entry_budget, "seed": seed, "device": device, "eval": eval_cfg,
                         "robustness": robustness, "diagnostics": diag_cfg,
                         "code": {"learnbench": code_version, "trainer_sha256": resolved["sha256"]},
-                        "plugin": resolved["plugin"],
+                        "plugin": resolved["plugin"], "resources": resources,
                     }
                     trial["id"] = trial_id(trial)
                     trials.append(trial)
@@ -199,8 +214,9 @@ def resolve(suite: dict[str, Any], registry: Registry, device: str, code_version
 
 
 def trial_id(trial: dict[str, Any]) -> str:
-    """SHA-256 of the canonical JSON of everything that defines the experiment (the suite name does not)."""
-    body = {k: v for k, v in trial.items() if k not in ("id", "suite")}
+    """SHA-256 of the canonical JSON of everything that defines the experiment (the suite name and the resources
+    a cluster gives it do not)."""
+    body = {k: v for k, v in trial.items() if k not in NOT_HASHED}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -268,6 +284,21 @@ def _table(table: Any, defaults: dict[str, Any], where: str) -> dict[str, Any]:
             raise UsageError(f"{where}.{key} must be a non-negative integer; got {value!r}")
         if isinstance(default, list):
             out[key] = _string_list(value, f"{where}.{key}")
+    return out
+
+
+def _resources(table: Any, where: str) -> dict[str, float | None]:
+    if not isinstance(table, dict):
+        raise UsageError(f"{where} must be a table")
+    unknown = set(table) - set(RESOURCE_KEYS)
+    if unknown:
+        raise UsageError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(RESOURCE_KEYS)}")
+    out = {key: table.get(key) for key in RESOURCE_KEYS}
+    for key, value in out.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value < 0 or (key == "cpus" and value == 0)):
+            raise UsageError(f"{where}.{key} must be a {'positive' if key == 'cpus' else 'non-negative'} number; "
+                             f"got {value!r}")
     return out
 
 

@@ -2,7 +2,8 @@
 
 A spec is a small dict (from a suite's `[[models]]` table):
 
-* `mlp`     hidden sizes (`hidden = [256, 256]`, or `width` and `depth`), `activation`, `norm`.
+* `mlp`     hidden sizes (`hidden = [256, 256]`, or `width` and `depth`), `activation`, `norm`. A deep net for the
+            diagnostics: `{kind = "mlp", width = 128, depth = 12, activation = "sigmoid"}` (tested to depth 20).
 * `resmlp`  the same MLP with identity skips around every hidden-to-hidden layer (so all hidden sizes are equal).
 * `cnn`     the 11,274-parameter ConvNet of EvoJAX/evosax (conv8 5x5, pool, conv16 5x5, pool, dense 10);
             `depth` adds conv blocks (channels double), `norm` adds BatchNorm/LayerNorm after each conv.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -151,6 +153,13 @@ class MLP(nn.Module):
             h = h + block(h) if self.residual and i > 0 else block(h)
         return self.head(h)  # [B, C] logits
 
+    def stages(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        """The forward as a chain of functions (flatten + first block, each later block with its skip, head), for
+        activation checkpointing; the layers are looked up at call time, so converted layers are used."""
+        first = [lambda x: self.blocks[0](x.flatten(1))] if len(self.blocks) else [lambda x: x.flatten(1)]
+        return [*first, *(partial(_block_stage, self, i) for i in range(1, len(self.blocks))),
+                lambda h: self.head(h)]
+
 
 class ConvNet(nn.Module):
     """EvoJAX's MNIST ConvNet: per block Conv(k x k, 'SAME') -> norm -> act -> MaxPool 2; then Linear.
@@ -173,6 +182,11 @@ class ConvNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x).flatten(1))  # [B, C]
 
+    def stages(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        """The forward as a chain of functions (every feature layer, then flatten + head), for checkpointing."""
+        return [*(partial(_sequential_stage, self.features, i) for i in range(len(self.features))),
+                lambda h: self.head(h.flatten(1))]
+
 
 class LeNet5(nn.Module):
     """LeNet-5 for 28x28 inputs (the first conv pads by 2, as for MNIST's 32x32 originals)."""
@@ -193,6 +207,21 @@ class LeNet5(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x).flatten(1))  # [B, C]
+
+    def stages(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        """The forward as a chain of functions (feature layers, flatten + first classifier layer, the rest)."""
+        n = len(self.classifier)
+        return [*(partial(_sequential_stage, self.features, i) for i in range(len(self.features))),
+                lambda h: self.classifier[0](h.flatten(1)),
+                *(partial(_sequential_stage, self.classifier, i) for i in range(1, n))]
+
+
+def _block_stage(mlp: MLP, i: int, h: torch.Tensor) -> torch.Tensor:
+    return h + mlp.blocks[i](h) if mlp.residual else mlp.blocks[i](h)
+
+
+def _sequential_stage(seq: nn.Sequential, i: int, h: torch.Tensor) -> torch.Tensor:
+    return seq[i](h)
 
 
 def _norm_1d(norm: str, width: int) -> nn.Module:

@@ -2,8 +2,9 @@
 SVG backend), never pyplot, so no GUI backend and no global figure state. One colour per algorithm label in every
 figure (`palette`), one style (`STYLE`). Files are written to the report's `figures/` folder; the HTML embeds them.
 
-Two shapes cover every plot: a grid of line panels (learning curves, performance profiles, robustness, alignment,
-diagnostics) and the cost-vs-accuracy scatter with its Pareto front.
+Three shapes cover every plot: a grid of line panels (learning curves, performance profiles, robustness, alignment,
+diagnostics), a grid of grouped bar panels (influence-distance histograms) and the cost-vs-accuracy scatter with its
+Pareto front.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class Panel:
     lines: list[Line]
     logx: bool = False
     ylim: tuple[float, float] | None = None
+    logy: bool = False
+    xticks: list[str] | None = None  # names of the x positions 0, 1, ... (layers), drawn as tick labels
 
 
 def palette(labels: list[str]) -> dict[str, tuple]:
@@ -130,6 +133,60 @@ def lines_figure(panels: list[Panel], colours: dict[str, tuple], path: Path, nco
             ax.set_xlabel(panel.xlabel)
             ax.set_ylabel(panel.ylabel)
             _xscale(ax, panel.logx)
+            if panel.logy:
+                ax.set_yscale("log")
+            if panel.xticks is not None:
+                _ticks(ax, panel.xticks)
+            if panel.ylim:
+                ax.set_ylim(*panel.ylim)
+        _legend(fig, entries)
+        return _save(fig, path)
+
+
+def _ticks(ax, names: list[str]) -> None:
+    """Categorical x ticks at 0, 1, ...; at most ~14 labelled, so deep models stay legible."""
+    every = max(1, -(-len(names) // 14))
+    long = any(len(n) > 4 for n in names)
+    ax.set_xticks(range(0, len(names), every), [plain(n) for n in names[::every]], rotation=90 if long else 0)
+
+
+@dataclass
+class Bars:
+    """One label's bars in a bar panel: heights [K] at the panel's categories, optional 95% CI [K]."""
+
+    label: str
+    heights: np.ndarray
+    lo: np.ndarray | None = None
+    hi: np.ndarray | None = None
+
+
+@dataclass
+class BarPanel:
+    title: str
+    xlabel: str
+    ylabel: str
+    categories: list[str]
+    bars: list[Bars]
+    ylim: tuple[float, float] | None = None
+
+
+def bars_figure(panels: list[BarPanel], colours: dict[str, tuple], path: Path, ncols: int = 3) -> Path:
+    """A grid of grouped bar panels (one bar per label at each category, CI whiskers when given), one legend."""
+    with matplotlib.rc_context(STYLE):
+        fig, axes = _figure(len(panels), ncols)
+        entries: dict[str, object] = {}
+        for ax, panel in zip(axes, panels):
+            n, at = max(1, len(panel.bars)), np.arange(len(panel.categories))
+            width = 0.8 / n
+            for i, bars in enumerate(panel.bars):
+                err = None if bars.lo is None else np.abs(np.stack([bars.heights - bars.lo, bars.hi - bars.heights]))
+                h = ax.bar(at - 0.4 + width * (i + 0.5), bars.heights, width, yerr=err, capsize=2,
+                           color=colours.get(bars.label, "grey"), error_kw={"linewidth": 0.8})
+                entries.setdefault(bars.label, h)
+            _ticks(ax, panel.categories)
+            ax.set_title(plain(panel.title))
+            ax.set_xlabel(panel.xlabel)
+            ax.set_ylabel(panel.ylabel)
             if panel.ylim:
                 ax.set_ylim(*panel.ylim)
         _legend(fig, entries)

@@ -32,7 +32,7 @@ def suite_file(tmp_path, text=TINY_SUITE, name="s.toml"):
 
 @pytest.mark.parametrize("argv_tail,match", [
     (["no-such-suite"], "unknown suite"),
-    (["{suite}", "--algorithms", "hebbian"], "not in suite"),
+    (["{suite}", "--algorithms", "hebbian"], "nor installed"),
     (["{suite}", "--datasets", "imagenet"], "unknown dataset"),
     (["{suite}", "--set", "model.kind=transformer"], "unknown model kind"),
     (["{suite}", "--set", "budget.steps=0"], "positive number"),
@@ -175,3 +175,16 @@ def test_bad_dataset_files(tmp_path, capsys, isolated_data, damage, match):
     out = tmp_path / "out"
     assert_usage_error(capsys, ["run", suite_file(tmp_path, MNIST_SUITE), "--data-dir", str(isolated_data),
                                 "--out", str(out)], match, out)
+
+
+def test_data_dir_reaches_the_post_run_transfer_attack(tmp_path, isolated_data):
+    """--data-dir (no LEARNBENCH_DATA) must serve every phase, the transfer attack after the trials included."""
+    text = MNIST_SUITE.replace("examples = 0", 'examples = 20\nattacks = ["fgsm", "transfer"]') \
+        + '\n[[algorithms]]\nid = "fa"\nbatch_size = 32\n'
+    out = tmp_path / "out"
+    result = run_cli("run", suite_file(tmp_path, text), "--data-dir", str(isolated_data), "--out", str(out),
+                     "--quiet", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(run_cli("show", str(out), "--json").stdout)
+    fa = next(t for t in data["trials"] if t["algorithm"] == "fa")
+    assert "robust/transfer/0.1" in fa["metrics"]

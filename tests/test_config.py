@@ -96,8 +96,9 @@ def test_entry_level_budget_and_model_filter():
     (base_suite(), {"sets": ["backprop.nope=1"]}, "unknown hyper-parameter"),
     (base_suite(), {"sets": ["noequals"]}, "key=value"),
     (base_suite(), {"seeds": 0}, "--seeds"),
-    (base_suite(), {"algorithms": ["ga-not-here"]}, "not in suite"),
+    (base_suite(), {"algorithms": ["ga-not-here"]}, "nor installed"),
     (base_suite(eval={"points": -1}), {}, "non-negative integer"),
+    (base_suite(diagnostics={"every": 5, "probes": ["telepathy"]}), {}, "unknown diagnostics probe"),
 ])
 def test_bad_suites_are_usage_errors(suite, overrides, match):
     with pytest.raises(UsageError, match=match):
@@ -125,3 +126,10 @@ def test_malformed_toml_and_unknown_suite(tmp_path):
         config.load_suite(str(bad))
     with pytest.raises(UsageError, match="unknown suite"):
         config.load_suite("no-such-suite")
+
+
+def test_algorithms_flag_adds_an_installed_algorithm_the_suite_lacks():
+    trials = resolve(base_suite(), algorithms=["sgd", "fa"], registry=REGISTRY)
+    assert {t["label"] for t in trials} == {"sgd", "fa"}
+    fa = next(t for t in trials if t["label"] == "fa")
+    assert fa["hparams"]["batch_size"] == 128  # the trainer's own defaults

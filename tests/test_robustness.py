@@ -220,3 +220,54 @@ def test_post_run_transfers_from_the_backprop_sibling(tmp_path, monkeypatch):
     learnbench.attacks.post_run(store, tmp_path, "cpu")  # idempotent: the same metrics again
     assert {t["id"]: t["metrics"]["robust/transfer/0.1"] for t in store.trials() if t["id"] in ("other0", "masked0")} \
         == {"other0": other["robust/transfer/0.1"], "masked0": masked["robust/transfer/0.1"]}
+
+
+ROBUST_SUITE = """
+name = "robust-tiny"
+datasets = ["digits"]
+seeds = 1
+[[models]]
+kind = "mlp"
+hidden = [32]
+[budget]
+steps = 150
+[eval]
+points = 2
+[robustness]
+examples = 80
+square_queries = 50
+apgd_steps = 20
+pgd_steps = 10
+[[algorithms]]
+id = "backprop"
+label = "backprop-adam"
+batch_size = 32
+[[algorithms]]
+id = "backprop"
+label = "backprop-sgd"
+optimizer = "momentum"
+lr = 0.05
+batch_size = 32
+"""
+
+
+@pytest.mark.slow  # a worker process and two short trainings: about 10 s here
+def test_a_run_attacks_every_trial_and_transfers_after_it(tmp_path):
+    """End to end through the CLI: the runner calls `evaluate`, then `post_run` loads the saved models and the
+    dataset and adds the transfer attack from the backprop-adam model (the first label) to backprop-sgd."""
+    from learnbench.cli import main
+
+    suite = tmp_path / "robust.toml"
+    suite.write_text(ROBUST_SUITE)
+    assert main(["run", str(suite), "--out", str(tmp_path / "run"), "--device", "cpu", "--workers", "1",
+                 "--quiet"]) == 0
+    store = Store.open(tmp_path / "run")
+    trials = {t["label"]: t for t in store.trials()}
+    for t in trials.values():
+        assert t["status"] == "done"
+        assert {"robust/clean", "robust/pgd-linf/0.1", "robust/square/0.3", "flag/masking/zero-gradients"} <= set(
+            t["metrics"])
+    assert not any(k.startswith("robust/transfer") for k in trials["backprop-adam"]["metrics"])
+    sgd = trials["backprop-sgd"]["metrics"]
+    assert all(0.0 <= sgd[f"robust/transfer/{eps}"] <= sgd["robust/clean"] for eps in ("0.05", "0.1", "0.2", "0.3"))
+    assert "flag/masking/transfer-beats-white-box" in sgd

@@ -23,8 +23,8 @@ whole image, so it is scaled by sqrt(D / 784) to keep MNIST's per-pixel RMS chan
 
 Budget. Madry's PGD (40 steps, 1 restart) and APGD-CE at its published 100 iterations are kept; Square runs 1000
 queries instead of AutoAttack's 5000. On one MNIST MLP 784-256-256-10 (1000 points, one CPU thread of the 2-core
-development machine) the whole default evaluation took 17 s at load 3 and 25-35 s at load 6-9, Square 10-21 s of
-it; 5000 queries would add about a minute. The price: at eps 0.05 Square leaves 0.60 accuracy with 1000 queries and
+development machine) the whole default evaluation took 17 s at load 3 and 34 s at load 9, Square 10-21 s of it;
+5000 queries would add about a minute. The price: at eps 0.05 Square leaves 0.60 accuracy with 1000 queries and
 0.55 with 5000 (PGD 0.49); at eps >= 0.1 the two budgets differ by under 3 points. Raise `square_queries` for a
 stronger black-box check. The eps grid is attacked as one batch (one radius per row), so small models pay the
 per-step overheads once per attack rather than once per eps.
@@ -142,11 +142,11 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, settings: dict, *, generato
     return metrics
 
 
-def post_run(store, run_dir, device) -> None:
+def post_run(store, run_dir, device, data_dir: str | None = None) -> None:
     """After all trials: the transfer attack from each backprop model to its siblings (see transfer.py)."""
     from .transfer import transfer_post_run
 
-    transfer_post_run(store, run_dir, torch.device(device))
+    transfer_post_run(store, run_dir, torch.device(device), data_dir)
 
 
 def has_feedback_layers(model: nn.Module) -> bool:

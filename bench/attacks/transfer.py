@@ -88,7 +88,7 @@ def source_of(group: list[dict[str, Any]]) -> dict[str, Any] | None:
     return min(backprop, key=lambda t: (t["label"] != "backprop", t["label"], t["id"]))
 
 
-def transfer_post_run(store, run_dir: str | Path, device: torch.device) -> None:
+def transfer_post_run(store, run_dir: str | Path, device: torch.device, data_dir: str | None = None) -> None:
     """For each group with a backprop source: craft once, score every other trial, add its metrics."""
     import learnbench
     from learnbench import datasets
@@ -101,7 +101,7 @@ def transfer_post_run(store, run_dir: str | Path, device: torch.device) -> None:
             continue
         settings, name = source["config"]["robustness"], source["dataset"]
         if name not in test_sets:
-            splits = datasets.load(name)
+            splits = datasets.load(name, data_dir)
             test_sets[name] = (splits.test_x, splits.test_y)
         n = settings["examples"]
         x, y = (t[:n].to(device) for t in test_sets[name])
