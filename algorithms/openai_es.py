@@ -1,5 +1,5 @@
 """OpenAI evolution strategy (Salimans, Ho, Chen, Sidor & Sutskever 2017, "Evolution Strategies as a Scalable
-Alternative to Reinforcement Learning", arXiv:1703.03864; reference code github.com/openai/evolution-strategies-starter).
+Alternative to Reinforcement Learning", arXiv:1703.03864; code: github.com/openai/evolution-strategies-starter).
 
 One generation per `step()`: draw `popsize / 2` noise vectors from the trainer's generator, evaluate the mirrored
 (antithetic) pairs `mean +- sigma * eps` on the step's minibatch in one batched call
@@ -10,7 +10,8 @@ flat mean. Weight decay is the paper's L2 coefficient added to the gradient (Ada
 Defaults are the paper's (Adam, lr 0.01, sigma 0.02, L2 0.005, mirrored sampling, centred ranks). The optional
 exponential decays of sigma and of the learning rate, with floors, are EvoJAX's OpenES settings for MNIST
 (decay 0.999, floors 0.01 and 0.001: github.com/google/evojax scripts/benchmarks/configs/OpenES/mnist.yaml); off by
-default. The noise matrix `[popsize/2, n_params]` lives for one generation only.
+default. Perturbations are windows of the paper's shared noise table (`learnbench.population.NoiseTable`, 128 MiB
+by default, drawn from the trainer's generator); the noise matrix `[popsize/2, n_params]` lives for one generation.
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ class OpenAIES:
     """Floor of the decayed learning rate (EvoJAX MNIST: 0.001)."""
     weight_decay: float = 0.005
     """L2 coefficient added to the gradient estimate (Salimans et al.: 0.005)."""
+    noise_table: int = 2**25
+    """Floats in the shared noise table the perturbations are read from (Salimans et al. 2017: 250M); 0 draws
+    fresh normals every generation."""
     chunk_size: int | None = None
     """Members evaluated at once; None sizes chunks to `learnbench.population.DEFAULT_MEMORY_BYTES`."""
 
@@ -65,6 +69,9 @@ class OpenAIES:
         self._scheduler = torch.optim.lr_scheduler.LambdaLR(
             self._optimizer, lambda t: max(self.lr_decay**t, floor))
         self._sigma = self.sigma
+        n = self._mean.numel()
+        self._table = (population.NoiseTable(generator, self.noise_table, n, self._mean.device)
+                       if self.noise_table else None)
 
     def validate(self) -> None:
         """Check hyper-parameter values; raises ValueError naming the bad one."""
@@ -76,6 +83,8 @@ class OpenAIES:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {self.optimizer!r}")
         if not (0 < self.sigma_decay <= 1 and 0 < self.lr_decay <= 1):
             raise ValueError("sigma_decay and lr_decay must be in (0, 1]")
+        if self.noise_table < 0:
+            raise ValueError(f"noise_table must be >= 0; got {self.noise_table}")
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         if self.optimizer == "adam":
@@ -85,6 +94,8 @@ class OpenAIES:
 
     def ask(self) -> Tensor:
         """This generation's noise `[popsize/2, n_params]`: members are `mean + sigma * eps` then `mean - sigma*eps`."""
+        if self._table is not None:
+            return self._table.sample(self.popsize // 2)
         return population.normal(self._generator, self.popsize // 2, self._mean.numel(), self._mean.device)
 
     def tell(self, noise: Tensor, loss: Tensor) -> None:

@@ -60,7 +60,7 @@ def test_openai_es_gradient_estimate_approaches_true_gradient_on_linear_model():
     true_descent = -torch.cat([(residual.T @ x / 64).flatten(), residual.mean(0)])
 
     def estimate(popsize, repeat):
-        trainer = OpenAIES(popsize=popsize, sigma=0.02)
+        trainer = OpenAIES(popsize=popsize, sigma=0.02, noise_table=2**16)
         trainer.setup(model, TaskInfo((6,), 3, 64, CPU), torch.Generator().manual_seed(repeat))
         noise = trainer.ask()
         loss, _ = population.evaluate_mirrored(model, population.flatten(model), noise, 0.02, x, y)
@@ -137,8 +137,9 @@ def digits():
 
 
 TRAINERS = {
-    "openai-es": lambda: OpenAIES(popsize=32, batch_size=128, sigma=0.05, lr=0.05),
-    "snes": lambda: SNES(popsize=32, batch_size=128, sigma_init=0.1),
+    "openai-es": lambda: OpenAIES(popsize=32, batch_size=128, sigma=0.05, lr=0.05, noise_table=2**20),
+    "openai-es-fresh-noise": lambda: OpenAIES(popsize=32, batch_size=128, sigma=0.05, lr=0.05, noise_table=0),
+    "snes": lambda: SNES(popsize=32, batch_size=128, sigma_init=0.1, noise_table=0),
     "snes-antithetic": lambda: SNES(popsize=32, batch_size=128, sigma_init=0.1, antithetic=True),
     "cma-es": lambda: CMAES(popsize=16, batch_size=128, sigma0=0.1, covariance="diagonal"),
 }
@@ -178,6 +179,20 @@ def test_same_seed_same_result(name, digits):
     runs = [population.flatten(train(TRAINERS[name], digits, seed=s, steps=4)[0].eval_model()) for s in (0, 0, 1)]
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], runs[2])
+
+
+def test_noise_table_rows_are_reproducible_standard_normal_windows():
+    table = population.NoiseTable(torch.Generator().manual_seed(3), 2**16, 1000, CPU)
+    rows = table.sample(300)
+    assert rows.shape == (300, 1000)
+    # every row is a contiguous window of the table
+    for row in rows[:5]:
+        start = int(torch.nonzero(table.table == row[0])[0])
+        torch.testing.assert_close(row, table.table[start:start + 1000])
+    assert abs(rows.mean()) < 0.02 and abs(rows.std() - 1) < 0.02
+    again = population.NoiseTable(torch.Generator().manual_seed(3), 2**16, 1000, CPU).sample(300)
+    assert torch.equal(rows, again)
+    assert population.NoiseTable(torch.Generator(), 10, 1000, CPU).table.numel() == 8000  # grows to 8 windows
 
 
 def test_nan_members_never_drive_the_update():

@@ -3,9 +3,10 @@
 On MNIST (the `mlp` 784-32-10 and the `cnn`), with one population size and one minibatch size for everyone
 (default P=256, B=256), it times:
 
-* `openai-es`, `snes`, `cma-es`: one `step()` of the learnbench trainer (population evaluated in one batched call);
+* `openai-es`, `snes`, `snes-antithetic`, `cma-es`: one `step()` of the learnbench trainer at its defaults
+  (population evaluated in one batched call; cma-es runs separable on both models);
 * `loop`: the same OpenAI-ES generation written the plain way: load each member's vector into the module
-  (`vector_to_parameters`), call it, then rank, estimate the gradient and take an Adam step;
+  (`vector_to_parameters`), call it, then rank, estimate the gradient and take an Adam step (same noise table);
 * `evotorch-snes`, `evotorch-pgpe`: one `searcher.step()` of EvoTorch's SNES and PGPE on a `SupervisedNE` problem
   with the same module, population and minibatch size (optional: `pip install learnbench[peers]`). EvoTorch draws
   its minibatch from a `DataLoader` inside the step; the others get theirs outside the clock (sampling 256 indices
@@ -105,6 +106,7 @@ def make_contenders(model_name: str, x: torch.Tensor, y: torch.Tensor, device: t
     contenders: dict[str, Callable[[Batch], object]] = {}
     for name, trainer in [("openai-es", OpenAIES(popsize=popsize, batch_size=batch_size)),
                           ("snes", SNES(popsize=popsize, batch_size=batch_size)),
+                          ("snes-antithetic", SNES(popsize=popsize, batch_size=batch_size, antithetic=True)),
                           ("cma-es", CMAES(popsize=popsize, batch_size=batch_size))]:
         torch.manual_seed(0)
         trainer.setup(build(MODELS[model_name], task.input_shape, 10).to(device), task,
@@ -117,17 +119,19 @@ def make_contenders(model_name: str, x: torch.Tensor, y: torch.Tensor, device: t
 
 
 class LoopOpenAIES:
-    """The reference: an OpenAI-ES generation that evaluates its members one at a time through the module."""
+    """The reference: an OpenAI-ES generation that evaluates its members one at a time through the module. Its
+    noise comes from the same kind of shared noise table as the trainer's, so the ratio isolates evaluation."""
 
     def __init__(self, model: torch.nn.Module, popsize: int, sigma: float = 0.02):
         self.model, self.popsize, self.sigma = model.eval(), popsize, sigma
         self.mean = torch.nn.Parameter(torch.nn.utils.parameters_to_vector(model.parameters()).detach())
         self.adam = torch.optim.Adam([self.mean], lr=0.01, weight_decay=0.005)
-        self.generator = torch.Generator(self.mean.device).manual_seed(0)
+        generator = torch.Generator(self.mean.device).manual_seed(0)
+        self.noise = population.NoiseTable(generator, OpenAIES.noise_table, self.mean.numel(), self.mean.device)
 
     @torch.no_grad()
     def __call__(self, batch: Batch) -> None:
-        noise = torch.randn(self.popsize // 2, self.mean.numel(), generator=self.generator, device=self.mean.device)
+        noise = self.noise.sample(self.popsize // 2)  # [P/2, n]
         members = torch.cat([self.mean + self.sigma * noise, self.mean - self.sigma * noise])  # [P, n]
         losses = torch.empty(self.popsize, device=self.mean.device)
         for i, member in enumerate(members):
