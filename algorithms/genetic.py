@@ -62,11 +62,16 @@ OPERATORS = ("vectorised", "deap")
 VARIANT_DEFAULTS = {"classic": {"popsize": 50, "mutpb": 0.2, "indpb": 0.1, "sigma": 0.002},
                     "such2017": {"popsize": 1000, "mutpb": 1.0, "indpb": 1.0, "sigma": 0.002}}
 SPARSE_INDPB = 0.2  # below this, mutated genes are found by geometric gaps instead of a dense mask (cheaper)
+LOGBOOK_GENERATIONS = 10_000  # the logbook keeps the statistics of this many last generations
 
 
 @dataclass(eq=False)
 class GeneticAlgorithm:
-    """Genetic algorithm on flat weight vectors: DEAP's selection and bookkeeping, vectorised variation."""
+    """Genetic algorithm on flat weight vectors: DEAP's selection and bookkeeping, vectorised variation.
+
+    After `setup`, `logbook` is a DEAP `tools.Logbook` of the last generations: `gen`, `nevals` (individuals
+    evaluated, candidates re-scored on the pool included), the `min`/`median`/`max` minibatch loss of the
+    population and the `elite`'s loss on the held-back pool."""
 
     name: ClassVar[str] = "ga"
 
@@ -85,7 +90,7 @@ class GeneticAlgorithm:
     candidates: int = 10
     """Best individuals of a generation re-evaluated on the held-back pool to pick the elites (Such et al.: 10)."""
     elite_batches: int = 2
-    """Minibatches in the held-back pool the elite candidates are scored on (Such et al.: 30 extra episodes)."""
+    """Minibatches in the held-back pool the candidates are scored on (Such et al.: 30 extra episodes)."""
     cxpb: float = 0.5
     """classic: probability that a consecutive pair of offspring is crossed (DEAP's tutorial: 0.5)."""
     crossover: str = "blend"
@@ -184,6 +189,8 @@ class GeneticAlgorithm:
         self._genomes = torch.cat([torch.stack(elites), offspring]) if elites else offspring  # [P, n_params]
         self.logbook.record(gen=self._generation, nevals=p + len(pool_evals[0]),
                             elite=self._hof[0].fitness.values[0], **record)
+        if len(self.logbook) > LOGBOOK_GENERATIONS:
+            del self.logbook[0]
         self._remember(batch)
         self._generation += 1
         self._sigma = max(self._sigma * self.sigma_decay, self.sigma_min)

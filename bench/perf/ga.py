@@ -2,12 +2,14 @@
 
 Both sides run the same classic GA generation on MNIST with the MLP 784-32-10 (25,450 weights), the same
 population, minibatch and variation settings (default: DEAP's tutorial rates, cxpb 0.5, mutpb 0.2, indpb 0.1,
-tournaments of 3, blend crossover with alpha 0.5, sigma 0.002):
+tournaments of 3, blend crossover with alpha 0.5, sigma 0.002; `--popsize 16 --batch-size 1024 --crossover uniform
+--cxpb 1 --mutpb 1 --indpb 1` are the mnist suite's settings):
 
 * `deap-loop`: what DEAP's examples do. Individuals are `numpy.ndarray`s made by `creator`; one generation is
   `toolbox.map(toolbox.evaluate, population)` (plain `map`; each evaluation copies the individual into the module
   with `vector_to_parameters` and runs one torch forward on the generation's minibatch), then `tools.selTournament`,
-  `toolbox.clone` of every offspring, `tools.cxBlend` on consecutive pairs and `tools.mutGaussian`, per individual.
+  `toolbox.clone` of every offspring, `tools.cxBlend` (or `--crossover`'s operator) on consecutive pairs and
+  `tools.mutGaussian`, per individual.
 * `learnbench-ga`: one `step()` of `learnbench.algorithms.genetic.GeneticAlgorithm`: the whole population evaluated
   in one batched call, DEAP's selection on lightweight individuals, vectorised operators. Its step also re-scores
   the elite candidates on its held-back pool: extra work on its clock, not counted as evaluations.
@@ -35,6 +37,9 @@ from deap import base, creator, tools
 from tabulate import tabulate
 
 from learnbench.algorithms.genetic import GeneticAlgorithm
+
+CROSSOVERS = {"blend": (tools.cxBlend, {"alpha": 0.5}), "uniform": (tools.cxUniform, {"indpb": 0.5}),
+              "two-point": (tools.cxTwoPoint, {})}
 from learnbench.models import build
 from learnbench.spec import Batch, TaskInfo
 
@@ -48,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mutpb", type=float, default=0.2, help="individual mutation probability (DEAP tutorial)")
     parser.add_argument("--indpb", type=float, default=0.1, help="gene mutation probability (DEAP tutorial)")
     parser.add_argument("--sigma", type=float, default=0.002, help="Gaussian mutation std (Such et al. 2017)")
+    parser.add_argument("--crossover", default="blend", choices=sorted(CROSSOVERS), help="cxBlend (alpha 0.5), "
+                        "cxUniform (indpb 0.5) or cxTwoPoint")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds; the table shows medians")
     parser.add_argument("--gens", type=int, default=2, help="generations per contender per round")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the runner uses 1 per worker)")
@@ -70,7 +77,8 @@ def main(args: argparse.Namespace) -> int:
         median = statistics.median(seconds)
         rows.append([name, 1 / median, args.popsize / median, ratio])
     print(f"learnbench perf ga: MLP 784-32-10 on MNIST, device {device}, threads {args.threads}, "
-          f"P={args.popsize}, B={args.batch_size}, cxpb {args.cxpb}, mutpb {args.mutpb}, indpb {args.indpb}, "
+          f"P={args.popsize}, B={args.batch_size}, {args.crossover} crossover, cxpb {args.cxpb}, mutpb {args.mutpb}, "
+          f"indpb {args.indpb}, "
           f"{args.rounds} rounds x {args.gens} generations, load average {os.getloadavg()[0]:.2f}")
     print(tabulate(rows, headers=["contender", "gens/s", "evals/s", "vs deap-loop"], floatfmt=("", ".2f", ".0f",
                                                                                             ".1f")))
@@ -100,7 +108,7 @@ def make_contenders(args: argparse.Namespace, input_shape: tuple[int, ...],
     """name -> function running one generation on a batch; every side starts from the same initial model."""
     task = TaskInfo(tuple(input_shape), 10, 60000, device)
     settings = dict(variant="classic", popsize=args.popsize, batch_size=args.batch_size, cxpb=args.cxpb,
-                    mutpb=args.mutpb, indpb=args.indpb, sigma=args.sigma, crossover="blend", tournsize=3)
+                    mutpb=args.mutpb, indpb=args.indpb, sigma=args.sigma, crossover=args.crossover, tournsize=3)
     contenders: dict[str, Callable[[Batch], object]] = {}
     for name, operators in [("learnbench-ga", "vectorised"), ("learnbench-ga-deap-ops", "deap")]:
         if operators == "deap" and not args.deap_ops:
@@ -128,7 +136,8 @@ class DeapLoop:
         self.population = [creator.LearnbenchPerfIndividual(start + row) for row in noise]
         self.toolbox = base.Toolbox()
         self.toolbox.register("evaluate", self.evaluate)
-        self.toolbox.register("mate", tools.cxBlend, alpha=0.5)
+        mate, options = CROSSOVERS[args.crossover]
+        self.toolbox.register("mate", mate, **options)
         self.toolbox.register("mutate", tools.mutGaussian, mu=0.0, sigma=args.sigma, indpb=args.indpb)
         self.toolbox.register("select", tools.selTournament, tournsize=3)
         self.batch: Batch | None = None
