@@ -9,6 +9,7 @@ Pareto front.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,11 +100,22 @@ def _xscale(ax, log: bool) -> None:
     if log:
         ax.set_xscale("log")
         lo, hi = ax.get_xlim()
-        if hi / lo < 30:  # a narrow log range (performance profiles): plain tick labels, 1 2 3, not 2x10^0
+        if hi / lo < 30:  # a narrow log range: plain labels at 1, 2, 5 x 10^k (1 2 5, 200M 500M), not 2x10^0
             for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
-                axis(FuncFormatter(lambda v, _: f"{v:g}"))
+                axis(FuncFormatter(_one_two_five))
+        else:
+            ax.xaxis.set_major_formatter(EngFormatter(sep=""))
     elif max(abs(v) for v in ax.get_xlim()) >= 1e4:
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+
+
+def _one_two_five(value: float, _pos) -> str:
+    if value <= 0:
+        return ""
+    mantissa = value / 10 ** math.floor(math.log10(value))
+    if not any(abs(mantissa - m) < 1e-6 for m in (1, 2, 5)):
+        return ""
+    return EngFormatter(sep="")(value) if value >= 1e4 else f"{value:g}"
 
 
 def _draw(ax, line: Line, colour) -> Line2D:

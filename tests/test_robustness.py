@@ -202,7 +202,7 @@ def test_post_run_transfers_from_the_backprop_sibling(tmp_path, monkeypatch):
     _add_trial(store, "masked0", "ga", 0, masked_mlp(), models)
     _add_trial(store, "orphan1", "fa", 1, trained_mlp(1), models)  # no backprop trial with seed 1
     monkeypatch.setattr(learnbench, "load_model", lambda run_dir, trial: models[trial])
-    monkeypatch.setattr(learnbench.datasets, "load", lambda name: SimpleNamespace(test_x=x, test_y=y),
+    monkeypatch.setattr(learnbench.datasets, "load", lambda name, data_dir=None: SimpleNamespace(test_x=x, test_y=y),
                         raising=False)
     learnbench.attacks.post_run(store, tmp_path, "cpu")
     got = {t["id"]: t["metrics"] for t in store.trials()}
