@@ -44,7 +44,7 @@ import math
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar, Iterator
+from typing import ClassVar, Iterator, Literal
 
 import numpy as np
 import torch
@@ -75,7 +75,7 @@ class GeneticAlgorithm:
 
     name: ClassVar[str] = "ga"
 
-    variant: str = "classic"
+    variant: Literal["classic", "such2017"] = "classic"
     """classic (tournament, crossover + mutation, DEAP's tutorial) or such2017 (truncation, mutation only)."""
     popsize: int | None = None
     """Individuals per generation; None: 50 classic (DEAP's tutorial), 1000 such2017 (Such et al., Atari)."""
@@ -93,7 +93,7 @@ class GeneticAlgorithm:
     """Minibatches in the held-back pool the candidates are scored on (Such et al.: 30 extra episodes)."""
     cxpb: float = 0.5
     """classic: probability that a consecutive pair of offspring is crossed (DEAP's tutorial: 0.5)."""
-    crossover: str = "blend"
+    crossover: Literal["blend", "uniform", "two-point"] = "blend"
     """classic: blend (cxBlend), uniform (cxUniform) or two-point (cxTwoPoint)."""
     alpha: float = 0.5
     """Blend crossover's extension of the parents' interval (BLX-0.5, Eshelman & Schaffer 1993)."""
@@ -109,7 +109,7 @@ class GeneticAlgorithm:
     """Multiply sigma by this after every generation; 1 keeps it constant (the published GAs)."""
     sigma_min: float = 0.0
     """Floor of the decayed sigma."""
-    operators: str = "vectorised"
+    operators: Literal["vectorised", "deap"] = "vectorised"
     """vectorised (whole-array operators) or deap (DEAP's per-individual originals: the reference, slow)."""
     chunk_size: int | None = None
     """Individuals evaluated at once; None sizes chunks to `learnbench.population.DEFAULT_MEMORY_BYTES`."""
