@@ -107,7 +107,11 @@ def readme_section(run_dirs: list[str | Path]) -> str:
     data = load_runs(run_dirs, curves=False)
     if not data.trials:
         raise UsageError(f"no trials in {', '.join(str(d) for d in run_dirs)}: nothing to put in the README")
-    return f"{_source_line(data)}\n\n{md_table(_table(data))}\n\n{_footer(data)}\n"
+    robust = _robust_table(data)
+    robust_text = ("\n\nRobust test accuracy (%) on the first `robustness.examples` test points, through each model's true "
+                   "input gradient; `pseudo` columns attack feedback-alignment models through their own backward "
+                   "pass, as tools such as BioTorch do.\n\n" + md_table(robust)) if robust else ""
+    return f"{_source_line(data)}\n\n{md_table(_table(data))}{robust_text}\n\n{_footer(data)}\n"
 
 
 def _table(data: ReportData) -> Table:
@@ -128,6 +132,26 @@ def _table(data: ReportData) -> Table:
                 row.append(pct(_mean(robust_values(group, *headline))))
             rows.append(row)
     return Table(headers, rows, align_left=3)
+
+
+README_ATTACKS = ("pgd-linf", "pgd-linf-pseudo", "square")  # at the Linf radii below, where the run has them
+README_EPS = (0.1, 0.3)
+
+
+def _robust_table(data: ReportData) -> Table | None:
+    """Robust accuracy per algorithm at README_EPS for README_ATTACKS, the pseudo-gradient beside the true one."""
+    columns = [(a, e) for e in README_EPS for a in README_ATTACKS
+               if any(robust_values(g, a, e).size for groups in by_problem(data.trials).values()
+                      for g in groups.values())]
+    if not columns:
+        return None
+    rows = []
+    for (dataset, model), groups in by_problem(data.trials).items():
+        for label, group in groups.items():
+            values = [robust_values(group, a, e) for a, e in columns]
+            if any(v.size for v in values):
+                rows.append([dataset, model, label, *(pct(v.mean()) if v.size else "–" for v in values)])
+    return Table(["dataset", "model", "algorithm", *(f"{a} ε={e:g}" for a, e in columns)], rows, align_left=3)
 
 
 def _ci(s: stats.Summary) -> str:

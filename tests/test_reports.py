@@ -329,3 +329,17 @@ def test_chromium_renders_the_report(realistic, tmp_path: Path):
     ink = (pixels.mean(axis=2) < 0.9).mean()
     colours = len(np.unique((pixels * 255).astype(np.uint8).reshape(-1, 3), axis=0))
     assert ink > 0.02 and colours > 50, (ink, colours)  # text, tables and a coloured figure, not a blank page
+
+
+def test_readme_robustness_table_puts_pseudo_beside_true_gradient(realistic):
+    run, _, _ = realistic
+    section = readme_section([run])
+    header = next(line for line in section.splitlines() if "pgd-linf-pseudo ε=0.1" in line)
+    cells = [c.strip() for c in header.strip("|").split("|")]
+    assert cells.index("pgd-linf-pseudo ε=0.1") == cells.index("pgd-linf ε=0.1") + 1
+    row = next(line for line in section.splitlines()[section.splitlines().index(header):]
+               if line.split("|")[3].strip() == "fa")
+    dataset = row.split("|")[1].strip()
+    fa = [t["metrics"]["robust/pgd-linf/0.1"] for t in Store.open(run).trials()
+          if t["label"] == "fa" and t["status"] == "done" and t["dataset"] == dataset]
+    assert fa and float(row.split("|")[4]) == pytest.approx(100 * sum(fa) / len(fa), abs=0.006)
