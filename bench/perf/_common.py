@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -15,10 +15,13 @@ from learnbench.models import build
 from learnbench.runner import Progress, Sampler, _generator, _train
 from learnbench.spec import Batch, TaskInfo
 
+if TYPE_CHECKING:  # datasets are imported when a benchmark runs, not when `learnbench perf` lists them
+    from learnbench.datasets import Splits
+
 MLP_256 = {"kind": "mlp", "hidden": [256, 256]}
 
 
-def load_data(args: argparse.Namespace, dataset: str):
+def load_data(args: argparse.Namespace, dataset: str) -> tuple[torch.device, Splits]:
     """Set `--threads` (if given), prepare and load `dataset` onto `--device`: (device, splits)."""
     from learnbench.datasets import load, prepare
 
@@ -29,7 +32,7 @@ def load_data(args: argparse.Namespace, dataset: str):
     return device, load(dataset, args.data_dir).to(device)
 
 
-def seeded_model(spec: dict, data, device: torch.device) -> nn.Module:
+def seeded_model(spec: dict, data: Splits, device: torch.device) -> nn.Module:
     """The model `spec` for `data`, initialised from seed 0 on the CPU (global RNG state restored), then moved:
     every side of a comparison starts from the same weights."""
     with torch.random.fork_rng(devices=[]):
@@ -37,7 +40,7 @@ def seeded_model(spec: dict, data, device: torch.device) -> nn.Module:
         return build(spec, tuple(data.input_shape), data.n_classes).to(device)
 
 
-def runner_epoch(cls: type, data, init: dict, batch_size: int, device: torch.device,
+def runner_epoch(cls: type, data: Splits, init: dict, batch_size: int, device: torch.device,
                  repeat: int) -> tuple[float, float]:
     """(wall, process CPU) seconds of one epoch of trainer `cls` (Adam, lr 1e-3) on the MLP 256-256 from weights
     `init`, through the runner's own loop (`_train`, evaluation off)."""

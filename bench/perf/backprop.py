@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,9 @@ from learnbench.algorithms.backprop import Backprop
 from learnbench.perf._common import MLP_256, load_data, runner_epoch, seeded_model, sync
 from learnbench.runner import Sampler, _generator
 from learnbench.spec import TaskInfo
+
+if TYPE_CHECKING:
+    from learnbench.datasets import Splits
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +66,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dataloader_epoch(data, init: dict, batch_size: int, device: torch.device, repeat: int) -> float:
+def _dataloader_epoch(data: Splits, init: dict, batch_size: int, device: torch.device, repeat: int) -> float:
     model = seeded_model(MLP_256, data, device)
     model.load_state_dict(init)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -80,12 +84,12 @@ def _dataloader_epoch(data, init: dict, batch_size: int, device: torch.device, r
     return time.perf_counter() - start
 
 
-def _runner_epoch(data, init: dict, batch_size: int, device: torch.device, repeat: int) -> float:
+def _runner_epoch(data: Splits, init: dict, batch_size: int, device: torch.device, repeat: int) -> float:
     """Wall seconds of one epoch through the runner's loop (`_train`, evaluation off), timed from outside."""
     return runner_epoch(Backprop, data, init, batch_size, device, repeat)[0]
 
 
-def _flops_per_epoch(data, batch_size: int, device: torch.device) -> float:
+def _flops_per_epoch(data: Splits, batch_size: int, device: torch.device) -> float:
     model = seeded_model(MLP_256, data, device)
     trainer = Backprop(batch_size=batch_size)
     trainer.setup(model, TaskInfo(tuple(data.input_shape), data.n_classes, 1, device), torch.Generator(device))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from typing import TYPE_CHECKING
 
 import torch
 from tabulate import tabulate
@@ -23,6 +24,9 @@ from learnbench.algorithms.feedback_alignment import FeedbackAlignment
 from learnbench.algorithms.kolen_pollack import KolenPollack
 from learnbench.algorithms.sign_symmetry import SignSymmetry
 from learnbench.perf._common import MLP_256, load_data, runner_epoch, seeded_model
+
+if TYPE_CHECKING:
+    from learnbench.datasets import Splits
 
 TRAINERS = (Backprop, FeedbackAlignment, DirectFeedbackAlignment, SignSymmetry, KolenPollack)
 LIMIT = 1.15  # acceptance: an FA-family epoch takes at most this times backprop's
@@ -45,7 +49,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def time_epochs(data, batch_size: int, repeats: int, device: torch.device) -> list[list]:
+def time_epochs(data: Splits, batch_size: int, repeats: int, device: torch.device) -> list[list]:
     """Per trainer: median wall and CPU seconds of an epoch, and the median per-repeat ratios to backprop."""
     init = seeded_model(MLP_256, data, device).state_dict()
     wall: dict[str, list[float]] = {cls.name: [] for cls in TRAINERS}
