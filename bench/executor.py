@@ -107,7 +107,8 @@ def _service(slot: int, worker: dict, store: Store, progress, launch, dispatch) 
         pass
     if not worker["process"].is_alive() and trial is not None:
         code = worker["process"].exitcode
-        reason = f"worker process died (exit code {code}{', killed by signal ' + str(-code) if code and code < 0 else ''})"
+        killed = f", killed by signal {-code}" if code and code < 0 else ""
+        reason = f"worker process died (exit code {code}{killed})"
         record(store, {"id": trial["id"], "status": "failed", "error": reason, "metrics": {}, "curves": [],
                        "provenance": {}})
         progress.finish(trial, "failed")

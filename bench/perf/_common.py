@@ -5,6 +5,7 @@ underscore keeps it out of `learnbench perf`'s list)."""
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from typing import TYPE_CHECKING, Callable
 
@@ -78,6 +79,12 @@ def alternate_generations(contenders: dict[str, Callable[[Batch], object]], x: t
             if round_:
                 times[name].append((time.perf_counter() - start) / len(batches))
     return times
+
+
+def median_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """The median over rounds of each round's ratio: robust to the machine's speed drifting during the run, where
+    a ratio of medians would compare rounds run under different loads."""
+    return statistics.median(a / b for a, b in zip(numerators, denominators))
 
 
 def random_batch(x: torch.Tensor, y: torch.Tensor, size: int, generator: torch.Generator) -> Batch:

@@ -30,7 +30,7 @@ from torch import nn
 from learnbench.algorithms.backprop import Backprop
 from learnbench.attacks import attack_mode, pgd_linf
 from learnbench.errors import UsageError
-from learnbench.perf._common import MLP_256, load_data, seeded_model, sync
+from learnbench.perf._common import MLP_256, load_data, median_ratio, seeded_model, sync
 from learnbench.spec import Batch, TaskInfo
 
 
@@ -122,7 +122,7 @@ def _print(args, device, model, x, y, times, accs) -> None:
     art_name, same_name = list(times)[:2]
     rows = [(name, statistics.median(t), min(t), max(t), statistics.mean(accs[name]))
             for name, t in times.items()]
-    ratio = statistics.median(o / r for o, r in zip(times[same_name], times[art_name]))
+    ratio = median_ratio(times[same_name], times[art_name])
     gap = abs(statistics.mean(accs[same_name]) - statistics.mean(accs[art_name]))
     clean = _robust_accuracy(model, x, y, x)
     print(f"PGD-Linf, {args.dataset} MLP 256-256 (clean accuracy {clean:.3f} on these points): {x.shape[0]} points, "

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from learnbench.algorithms.backprop import Backprop
-from learnbench.perf._common import MLP_256, load_data, runner_epoch, seeded_model, sync
+from learnbench.perf._common import MLP_256, load_data, median_ratio, runner_epoch, seeded_model, sync
 from learnbench.runner import Sampler, _generator
 from learnbench.spec import TaskInfo
 
@@ -52,8 +52,7 @@ def main(args: argparse.Namespace) -> int:
     flops = _flops_per_epoch(data, args.batch_size, device)
     peak = _matmul_peak(device)
     ref, ours = statistics.median(times["dataloader"]), statistics.median(times["learnbench"])
-    # the ratio of each alternated pair, then the median: robust to the machine's speed drifting during the run
-    pair_ratio = statistics.median(o / r for o, r in zip(times["learnbench"], times["dataloader"]))
+    pair_ratio = median_ratio(times["learnbench"], times["dataloader"])
     rows = [(side, statistics.median(t), min(t), max(t), flops / statistics.median(t) / 1e9)
             for side, t in times.items()]
     print(f"backprop, one {args.dataset} epoch: MLP 784-256-256-10, Adam, batch {args.batch_size}, "

@@ -35,7 +35,7 @@ from learnbench.algorithms.openai_es import OpenAIES, gradient_estimate
 from learnbench.algorithms.snes import SNES
 from learnbench.errors import UsageError
 from learnbench.models import build
-from learnbench.perf._common import alternate_generations
+from learnbench.perf._common import alternate_generations, median_ratio
 from learnbench.spec import Batch, TaskInfo
 
 MODELS = {"mlp": {"kind": "mlp", "hidden": [32]}, "cnn": {"kind": "cnn"}}
@@ -79,11 +79,9 @@ def bench_model(model_name: str, x: torch.Tensor, y: torch.Tensor, device: torch
     times = alternate_generations(contenders, x, y, args.batch_size, args.rounds, args.gens or GENS[model_name])
     rows = []
     for name, seconds in times.items():
-        # ratio: the median over rounds of the round's time ratio, robust to the machine's load drifting
-        ratio = lambda ref: statistics.median(r / s for r, s in zip(times[ref], seconds)) if ref in times else None
+        versus = [median_ratio(times[ref], seconds) if ref in times else None for ref in ("evotorch-snes", "loop")]
         median = statistics.median(seconds)
-        rows.append([model_name, name, 1 / median, args.popsize * args.batch_size / median,
-                     ratio("evotorch-snes"), ratio("loop")])
+        rows.append([model_name, name, 1 / median, args.popsize * args.batch_size / median, *versus])
     return rows
 
 

@@ -23,7 +23,7 @@ from learnbench.algorithms.direct_feedback_alignment import DirectFeedbackAlignm
 from learnbench.algorithms.feedback_alignment import FeedbackAlignment
 from learnbench.algorithms.kolen_pollack import KolenPollack
 from learnbench.algorithms.sign_symmetry import SignSymmetry
-from learnbench.perf._common import MLP_256, load_data, runner_epoch, seeded_model
+from learnbench.perf._common import MLP_256, load_data, median_ratio, runner_epoch, seeded_model
 
 if TYPE_CHECKING:
     from learnbench.datasets import Splits
@@ -63,8 +63,8 @@ def time_epochs(data: Splits, batch_size: int, repeats: int, device: torch.devic
                 cpu[cls.name].append(seconds[1])
     rows = []
     for cls in TRAINERS:
-        ratio = statistics.median(o / r for o, r in zip(wall[cls.name], wall["backprop"]))
-        cpu_ratio = statistics.median(o / r for o, r in zip(cpu[cls.name], cpu["backprop"]))
+        ratio = median_ratio(wall[cls.name], wall["backprop"])
+        cpu_ratio = median_ratio(cpu[cls.name], cpu["backprop"])
         verdict = "" if cls is Backprop else ("yes" if ratio <= LIMIT else "NO")
         rows.append([cls.name, statistics.median(wall[cls.name]), ratio, statistics.median(cpu[cls.name]),
                      cpu_ratio, verdict])

@@ -37,7 +37,7 @@ from tabulate import tabulate
 
 from learnbench.algorithms.genetic import GeneticAlgorithm
 from learnbench.models import build
-from learnbench.perf._common import alternate_generations
+from learnbench.perf._common import alternate_generations, median_ratio
 from learnbench.spec import Batch, TaskInfo
 
 CROSSOVERS = {"blend": (tools.cxBlend, {"alpha": 0.5}), "uniform": (tools.cxUniform, {"indpb": 0.5}),
@@ -72,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
     times = alternate_generations(contenders, x, y, args.batch_size, args.rounds, args.gens)
     rows = []
     for name, seconds in times.items():
-        ratio = statistics.median(ref / s for ref, s in zip(times["deap-loop"], seconds))
+        ratio = median_ratio(times["deap-loop"], seconds)
         median = statistics.median(seconds)
         rows.append([name, 1 / median, args.popsize / median, ratio])
     print(f"learnbench perf ga: MLP 784-32-10 on MNIST, device {device}, threads {args.threads}, "
