@@ -13,12 +13,9 @@ import multiprocessing as mp
 import os
 import time
 from multiprocessing.connection import Connection, wait
-from typing import Any, Callable
+from typing import Any
 
 from .store import Store
-
-ResultHook = Callable[[dict[str, Any]], None]
-
 
 def run_local(trials: list[dict[str, Any]], store: Store, run_dir: str, data_dir: str | None, workers: int,
               threads: int, progress: "ProgressView") -> None:
