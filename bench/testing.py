@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import registry
+from .config import ENTRY_KEYS
 from .conformance import (KIT_MODEL, KIT_SEED, KIT_STEPS, CheckFailed, Context, describe, failing, plain, shape_of,
                           single_thread)
 from .spec import StepStats
@@ -38,7 +39,7 @@ from .spec import StepStats
 if TYPE_CHECKING:  # pytest is a test dependency, imported where the decorator is built
     import pytest
 
-SUITE_KEYS = {"id", "label", "models", "budget"}  # keys of a suite's [[algorithms]] entry: not hyper-parameters
+SUITE_KEYS = ENTRY_KEYS  # keys of a suite's [[algorithms]] entry: not hyper-parameters
 
 __all__ = ["CHECKS", "CheckFailed", "CheckResult", "check_trainer", "parametrize_with_checks"]
 
