@@ -24,7 +24,8 @@ from . import models
 from .errors import UsageError
 
 
-def save_model(run_dir: str | Path, trial: dict[str, Any], model: nn.Module, input_shape, n_classes: int) -> Path:
+def save_model(run_dir: str | Path, trial: dict[str, Any], model: nn.Module, input_shape: tuple[int, ...],
+               n_classes: int) -> Path:
     """Write weights and description atomically (temp file + os.replace), so a kill never leaves half a file."""
     folder = Path(run_dir) / "models"
     folder.mkdir(parents=True, exist_ok=True)

@@ -12,9 +12,12 @@ import pkgutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import UsageError
+
+if TYPE_CHECKING:  # annotations only: each command imports what it needs when it runs
+    from .store import Store
 
 EPILOG = "Docs: README.md. Exit codes: 0 ok, 1 some trials failed or diverged, 2 bad usage or input."
 
@@ -29,24 +32,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="learnbench", description="Compare neural-network training algorithms.", epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    run = sub.add_parser("run", help="run a suite (default: quick)")
-    run.add_argument("suite", nargs="?", default="quick", help="built-in suite name or a .toml file")
-    run.add_argument("--algorithms", nargs="+", help="only these algorithm ids or labels (comma or space separated)")
-    run.add_argument("--datasets", nargs="+", help="replace the suite's datasets")
-    run.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
-    run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a suite value: budget.epochs=5, model.kind=cnn, backprop.lr=0.01, ...")
-    run.add_argument("--out", help="run directory (default: runs/<suite>[-<hash of the overrides>])")
-    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    run.add_argument("--executor", default="local", choices=["local", "ray"],
-                     help="local worker processes, or one Ray task per trial (needs learnbench[ray])")
-    run.add_argument("--address", help="with --executor ray: the Ray cluster to join (auto, HOST:PORT, "
-                     "ray://HOST:PORT; default: start a local Ray instance with this machine's cores)")
-    run.add_argument("--workers", type=int, help="parallel worker processes (default: cores on CPU, 1 on CUDA)")
-    run.add_argument("--plugin", action="append", default=[], metavar="FILE.py", help="load a trainer from a file")
-    run.add_argument("--data-dir", help="first folder searched for dataset files")
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_run_command(sub)
 
     show = sub.add_parser("show", help="the summary table of a run")
     show.add_argument("run_dir")
@@ -83,6 +69,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_run_command(sub: argparse._SubParsersAction) -> None:
+    run = sub.add_parser("run", help="run a suite (default: quick)")
+    run.add_argument("suite", nargs="?", default="quick", help="built-in suite name or a .toml file")
+    run.add_argument("--algorithms", nargs="+", help="only these algorithm ids or labels (comma or space separated)")
+    run.add_argument("--datasets", nargs="+", help="replace the suite's datasets")
+    run.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
+    run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a suite value: budget.epochs=5, model.kind=cnn, backprop.lr=0.01, ...")
+    run.add_argument("--out", help="run directory (default: runs/<suite>[-<hash of the overrides>])")
+    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    run.add_argument("--executor", default="local", choices=["local", "ray"],
+                     help="local worker processes, or one Ray task per trial (needs learnbench[ray])")
+    run.add_argument("--address", help="with --executor ray: the Ray cluster to join (auto, HOST:PORT, "
+                     "ray://HOST:PORT; default: start a local Ray instance with this machine's cores)")
+    run.add_argument("--workers", type=int, help="parallel worker processes (default: cores on CPU, 1 on CUDA)")
+    run.add_argument("--plugin", action="append", default=[], metavar="FILE.py", help="load a trainer from a file")
+    run.add_argument("--data-dir", help="first folder searched for dataset files")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -96,11 +102,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from . import __version__, config, datasets
-    from .executor import ProgressView, default_workers, run_local
-    from .registry import discover
-    from .runner import default_threads
-    from .store import FINISHED, Store
+    from . import __version__
+    from .store import Store
     from .workspace import RunDirLock, prepare_run_dir
 
     if args.address and args.executor != "ray":
@@ -111,22 +114,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         import_ray()  # a missing extra is one line before any work
     # a Ray cluster's GPUs may be on other nodes than this driver's
     device = args.device if args.executor == "ray" and args.device == "cuda" else resolve_device(args.device)
-    registry = discover(args.plugin)
-    raw, _ = config.load_suite(args.suite)
-    suite = config.apply_overrides(raw, _names(args.algorithms), _names(args.datasets), args.seeds, args.sets,
-                                   registry)
-    trials = config.resolve(suite, registry, device, __version__)
-    for name in dict.fromkeys(t["dataset"] for t in trials):
-        datasets.prepare(name, args.data_dir)
+    suite, trials = _resolve_run(args, device)
     if args.workers is not None and args.workers <= 0:
         raise UsageError(f"--workers must be a positive integer; got {args.workers}")
+    cluster = None
     if args.executor == "ray":
         from .executor_ray import connect
 
         cluster = connect(args.address, trials)  # before the first write: a bad address is exit code 2
-    overridden = any([args.algorithms, args.datasets, args.seeds, _experiment_sets(args), args.plugin,
-                      args.device != "auto"])
-    run_dir = Path(args.out) if args.out else Path("runs") / (suite["name"] + (f"-{_short_hash(args)}" if overridden else ""))
+    run_dir = _run_dir(args, suite["name"])
     prepare_run_dir(run_dir)  # the first write: everything above only read
     with RunDirLock(run_dir):
         store = Store(run_dir)
@@ -134,31 +130,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                             "argv": sys.argv[1:], "device": device,
                             "created": store.run_info().get("created", time.time()), "updated": time.time()})
         store.add_trials(trials)
-        statuses = store.statuses()
-        pending = [t for t in trials if statuses.get(t["id"]) not in FINISHED]
-        # backprop first: the transfer attack crafts its examples on the backprop model of the same seed
-        pending.sort(key=lambda t: t["algorithm"] != "backprop")
-        workers = args.workers or default_workers(len(pending), device)
-        threads = default_threads(workers) if device == "cpu" else (os.cpu_count() or 1)
-        where = cluster if args.executor == "ray" else f"{workers} worker(s) x {threads} thread(s)"
-        print(f"learnbench: {len(trials)} trials ({len(trials) - len(pending)} already finished) -> {run_dir} "
-              f"[{device}, {where}]", file=sys.stderr)
-        view = ProgressView(len(trials), len(trials) - len(pending), enabled=not args.quiet and sys.stderr.isatty())
-        try:
-            if args.executor == "ray":
-                from .executor_ray import run_ray
-
-                run_ray(pending, store, str(run_dir), args.data_dir, threads, view)
-            else:
-                run_local(pending, store, str(run_dir), args.data_dir, workers, threads, view)
-        finally:
-            view.close()
-        _post_run(store, run_dir, device, trials, args.data_dir)
-        final = store.statuses()
-        from .reports import show_table
-
-        ids = {t["id"] for t in trials}
-        print(show_table([t for t in store.trials() if t["id"] in ids]))
+        final = _run_pending(args, store, run_dir, device, trials, cluster)
         store.close()
     bad = sum(final[t["id"]] in ("failed", "diverged") for t in trials)
     print(f"learnbench: results in {run_dir}; `learnbench report {run_dir}` writes the report"
@@ -166,7 +138,68 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def _post_run(store, run_dir: Path, device: str, trials: list[dict[str, Any]], data_dir: str | None) -> None:
+def _resolve_run(args: argparse.Namespace, device: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The suite with the command line's overrides, its trials, and their datasets present (read only)."""
+    from . import __version__, config, datasets
+    from .registry import discover
+
+    registry = discover(args.plugin)
+    raw, _ = config.load_suite(args.suite)
+    suite = config.apply_overrides(raw, _names(args.algorithms), _names(args.datasets), args.seeds, args.sets,
+                                   registry)
+    trials = config.resolve(suite, registry, device, __version__)
+    for name in dict.fromkeys(t["dataset"] for t in trials):
+        datasets.prepare(name, args.data_dir)
+    return suite, trials
+
+
+def _run_dir(args: argparse.Namespace, suite_name: str) -> Path:
+    """--out, or runs/<suite>, suffixed with a hash of the options that change the trials (so two different
+    experiments never share a store)."""
+    if args.out:
+        return Path(args.out)
+    overridden = any([args.algorithms, args.datasets, args.seeds, _experiment_sets(args), args.plugin,
+                      args.device != "auto"])
+    return Path("runs") / (suite_name + (f"-{_short_hash(args)}" if overridden else ""))
+
+
+def _run_pending(args: argparse.Namespace, store: Store, run_dir: Path, device: str, trials: list[dict[str, Any]],
+                 cluster: str | None) -> dict[str, str]:
+    """Run the trials not finished yet on the chosen executor, then the post-run attacks; print the summary
+    table and return every trial's final status."""
+    from .executor import ProgressView, default_workers, run_local
+    from .runner import default_threads
+    from .store import FINISHED
+
+    statuses = store.statuses()
+    pending = [t for t in trials if statuses.get(t["id"]) not in FINISHED]
+    # backprop first: the transfer attack crafts its examples on the backprop model of the same seed
+    pending.sort(key=lambda t: t["algorithm"] != "backprop")
+    workers = args.workers or default_workers(len(pending), device)
+    threads = default_threads(workers) if device == "cpu" else (os.cpu_count() or 1)
+    where = cluster if args.executor == "ray" else f"{workers} worker(s) x {threads} thread(s)"
+    print(f"learnbench: {len(trials)} trials ({len(trials) - len(pending)} already finished) -> {run_dir} "
+          f"[{device}, {where}]", file=sys.stderr)
+    view = ProgressView(len(trials), len(trials) - len(pending), enabled=not args.quiet and sys.stderr.isatty())
+    try:
+        if args.executor == "ray":
+            from .executor_ray import run_ray
+
+            run_ray(pending, store, str(run_dir), args.data_dir, threads, view)
+        else:
+            run_local(pending, store, str(run_dir), args.data_dir, workers, threads, view)
+    finally:
+        view.close()
+    _post_run(store, run_dir, device, trials, args.data_dir)
+    final = store.statuses()
+    from .reports import show_table
+
+    ids = {t["id"] for t in trials}
+    print(show_table([t for t in store.trials() if t["id"] in ids]))
+    return final
+
+
+def _post_run(store: Store, run_dir: Path, device: str, trials: list[dict[str, Any]], data_dir: str | None) -> None:
     if any(t["robustness"].get("examples") for t in trials):
         from .attacks.robustness import post_run
 

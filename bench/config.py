@@ -110,48 +110,58 @@ def apply_overrides(raw: dict[str, Any], algorithms: list[str] | None = None, da
         if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds <= 0:
             raise UsageError(f"--seeds must be a positive integer; got {seeds!r}")
         suite["seeds"] = seeds
-    entries = suite.get("algorithms", [])
     if algorithms:
-        known = {e.get("label", e.get("id")) for e in entries} | {e.get("id") for e in entries}
-        installed = set(registry.names()) if registry is not None else set()
-        missing = [a for a in algorithms if a not in known and a not in installed]
-        if missing:
-            raise UsageError(f"algorithm(s) {', '.join(missing)} neither in suite {suite['name']!r} nor installed; "
-                             f"the suite has: {', '.join(sorted(k for k in known if k))}")
-        suite["algorithms"] = [e for e in entries if e.get("id") in algorithms or e.get("label") in algorithms]
-        suite["algorithms"] += [{"id": a} for a in algorithms if a not in known]
-    model_sets = {}
+        _select_algorithms(suite, algorithms, registry)
+    model_sets: dict[str, Any] = {}
     for item in sets:
-        if "=" not in item:
-            raise UsageError(f"--set takes key=value; got {item!r}")
-        key, _, text = item.partition("=")
-        head, _, rest = key.strip().partition(".")
-        value = parse_value(text.strip())
-        if not rest and head in ("seeds", "datasets"):
-            suite[head] = value
-        elif head == "model" and rest:
-            model_sets[rest] = value
-        elif head in ("budget", "eval", "robustness", "diagnostics", "resources") and rest:
-            suite.setdefault(head, {})[rest] = value
-            if head == "budget":  # an explicit budget on the command line wins over every entry's own
-                for entry in suite.get("algorithms", []):
-                    entry.pop("budget", None)
-        else:
-            matched = [e for e in suite.get("algorithms", []) if head in (e.get("id"), e.get("label"))]
-            if not matched or not rest:
-                raise UsageError(f"unknown --set key {key!r}: use budget.*, model.*, eval.*, robustness.*, "
-                                 "diagnostics.*, resources.*, seeds, datasets or <algorithm>.<hyper-parameter>")
-            for entry in matched:
-                if rest in ENTRY_KEYS:
-                    raise UsageError(f"--set cannot change {rest!r} of an algorithm entry")
-                entry[rest] = value
+        _apply_set(suite, item, model_sets)
     if model_sets:
         base = (suite.get("models") or [suite.get("model") or {}])[0]
         kind = model_sets.get("kind", base.get("kind"))
-        spec = dict(base) if base.get("kind") == kind else {}
+        spec = dict(base) if base.get("kind") == kind else {}  # another kind starts from its own defaults
         spec.update(model_sets, kind=kind)
         suite["models"], _ = [spec], suite.pop("model", None)
     return suite
+
+
+def _select_algorithms(suite: dict[str, Any], algorithms: list[str], registry: Registry | None) -> None:
+    """Keep the entries named (by id or label); a name only installed joins as `{"id": name}`."""
+    entries = suite.get("algorithms", [])
+    known = {e.get("label", e.get("id")) for e in entries} | {e.get("id") for e in entries}
+    installed = set(registry.names()) if registry is not None else set()
+    missing = [a for a in algorithms if a not in known and a not in installed]
+    if missing:
+        raise UsageError(f"algorithm(s) {', '.join(missing)} neither in suite {suite['name']!r} nor installed; "
+                         f"the suite has: {', '.join(sorted(k for k in known if k))}")
+    suite["algorithms"] = [e for e in entries if e.get("id") in algorithms or e.get("label") in algorithms]
+    suite["algorithms"] += [{"id": a} for a in algorithms if a not in known]
+
+
+def _apply_set(suite: dict[str, Any], item: str, model_sets: dict[str, Any]) -> None:
+    """One `--set key=value` into `suite`; `model.*` values are collected in `model_sets` (applied together)."""
+    if "=" not in item:
+        raise UsageError(f"--set takes key=value; got {item!r}")
+    key, _, text = item.partition("=")
+    head, _, rest = key.strip().partition(".")
+    value = parse_value(text.strip())
+    if not rest and head in ("seeds", "datasets"):
+        suite[head] = value
+    elif head == "model" and rest:
+        model_sets[rest] = value
+    elif head in ("budget", "eval", "robustness", "diagnostics", "resources") and rest:
+        suite.setdefault(head, {})[rest] = value
+        if head == "budget":  # an explicit budget on the command line wins over every entry's own
+            for entry in suite.get("algorithms", []):
+                entry.pop("budget", None)
+    else:
+        matched = [e for e in suite.get("algorithms", []) if head in (e.get("id"), e.get("label"))]
+        if not matched or not rest:
+            raise UsageError(f"unknown --set key {key!r}: use budget.*, model.*, eval.*, robustness.*, "
+                             "diagnostics.*, resources.*, seeds, datasets or <algorithm>.<hyper-parameter>")
+        for entry in matched:
+            if rest in ENTRY_KEYS:
+                raise UsageError(f"--set cannot change {rest!r} of an algorithm entry")
+            entry[rest] = value
 
 
 # --- resolution --------------------------------------------------------------------------------------------------
@@ -168,19 +178,10 @@ def resolve(suite: dict[str, Any], registry: Registry, device: str, code_version
     dataset_names = _string_list(suite.get("datasets", ["digits"]), f"{where}: datasets")
     infos = {name: datasets_info(name) for name in dataset_names}
     seeds = _seeds(suite.get("seeds", 1), where)
-    model_specs = suite.get("models") or ([suite["model"]] if "model" in suite else [{"kind": "mlp"}])
-    if not isinstance(model_specs, list) or not all(isinstance(m, dict) for m in model_specs):
-        raise UsageError(f"{where}: models must be a list of tables ([[models]])")
-    specs = [models_mod.normalize_spec(m) for m in model_specs]
+    specs = _model_specs(suite, where)
     budget = _budget(suite.get("budget", {}), where)
     eval_cfg = _table(suite.get("eval", {}), EVAL_DEFAULTS, f"{where}: eval")
-    diag_cfg = _table(suite.get("diagnostics", {}), DIAGNOSTICS_DEFAULTS, f"{where}: diagnostics")
-    from .diagnostics import PROBES
-
-    unknown_probes = [p for p in diag_cfg["probes"] if p not in PROBES]
-    if unknown_probes:
-        raise UsageError(f"{where}: unknown diagnostics probe(s) {', '.join(unknown_probes)}; "
-                         f"known: {', '.join(sorted(PROBES))}")
+    diag_cfg = _diagnostics(suite.get("diagnostics", {}), where)
     resources = _resources(suite.get("resources", {}), f"{where}: resources")
     entries = suite.get("algorithms")
     if not isinstance(entries, list) or not entries:
@@ -211,6 +212,26 @@ def resolve(suite: dict[str, Any], registry: Registry, device: str, code_version
     if not trials:
         raise UsageError(f"{where}: no trials (check the algorithms' `models` filters against the model labels)")
     return _unique(trials)
+
+
+def _model_specs(suite: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    """The suite's [[models]] (or its single [model]; default an mlp), each normalised with its defaults."""
+    model_specs = suite.get("models") or ([suite["model"]] if "model" in suite else [{"kind": "mlp"}])
+    if not isinstance(model_specs, list) or not all(isinstance(m, dict) for m in model_specs):
+        raise UsageError(f"{where}: models must be a list of tables ([[models]])")
+    return [models_mod.normalize_spec(m) for m in model_specs]
+
+
+def _diagnostics(table: Any, where: str) -> dict[str, Any]:
+    """The [diagnostics] table with its defaults; every probe name must be one of `learnbench.diagnostics.PROBES`."""
+    from .diagnostics import PROBES
+
+    diag_cfg = _table(table, DIAGNOSTICS_DEFAULTS, f"{where}: diagnostics")
+    unknown_probes = [p for p in diag_cfg["probes"] if p not in PROBES]
+    if unknown_probes:
+        raise UsageError(f"{where}: unknown diagnostics probe(s) {', '.join(unknown_probes)}; "
+                         f"known: {', '.join(sorted(PROBES))}")
+    return diag_cfg
 
 
 def trial_id(trial: dict[str, Any]) -> str:
@@ -256,7 +277,8 @@ def _budget(table: Any, where: str) -> dict[str, Any]:
         raise UsageError(f"{where}: budget must be a table")
     unknown = set(table) - set(BUDGET_KEYS)
     if unknown:
-        raise UsageError(f"{where}: unknown budget key(s) {', '.join(sorted(unknown))}; known: {', '.join(BUDGET_KEYS)}")
+        raise UsageError(f"{where}: unknown budget key(s) {', '.join(sorted(unknown))}; "
+                         f"known: {', '.join(BUDGET_KEYS)}")
     out = {}
     for key in BUDGET_KEYS:
         value = table.get(key)

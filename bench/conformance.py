@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -230,7 +230,7 @@ def describe(exc: BaseException) -> str:
 
 
 @contextmanager
-def failing(what: str):
+def failing(what: str) -> Iterator[None]:
     """Turn the trainer's exception into a CheckFailed naming what was being done."""
     try:
         yield
@@ -241,7 +241,7 @@ def failing(what: str):
 
 
 @contextmanager
-def single_thread():
+def single_thread() -> Iterator[None]:
     """One torch thread while the kit runs: its tiny matmuls only lose to thread start-up and, on a busy machine,
     to oversubscription (measured on this 2-core machine at load ~10: 40 backprop steps took about 2 s with two
     threads and 0.04 s with one). The caller's setting is restored."""

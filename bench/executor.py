@@ -13,12 +13,9 @@ import multiprocessing as mp
 import os
 import time
 from multiprocessing.connection import Connection, wait
-from typing import Any, Callable
+from typing import Any
 
 from .store import Store
-
-ResultHook = Callable[[dict[str, Any]], None]
-
 
 def run_local(trials: list[dict[str, Any]], store: Store, run_dir: str, data_dir: str | None, workers: int,
               threads: int, progress: "ProgressView") -> None:
@@ -107,7 +104,8 @@ def _service(slot: int, worker: dict, store: Store, progress, launch, dispatch) 
         pass
     if not worker["process"].is_alive() and trial is not None:
         code = worker["process"].exitcode
-        reason = f"worker process died (exit code {code}{', killed by signal ' + str(-code) if code and code < 0 else ''})"
+        killed = f", killed by signal {-code}" if code and code < 0 else ""
+        reason = f"worker process died (exit code {code}{killed})"
         record(store, {"id": trial["id"], "status": "failed", "error": reason, "metrics": {}, "curves": [],
                        "provenance": {}})
         progress.finish(trial, "failed")

@@ -30,18 +30,22 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from .errors import UsageError
 from .executor import ProgressView, record
 from .store import Store
+
+if TYPE_CHECKING:  # an optional extra: annotations only
+    import ray
 
 INSTALL_HINT = "pip install 'learnbench[ray]'"
 PROGRESS_INTERVAL_S = 0.5  # a task sends at most two progress messages a second
 _STARTED_LOCALLY = False  # this process started the Ray instance it uses (no --address)
 
 
-def import_ray():
+def import_ray() -> ModuleType:
     """The `ray` module, or a UsageError naming the extra to install."""
     try:
         import ray
@@ -179,7 +183,7 @@ def _start(trial: dict[str, Any], started: set, store: Store, progress: Progress
     progress.start(trial)
 
 
-def collect(ray, ref, trial: dict[str, Any], run_dir: str) -> dict[str, Any]:
+def collect(ray: ModuleType, ref: ray.ObjectRef, trial: dict[str, Any], run_dir: str) -> dict[str, Any]:
     """A finished task's result dict, its weights written into RUN_DIR/models; a task whose worker or node died
     becomes a failed result with Ray's reason."""
     try:
@@ -220,7 +224,8 @@ def write_model_files(run_dir: str, trial_id: str, files: dict[str, bytes]) -> N
         os.replace(tmp, folder / name)
 
 
-def run_task(trial_json: str, data_dir: str | None, threads: int, tracker) -> tuple[bytes, dict[str, bytes]]:
+def run_task(trial_json: str, data_dir: str | None, threads: int,
+             tracker: ray.actor.ActorHandle) -> tuple[bytes, dict[str, bytes]]:
     """The Ray task: one trial in a Ray worker, its weights saved to a scratch folder and sent back as bytes."""
     import torch
 

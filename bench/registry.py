@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points, packages_distributions, version as dist_version
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import UsageError
 
@@ -98,7 +98,7 @@ def discover(plugin_files: list[str] | tuple[str, ...] = ()) -> Registry:
 
 
 @contextmanager
-def registered(entry: Entry):
+def registered(entry: Entry) -> Iterator[Entry]:
     """Make `entry` part of every `discover()` in this process while the block runs: the conformance kit runs a
     class that is neither installed nor in a file (one defined in a test) through the real runner this way."""
     if entry.name in _EXTRA and _EXTRA[entry.name].cls is not entry.cls:

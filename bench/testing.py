@@ -25,17 +25,21 @@ import tempfile
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
 
 from . import registry
+from .config import ENTRY_KEYS
 from .conformance import (KIT_MODEL, KIT_SEED, KIT_STEPS, CheckFailed, Context, describe, failing, plain, shape_of,
                           single_thread)
 from .spec import StepStats
 
-SUITE_KEYS = {"id", "label", "models", "budget"}  # keys of a suite's [[algorithms]] entry: not hyper-parameters
+if TYPE_CHECKING:  # pytest is a test dependency, imported where the decorator is built
+    import pytest
+
+SUITE_KEYS = ENTRY_KEYS  # keys of a suite's [[algorithms]] entry: not hyper-parameters
 
 __all__ = ["CHECKS", "CheckFailed", "CheckResult", "check_trainer", "parametrize_with_checks"]
 
@@ -379,7 +383,7 @@ def _check_one(name: str, trainer: type | registry.Entry, device: str = "cpu") -
             raise CheckFailed(f"unexpected {describe(exc)}") from exc
 
 
-def parametrize_with_checks(trainers: list[type | registry.Entry], device: str = "cpu"):
+def parametrize_with_checks(trainers: list[type | registry.Entry], device: str = "cpu") -> pytest.MarkDecorator:
     """A `pytest.mark.parametrize` over (trainer, check) for trainer classes or registry entries: decorate
     `test(trainer, check)` whose body is `check(trainer)`. Test ids read `<name>-<check>`; a failing check raises
     CheckFailed (an AssertionError) with its reason."""

@@ -31,10 +31,14 @@ import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import UsageError
+
+if TYPE_CHECKING:  # the package imports this module
+    from . import DatasetInfo, Splits
 
 SYSTEM_ROOT = Path("/usr/share/datasets")
 """The last root searched (Debian's dataset packages install here); never written to."""
@@ -294,7 +298,7 @@ def load_arrays(source: IdxSource, data_dir: str | os.PathLike | None = None) ->
             for spec in source.files}
 
 
-def image_splits(source: IdxSource, info, data_dir: str | os.PathLike | None = None):
+def image_splits(source: IdxSource, info: DatasetInfo, data_dir: str | os.PathLike | None = None) -> Splits:
     """`Splits` of an MNIST-layout dataset: the four files `{train,t10k}-{images-idx3,labels-idx1}-ubyte`, pixels
     scaled by 1/255, `info.n_val` validation images carved from the training set."""
     from . import carve_validation, make_splits

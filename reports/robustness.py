@@ -17,6 +17,7 @@ from . import stats
 from .data import done, metric_names, metric_values
 from .document import Block, Cell, Figure, Heading, Table, Text, mark_best, pct
 from .figures import Line, Panel, lines_figure
+from .sections import Context, Groups
 
 PSEUDO = "-pseudo"
 
@@ -140,7 +141,7 @@ def _flag_text(group: list[dict[str, Any]], flags: list[str]) -> str:
     return ", ".join(raised) if raised else ("none" if flags else "–")
 
 
-def robustness_section(ctx, problem: tuple[str, str], groups: dict[str, list[dict[str, Any]]]) -> list[Block]:
+def robustness_section(ctx: Context, problem: tuple[str, str], groups: Groups) -> list[Block]:
     trials = [t for g in groups.values() for t in g]
     grid = attack_grid(trials)
     if not grid:

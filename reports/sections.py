@@ -40,10 +40,6 @@ class Context:
         return path
 
 
-def _fmt_cost(axis: str, value: float) -> str:
-    return secs(value) if axis == "seconds" else si(value)
-
-
 def accuracy_section(groups: Groups) -> list[Block]:
     headers = ["algorithm", "mean (%)", "std", "95% CI", "n", "trials", "seconds", "FLOPs", "examples"]
     rows: list[list[Cell]] = []

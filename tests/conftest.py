@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny suite on the embedded digits data, and the repository's shared datasets."""
+"""Shared fixtures: a tiny suite on the embedded digits data, the repository's shared datasets, and one torch thread
+for modules of tiny tensors."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED_DATA = Path(os.environ.get("LEARNBENCH_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "datasets"))
 
@@ -50,3 +52,13 @@ def mnist_dir() -> Path:
     if not (SHARED_DATA / "mnist" / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"MNIST IDX files not found under {SHARED_DATA} (set LEARNBENCH_DATA)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: a second intra-op thread only adds waits on a loaded machine, whose cores are shared. A module
+    asks for it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

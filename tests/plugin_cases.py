@@ -1,5 +1,6 @@
 """Trainers that break one rule each, as a `--plugin` file: the conformance kit must name the rule, the runner must
-fail (or mark diverged) only their own trials. `FAILS[name]` lists the checks each one fails."""
+fail (or mark diverged) only their own trials (test_plugins, test_runner, test_cli use them). `FAILS[name]` lists the
+checks each one fails."""
 
 BROKEN = '''
 import random

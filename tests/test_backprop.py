@@ -62,7 +62,7 @@ def test_every_optimizer_lowers_the_loss(optimizer):
     first = float(trainer.step(Batch(x[:64], y[:64])).loss)
     for epoch in range(15):
         for i in range(8):
-            last = trainer.step(Batch(x[i * 64:(i + 1) * 64], y[i * 64:(i + 1) * 64]))
+            trainer.step(Batch(x[i * 64:(i + 1) * 64], y[i * 64:(i + 1) * 64]))
     with torch.no_grad():
         assert float(F.cross_entropy(model(x), y)) < 0.8 * first, optimizer
 

@@ -122,9 +122,9 @@ def test_second_process_on_the_same_run_dir_is_refused(tmp_path, capsys):
 
 
 def test_failed_trials_give_exit_code_1(tmp_path):
-    from helpers import MISBEHAVING
+    from plugin_cases import BROKEN
     plugin = tmp_path / "bad.py"
-    plugin.write_text(MISBEHAVING)
+    plugin.write_text(BROKEN)
     text = TINY_SUITE.replace('id = "backprop"', 'id = "raises"')
     result = run_cli("run", suite_file(tmp_path, text), "--plugin", str(plugin), "--out", str(tmp_path / "r"),
                      "--quiet")

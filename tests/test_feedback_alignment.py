@@ -21,13 +21,7 @@ from learnbench.algorithms.sign_symmetry import SignSymmetry
 from learnbench.diagnostics.alignment import angle
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds waits on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SHAPE = (1, 16, 16)  # small enough for speed, big enough for LeNet

@@ -8,13 +8,7 @@ import torch
 from learnbench.perf.fa import TRAINERS, time_epochs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds waits on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_perf_fa_times_every_trainer_against_backprop() -> None:

@@ -19,13 +19,7 @@ from learnbench.store import Store
 FAST = {"examples": 500, "square_queries": 200, "apgd_steps": 40}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(model: nn.Module, training_model: nn.Module | None = None, **overrides) -> dict[str, float]:

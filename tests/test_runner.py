@@ -4,8 +4,9 @@ import math
 
 import pytest
 
-from helpers import MISBEHAVING, make_trials
+from helpers import make_trials
 from learnbench.runner import run_trial
+from plugin_cases import BROKEN
 
 COST_KEYS_THAT_VARY = ("cost/train_seconds", "cost/peak_memory_bytes")
 
@@ -67,7 +68,7 @@ def test_evaluation_cadence_gives_points_plus_one_curve_values():
 @pytest.fixture
 def plugin(tmp_path):
     path = tmp_path / "misbehaving.py"
-    path.write_text(MISBEHAVING)
+    path.write_text(BROKEN)
     return path
 
 

@@ -1,7 +1,8 @@
 """Adversarial robustness: one attack per file; `robustness.py` holds what the runner calls.
 
 Runner hooks (ARCHITECTURE.md, "Runner hooks / Robustness"): `resolve_settings(table, dataset)`,
-`evaluate(model, x, y, settings, *, generator, training_model=None)` and `post_run(store, run_dir, device, data_dir=None)`.
+`evaluate(model, x, y, settings, *, generator, training_model=None)` and
+`post_run(store, run_dir, device, data_dir=None)`.
 The attacks themselves (`fgsm`, `pgd_linf`, `pgd_l2`, `apgd_ce`, `square_linf`, `gaussian_noise`) take a model
 and a batch and return adversarial inputs; call them inside `attack_mode(model)`.
 """

@@ -18,10 +18,12 @@ Randomness comes from the given generator, not a global seed.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor, nn
 
-from .common import bcast, cross_entropy, loss_grad, per_row, project_linf, uniform
+from .common import bcast, cross_entropy, loss_grad, on_survivors, per_row, project_linf, uniform
 
 STEPS = 100
 """Iterations per restart (AutoAttack's standard and the paper's setting)."""
@@ -35,17 +37,8 @@ def apgd_ce(model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor, *, gene
             steps: int = STEPS, restarts: int = 1, rho: float = RHO) -> Tensor:
     """APGD-CE (Linf): x [B, ...] in [0, 1], y [B], eps a number or one per point [B] -> x_adv [B, ...].
     Call inside `attack_mode(model)`."""
-    eps = per_row(eps, x)  # [B]
-    out = x.clone()
-    fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    for _ in range(max(1, restarts)):
-        todo = (~fooled).nonzero().squeeze(1)  # [n]
-        if todo.numel() == 0:
-            break
-        adv, hit = _single_run(model, x[todo], y[todo], eps[todo], generator, steps, rho)
-        out[todo] = adv
-        fooled[todo[hit]] = True
-    return out
+    run = partial(_single_run, model, generator=generator, steps=steps, rho=rho)  # (x, y, eps) -> (x_adv, hit)
+    return on_survivors(run, x, y, per_row(eps, x), restarts)
 
 
 def checkpoints(steps: int) -> list[int]:

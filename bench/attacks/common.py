@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+
 @contextlib.contextmanager
 def attack_mode(*models: nn.Module) -> Iterator[None]:
     """Eval mode and frozen weights for the duration of an attack; both restored afterwards, even on error.
@@ -128,6 +129,22 @@ def chunked(attack: Callable[[Tensor, Tensor, Tensor], Tensor], x: Tensor, y: Te
     if x.shape[0] <= chunk:
         return attack(x, y, eps)
     return torch.cat([attack(*part) for part in zip(x.split(chunk), y.split(chunk), eps.split(chunk))])
+
+
+def on_survivors(single_run: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]], x: Tensor, y: Tensor,
+                 eps: Tensor, restarts: int) -> Tensor:
+    """Restarts of `single_run(x, y, eps) -> (x_adv, hit)`, each on the points no earlier run broke; a point keeps
+    the answer of the last run that attacked it (its breaking point, once broken). eps: one radius per row [B]."""
+    out = x.clone()
+    fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    for _ in range(max(1, restarts)):
+        todo = (~fooled).nonzero().squeeze(1)  # [n]
+        if todo.numel() == 0:
+            break
+        adv, hit = single_run(x[todo], y[todo], eps[todo])
+        out[todo] = adv
+        fooled[todo[hit]] = True
+    return out
 
 
 def random_sign(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> Tensor:

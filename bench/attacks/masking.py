@@ -4,7 +4,8 @@ Athalye, Carlini & Wagner 2018 ("Obfuscated gradients give a false sense of secu
 A model whose gradients are useless to an attacker (quantised, saturated, or attacked through the wrong backward)
 looks robust to white-box attacks without being robust. Each check becomes a 0/1 metric `flag/masking/<check>`;
 a check that cannot be made with the attacks that ran is left out, never reported as 0 (reports and `show` list
-every `flag/masking/*` metric that is 1). With N attacked points and margin m (`masking_margin`, a fraction of the N points):
+every `flag/masking/*` metric that is 1). With N attacked points and margin m (`masking_margin`, a fraction of the
+N points):
 
 * `black-box-beats-white-box`: at some eps, more than m N points survive every white-box attack of that threat
   model (Linf: fgsm, pgd-linf, apgd-ce; L2: pgd-l2) but fall to the black-box one (square; noise for L2).

@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +49,9 @@ from .noise import gaussian_noise
 from .pgd import pgd_linf
 from .pgd_l2 import pgd_l2
 from .square import square_linf
+
+if TYPE_CHECKING:
+    from ..store import Store
 
 ATTACKS = ("fgsm", "pgd-linf", "pgd-l2", "apgd-ce", "square", "noise", "transfer")
 NORM = {"fgsm": "linf", "pgd-linf": "linf", "pgd-l2": "l2", "apgd-ce": "linf", "square": "linf", "noise": "l2",
@@ -142,7 +146,7 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, settings: dict, *, generato
     return metrics
 
 
-def post_run(store, run_dir, device, data_dir: str | None = None) -> None:
+def post_run(store: Store, run_dir: str | Path, device: str | torch.device, data_dir: str | None = None) -> None:
     """After all trials: the transfer attack from each backprop model to its siblings (see transfer.py)."""
     from .transfer import transfer_post_run
 

@@ -19,11 +19,12 @@ Vectors [B, D] are treated as 1 x D images (a window of round(p * D) features); 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
-from .common import logits_of, margin, per_row, randint, random_sign
+from .common import logits_of, margin, on_survivors, per_row, randint, random_sign
 
 QUERIES = 5000
 """AutoAttack's standard budget per restart (the suite default is smaller; see robustness.py)."""
@@ -47,17 +48,8 @@ def square_linf(model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor, *, 
                 queries: int = QUERIES, p_init: float = P_INIT, restarts: int = 1) -> Tensor:
     """Square Attack (Linf): x [B, ...] in [0, 1], y [B], eps a number or one per point [B] -> x_adv [B, ...].
     Forward passes only."""
-    eps = per_row(eps, x)  # [B]
-    out = x.clone()
-    fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    for _ in range(max(1, restarts)):
-        todo = (~fooled).nonzero().squeeze(1)  # [n]
-        if todo.numel() == 0:
-            break
-        adv, hit = _single_run(model, x[todo], y[todo], eps[todo], generator, queries, p_init)
-        out[todo] = adv
-        fooled[todo[hit]] = True
-    return out
+    run = partial(_single_run, model, generator=generator, queries=queries, p_init=p_init)  # (x, y, eps) -> ...
+    return on_survivors(run, x, y, per_row(eps, x), restarts)
 
 
 def as_image(x: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,9 @@ from torch import Tensor, nn
 from .common import attack_mode, chunked, predict
 from .pgd import pgd_linf
 from .robustness import accuracy_metrics, check_constraint, eps_key
+
+if TYPE_CHECKING:
+    from learnbench.store import Store
 
 WHITE_BOX_LINF = ("fgsm", "pgd-linf", "apgd-ce")
 
@@ -88,7 +91,7 @@ def source_of(group: list[dict[str, Any]]) -> dict[str, Any] | None:
     return min(backprop, key=lambda t: (t["label"] != "backprop", t["label"], t["id"]))
 
 
-def transfer_post_run(store, run_dir: str | Path, device: torch.device, data_dir: str | None = None) -> None:
+def transfer_post_run(store: Store, run_dir: str | Path, device: torch.device, data_dir: str | None = None) -> None:
     """For each group with a backprop source: craft once, score every other trial, add its metrics."""
     import learnbench
     from learnbench import datasets

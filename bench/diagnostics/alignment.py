@@ -27,35 +27,23 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from learnbench.diagnostics.common import (StepState, angle, feedback_layers, put, step_state, trainable,
+from learnbench.diagnostics.common import (StepProbe, StepState, angle, feedback_layers, put, trainable,
                                            true_gradients, weight_layers)
-from learnbench.spec import Batch, TaskInfo
 
 __all__ = ["AlignmentProbe", "angle", "feedback_layers", "true_gradients", "weight_layers"]
 
 
-class AlignmentProbe:
+class AlignmentProbe(StepProbe):
     """Probe(training_model, trainer, task): `before_step(batch)` then `after_step(batch) -> {metric: value}`."""
 
-    def __init__(self, training_model: nn.Module, trainer, task: TaskInfo):
-        self.training_model = training_model
-        self.trainer = trainer
-        self.task = task
-        self._state: StepState | None = None
-
-    def before_step(self, batch: Batch) -> None:
-        self._state = step_state(self.trainer.eval_model(), batch)  # shared with the other probes of this step
-
-    def after_step(self, batch: Batch) -> dict[str, float]:
-        if self._state is None:
-            raise RuntimeError("AlignmentProbe.after_step called without before_step")
-        model, values = self.trainer.eval_model(), {}
+    def measure(self, model: nn.Module, state: StepState) -> dict[str, float]:
+        values: dict[str, float] = {}
         names = {id(p): key for key, p in trainable(model).items()}
         for name, layer in weight_layers(model).items():
             key = names.get(id(layer.weight))
             if key is None:  # a frozen weight: nothing moves it
                 continue
-            true, before = self._state.grad[key], self._state.before[key]
+            true, before = state.grad[key], state.before[key]
             put(values, f"align/update-grad/{name}", angle(before - layer.weight.detach(), true))
             estimate = layer.weight.grad
             if estimate is not None:
@@ -64,7 +52,6 @@ class AlignmentProbe:
         for name, layer in feedback_layers(self.training_model).items():
             if layer.feedback_rule != "dfa":  # DFA's matrices map the output error, not this layer's
                 put(values, f"align/B-W/{name}", angle(layer.feedback_matrix(), layer.weight.detach()))
-        self._state = None
         return values
 
 

@@ -1,5 +1,5 @@
 """What the probes share: the layers they report on, the true gradient at the parameters before a step, the
-parameters' snapshot, and angles, cosines and norms between them.
+parameters' snapshot, angles, cosines and norms between them, and `StepProbe`, the before/after protocol over them.
 
 `step_state(model, batch)` is the one place a probe computes the true gradient. The runner calls every probe's
 `before_step` on the same batch, back to back, so the probes of one step (alignment, gradient-flow, update-grad)
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from learnbench.spec import Batch
+from learnbench.spec import Batch, TaskInfo, Trainer
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def feedback_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Qualified name -> every layer of `model` whose backward routes the error through feedback weights."""
     return {name: m for name, m in model.named_modules() if getattr(m, "uses_feedback_weights", False)}
 
 
@@ -133,3 +134,28 @@ def put(values: dict[str, float], key: str, value: float) -> None:
     """Record a value unless it is NaN (a zero update or gradient has no direction)."""
     if not math.isnan(value):
         values[key] = value
+
+
+class StepProbe:
+    """Probe(training_model, trainer, task): `before_step(batch)` takes the shared step state on the plain model
+    (`trainer.eval_model()`), `after_step(batch)` hands it to `measure` and drops it. Subclasses define `measure`."""
+
+    def __init__(self, training_model: nn.Module, trainer: Trainer, task: TaskInfo):
+        self.training_model = training_model
+        self.trainer = trainer
+        self.task = task
+        self._state: StepState | None = None
+
+    def before_step(self, batch: Batch) -> None:
+        self._state = step_state(self.trainer.eval_model(), batch)  # shared with the other probes of this step
+
+    def after_step(self, batch: Batch) -> dict[str, float]:
+        if self._state is None:
+            raise RuntimeError(f"{type(self).__name__}.after_step called without before_step")
+        values = self.measure(self.trainer.eval_model(), self._state)
+        self._state = None
+        return values
+
+    def measure(self, model: nn.Module, state: StepState) -> dict[str, float]:
+        """{metric: value} from the plain model after the step and the state taken before it."""
+        raise NotImplementedError

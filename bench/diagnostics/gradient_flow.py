@@ -27,8 +27,7 @@ import math
 
 from torch import nn
 
-from learnbench.diagnostics.common import StepState, deltas, layer_parameters, norm, step_state
-from learnbench.spec import Batch, TaskInfo
+from learnbench.diagnostics.common import StepProbe, StepState, deltas, layer_parameters, norm
 
 VANISHING = 1e-3
 """First-over-last gradient-norm ratio below which `flag/vanishing` is raised."""
@@ -36,22 +35,10 @@ EXPLODING = 1e3
 """Ratio above which `flag/exploding` is raised."""
 
 
-class GradientFlowProbe:
+class GradientFlowProbe(StepProbe):
     """Probe(training_model, trainer, task): `before_step(batch)` then `after_step(batch) -> {metric: value}`."""
 
-    def __init__(self, training_model: nn.Module, trainer, task: TaskInfo):
-        self.training_model = training_model
-        self.trainer = trainer
-        self.task = task
-        self._state: StepState | None = None
-
-    def before_step(self, batch: Batch) -> None:
-        self._state = step_state(self.trainer.eval_model(), batch)
-
-    def after_step(self, batch: Batch) -> dict[str, float]:
-        if self._state is None:
-            raise RuntimeError("GradientFlowProbe.after_step called without before_step")
-        model, state = self.trainer.eval_model(), self._state
+    def measure(self, model: nn.Module, state: StepState) -> dict[str, float]:
         moved = deltas(model, state)
         values: dict[str, float] = {}
         grads = []
@@ -60,7 +47,6 @@ class GradientFlowProbe:
             values[f"grad/norm/{layer}"] = grads[-1]
             values[f"update/norm/{layer}"] = norm([moved[n] for n in names])
         values.update(flow_flags(grads))
-        self._state = None
         return values
 
 

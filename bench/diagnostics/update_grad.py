@@ -18,26 +18,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from learnbench.diagnostics.common import StepState, cosine, deltas, layer_parameters, put, step_state
-from learnbench.spec import Batch, TaskInfo
+from learnbench.diagnostics.common import StepProbe, StepState, cosine, deltas, layer_parameters, put
 
 
-class UpdateGradProbe:
+class UpdateGradProbe(StepProbe):
     """Probe(training_model, trainer, task): `before_step(batch)` then `after_step(batch) -> {metric: value}`."""
 
-    def __init__(self, training_model: nn.Module, trainer, task: TaskInfo):
-        self.training_model = training_model
-        self.trainer = trainer
-        self.task = task
-        self._state: StepState | None = None
-
-    def before_step(self, batch: Batch) -> None:
-        self._state = step_state(self.trainer.eval_model(), batch)
-
-    def after_step(self, batch: Batch) -> dict[str, float]:
-        if self._state is None:
-            raise RuntimeError("UpdateGradProbe.after_step called without before_step")
-        model, state = self.trainer.eval_model(), self._state
+    def measure(self, model: nn.Module, state: StepState) -> dict[str, float]:
         moved = deltas(model, state)
         descent = {name: -g for name, g in state.grad.items()}
         values: dict[str, float] = {}
@@ -45,5 +32,4 @@ class UpdateGradProbe:
         put(values, "cos/update-grad", cosine([moved[n] for n in names], [descent[n] for n in names]))
         for layer, own in layer_parameters(model).items():
             put(values, f"cos/update-grad/{layer}", cosine([moved[n] for n in own], [descent[n] for n in own]))
-        self._state = None
         return values

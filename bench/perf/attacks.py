@@ -30,7 +30,7 @@ from torch import nn
 from learnbench.algorithms.backprop import Backprop
 from learnbench.attacks import attack_mode, pgd_linf
 from learnbench.errors import UsageError
-from learnbench.models import build
+from learnbench.perf._common import MLP_256, load_data, median_ratio, seeded_model, sync
 from learnbench.spec import Batch, TaskInfo
 
 
@@ -46,18 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from learnbench.datasets import load, prepare
-
     try:
         from art.attacks.evasion import ProjectedGradientDescentPyTorch
         from art.estimators.classification import PyTorchClassifier
     except ImportError:
         raise UsageError("learnbench perf attacks compares against ART: pip install 'learnbench[peers]'") from None
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    prepare(args.dataset, args.data_dir)
-    data = load(args.dataset, args.data_dir).to(device)
+    device, data = load_data(args, args.dataset)
     model = _train(data, args.epochs, device)
     x, y = data.test_x[:args.examples], data.test_y[:args.examples]
     classifier = PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), input_shape=tuple(data.input_shape),
@@ -85,9 +79,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _train(data, epochs: int, device: torch.device) -> nn.Module:
     """The attacked model: MLP D-256-256-C, learnbench's backprop (Adam, batch 128), fixed seed."""
-    with torch.random.fork_rng(devices=[]):  # initialised on the CPU from a fixed seed, then moved
-        torch.manual_seed(0)
-        model = build({"kind": "mlp", "hidden": [256, 256]}, tuple(data.input_shape), data.n_classes).to(device)
+    model = seeded_model(MLP_256, data, device)
     generator = torch.Generator(device=device).manual_seed(0)
     trainer = Backprop(batch_size=128)
     n = data.train_x.shape[0]
@@ -114,10 +106,10 @@ def _ours(model: nn.Module, x: torch.Tensor, y: torch.Tensor, args: argparse.Nam
 
 
 def _timed(fn, seed: int, device: torch.device) -> tuple[float, torch.Tensor]:
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     adv = fn(seed)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start, adv
 
 
@@ -130,7 +122,7 @@ def _print(args, device, model, x, y, times, accs) -> None:
     art_name, same_name = list(times)[:2]
     rows = [(name, statistics.median(t), min(t), max(t), statistics.mean(accs[name]))
             for name, t in times.items()]
-    ratio = statistics.median(o / r for o, r in zip(times[same_name], times[art_name]))
+    ratio = median_ratio(times[same_name], times[art_name])
     gap = abs(statistics.mean(accs[same_name]) - statistics.mean(accs[art_name]))
     clean = _robust_accuracy(model, x, y, x)
     print(f"PGD-Linf, {args.dataset} MLP 256-256 (clean accuracy {clean:.3f} on these points): {x.shape[0]} points, "
@@ -140,7 +132,3 @@ def _print(args, device, model, x, y, times, accs) -> None:
     print(f"ratio learnbench / ART (same work): {ratio:.3f} (median of {args.repeats} alternated pairs; goal <= 0.5)")
     print(f"robust accuracy gap: {100 * gap:.2f} pp (mean over repeats; goal <= 2 pp)")
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

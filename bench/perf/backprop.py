@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +23,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from learnbench.algorithms.backprop import Backprop
-from learnbench.models import build
-from learnbench.runner import Progress, Sampler, _generator, _train
+from learnbench.perf._common import MLP_256, load_data, median_ratio, runner_epoch, seeded_model, sync
+from learnbench.runner import Sampler, _generator
 from learnbench.spec import TaskInfo
+
+if TYPE_CHECKING:
+    from learnbench.datasets import Splits
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,26 +40,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from learnbench.datasets import load, prepare
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    prepare(args.dataset, args.data_dir)
-    data = load(args.dataset, args.data_dir).to(device)
-    x, y = data.train_x, data.train_y
-    init = _model(data, device).state_dict()
-    times: dict[str, list[float]] = {"dataloader": [], "learnbench": []}
+    device, data = load_data(args, args.dataset)
+    init = seeded_model(MLP_256, data, device).state_dict()
+    sides = {"dataloader": _dataloader_epoch, "learnbench": _runner_epoch}
+    times: dict[str, list[float]] = {side: [] for side in sides}
     for repeat in range(args.repeats + 1):
-        for side, fn in (("dataloader", _dataloader_epoch), ("learnbench", _runner_epoch)):
-            seconds = fn(data, init, x, y, args.batch_size, device, repeat)
+        for side, fn in sides.items():
+            seconds = fn(data, init, args.batch_size, device, repeat)
             if repeat > 0:
                 times[side].append(seconds)
-    flops = _flops_per_epoch(data, init, args.batch_size, device)
+    flops = _flops_per_epoch(data, args.batch_size, device)
     peak = _matmul_peak(device)
     ref, ours = statistics.median(times["dataloader"]), statistics.median(times["learnbench"])
-    # the ratio of each alternated pair, then the median: robust to the machine's speed drifting during the run
-    pair_ratio = statistics.median(o / r for o, r in zip(times["learnbench"], times["dataloader"]))
+    pair_ratio = median_ratio(times["learnbench"], times["dataloader"])
     rows = [(side, statistics.median(t), min(t), max(t), flops / statistics.median(t) / 1e9)
             for side, t in times.items()]
     print(f"backprop, one {args.dataset} epoch: MLP 784-256-256-10, Adam, batch {args.batch_size}, "
@@ -68,49 +65,31 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model(data, device: torch.device) -> torch.nn.Module:
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return build({"kind": "mlp", "hidden": [256, 256]}, data.input_shape, data.n_classes).to(device)
-
-
-def _dataloader_epoch(data, init, x, y, batch_size, device, repeat) -> float:
-    model = _model(data, device)
+def _dataloader_epoch(data: Splits, init: dict, batch_size: int, device: torch.device, repeat: int) -> float:
+    model = seeded_model(MLP_256, data, device)
     model.load_state_dict(init)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(repeat)
-    loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True, drop_last=True,
-                        generator=generator if device.type == "cpu" else None)
-    _sync(device)
+    loader = DataLoader(TensorDataset(data.train_x, data.train_y), batch_size=batch_size, shuffle=True,
+                        drop_last=True, generator=generator if device.type == "cpu" else None)
+    sync(device)
     start = time.perf_counter()
     for xb, yb in loader:
         optimizer.zero_grad()
         loss = F.cross_entropy(model(xb), yb)
         loss.backward()
         optimizer.step()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start
 
 
-def _runner_epoch(data, init, x, y, batch_size, device, repeat) -> float:
-    """One epoch through the runner's loop (`_train`, evaluation off), timed from outside."""
-    model = _model(data, device)
-    model.load_state_dict(init)
-    task = TaskInfo(tuple(data.input_shape), data.n_classes, int(x.shape[0]), device)
-    trainer = Backprop(batch_size=batch_size, optimizer="adam", lr=1e-3)
-    trainer.setup(model, task, _generator(repeat, 0, device))
-    sampler = Sampler(x, y, batch_size, _generator(repeat, 1, device))
-    progress = Progress({"steps": sampler.per_epoch}, task.n_train)
-    trial = {"eval": {"points": 0, "batch_size": 2048}, "diagnostics": {"every": 0, "probes": []}}
-    _sync(device)
-    start = time.perf_counter()
-    _train(trainer, sampler, progress, trial, data, [], [], None)
-    _sync(device)
-    return time.perf_counter() - start
+def _runner_epoch(data: Splits, init: dict, batch_size: int, device: torch.device, repeat: int) -> float:
+    """Wall seconds of one epoch through the runner's loop (`_train`, evaluation off), timed from outside."""
+    return runner_epoch(Backprop, data, init, batch_size, device, repeat)[0]
 
 
-def _flops_per_epoch(data, init, batch_size, device) -> float:
-    model = _model(data, device)
+def _flops_per_epoch(data: Splits, batch_size: int, device: torch.device) -> float:
+    model = seeded_model(MLP_256, data, device)
     trainer = Backprop(batch_size=batch_size)
     trainer.setup(model, TaskInfo(tuple(data.input_shape), data.n_classes, 1, device), torch.Generator(device))
     sampler = Sampler(data.train_x, data.train_y, batch_size, _generator(0, 1, device))
@@ -125,15 +104,11 @@ def _matmul_peak(device: torch.device, n: int = 2048, repeats: int = 5, trials: 
     a @ b
     best = 0.0
     for _ in range(trials):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         for _ in range(repeats):
             a @ b
-        _sync(device)
+        sync(device)
         best = max(best, 2 * n**3 * repeats / (time.perf_counter() - start))
     return best
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 from typing import Callable
 
 import torch
@@ -36,6 +35,7 @@ from learnbench.algorithms.openai_es import OpenAIES, gradient_estimate
 from learnbench.algorithms.snes import SNES
 from learnbench.errors import UsageError
 from learnbench.models import build
+from learnbench.perf._common import alternate_generations, median_ratio
 from learnbench.spec import Batch, TaskInfo
 
 MODELS = {"mlp": {"kind": "mlp", "hidden": [32]}, "cnn": {"kind": "cnn"}}
@@ -76,26 +76,12 @@ def bench_model(model_name: str, x: torch.Tensor, y: torch.Tensor, device: torch
     if args.contenders:
         wanted = {c.strip() for c in args.contenders.split(",")}
         contenders = {k: v for k, v in contenders.items() if k in wanted}
-    gens = args.gens or GENS[model_name]
-    sampler = torch.Generator().manual_seed(0)
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    for round_ in range(args.rounds + 1):  # round 0 is the warm-up
-        for name, generation in contenders.items():
-            batches = [_batch(x, y, args.batch_size, sampler) for _ in range(gens if round_ else 1)]
-            _sync(device)
-            start = time.perf_counter()
-            for batch in batches:
-                generation(batch)
-            _sync(device)
-            if round_:
-                times[name].append((time.perf_counter() - start) / gens)
+    times = alternate_generations(contenders, x, y, args.batch_size, args.rounds, args.gens or GENS[model_name])
     rows = []
     for name, seconds in times.items():
-        # ratio: the median over rounds of the round's time ratio, robust to the machine's load drifting
-        ratio = lambda ref: statistics.median(r / s for r, s in zip(times[ref], seconds)) if ref in times else None
+        versus = [median_ratio(times[ref], seconds) if ref in times else None for ref in ("evotorch-snes", "loop")]
         median = statistics.median(seconds)
-        rows.append([model_name, name, 1 / median, args.popsize * args.batch_size / median,
-                     ratio("evotorch-snes"), ratio("loop")])
+        rows.append([model_name, name, 1 / median, args.popsize * args.batch_size / median, *versus])
     return rows
 
 
@@ -172,22 +158,12 @@ def load_mnist_train(data_dir: str | None) -> tuple[torch.Tensor, torch.Tensor]:
     return splits.train_x, splits.train_y
 
 
-def _batch(x: torch.Tensor, y: torch.Tensor, size: int, generator: torch.Generator) -> Batch:
-    idx = torch.randint(0, x.shape[0], (size,), generator=generator).to(x.device)
-    return Batch(x[idx], y[idx])
-
-
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda: CUDA is not available")
     return torch.device(name)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # time the work, not the kernel launches
 
 
 if __name__ == "__main__":  # the CLI adds --device itself

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+from typing import TYPE_CHECKING
 
 import torch
 from tabulate import tabulate
@@ -23,13 +23,13 @@ from learnbench.algorithms.direct_feedback_alignment import DirectFeedbackAlignm
 from learnbench.algorithms.feedback_alignment import FeedbackAlignment
 from learnbench.algorithms.kolen_pollack import KolenPollack
 from learnbench.algorithms.sign_symmetry import SignSymmetry
-from learnbench.models import build
-from learnbench.runner import Progress, Sampler, _generator, _train
-from learnbench.spec import TaskInfo
+from learnbench.perf._common import MLP_256, load_data, median_ratio, runner_epoch, seeded_model
+
+if TYPE_CHECKING:
+    from learnbench.datasets import Splits
 
 TRAINERS = (Backprop, FeedbackAlignment, DirectFeedbackAlignment, SignSymmetry, KolenPollack)
 LIMIT = 1.15  # acceptance: an FA-family epoch takes at most this times backprop's
-SPEC = {"kind": "mlp", "hidden": [256, 256]}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,13 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from learnbench.datasets import load, prepare
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    prepare("mnist", args.data_dir)
-    data = load("mnist", args.data_dir).to(device)
+    device, data = load_data(args, "mnist")
     rows = time_epochs(data, args.batch_size, args.repeats, device)
     print(f"one MNIST epoch: MLP 784-256-256-10, Adam, batch {args.batch_size}, {device}, "
           f"{torch.get_num_threads()} threads, {args.repeats} counted repeats each (alternated)")
@@ -55,53 +49,24 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def time_epochs(data, batch_size: int, repeats: int, device: torch.device) -> list[list]:
+def time_epochs(data: Splits, batch_size: int, repeats: int, device: torch.device) -> list[list]:
     """Per trainer: median wall and CPU seconds of an epoch, and the median per-repeat ratios to backprop."""
-    init = _model(data, device).state_dict()
+    init = seeded_model(MLP_256, data, device).state_dict()
     wall: dict[str, list[float]] = {cls.name: [] for cls in TRAINERS}
     cpu: dict[str, list[float]] = {cls.name: [] for cls in TRAINERS}
     for repeat in range(repeats + 1):
         shift = repeat % len(TRAINERS)
         for cls in TRAINERS[shift:] + TRAINERS[:shift]:
-            seconds = _runner_epoch(cls, data, init, batch_size, device, repeat)
+            seconds = runner_epoch(cls, data, init, batch_size, device, repeat)
             if repeat > 0:
                 wall[cls.name].append(seconds[0])
                 cpu[cls.name].append(seconds[1])
     rows = []
     for cls in TRAINERS:
-        ratio = statistics.median(o / r for o, r in zip(wall[cls.name], wall["backprop"]))
-        cpu_ratio = statistics.median(o / r for o, r in zip(cpu[cls.name], cpu["backprop"]))
+        ratio = median_ratio(wall[cls.name], wall["backprop"])
+        cpu_ratio = median_ratio(cpu[cls.name], cpu["backprop"])
         verdict = "" if cls is Backprop else ("yes" if ratio <= LIMIT else "NO")
         rows.append([cls.name, statistics.median(wall[cls.name]), ratio, statistics.median(cpu[cls.name]),
                      cpu_ratio, verdict])
     return rows
 
-
-def _model(data, device: torch.device) -> torch.nn.Module:
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return build(SPEC, data.input_shape, data.n_classes).to(device)
-
-
-def _runner_epoch(cls: type, data, init: dict, batch_size: int, device: torch.device,
-                  repeat: int) -> tuple[float, float]:
-    """(wall, process CPU) seconds of one epoch of `cls` through the runner's loop."""
-    model = _model(data, device)
-    model.load_state_dict(init)
-    x, y = data.train_x, data.train_y
-    task = TaskInfo(tuple(data.input_shape), data.n_classes, int(x.shape[0]), device)
-    trainer = cls(batch_size=batch_size, optimizer="adam", lr=1e-3)
-    trainer.setup(model, task, _generator(repeat, 0, device))
-    sampler = Sampler(x, y, batch_size, _generator(repeat, 1, device))
-    progress = Progress({"steps": sampler.per_epoch}, task.n_train)
-    trial = {"eval": {"points": 0, "batch_size": 2048}, "diagnostics": {"every": 0, "probes": []}}
-    _sync(device)
-    wall, cpu = time.perf_counter(), time.process_time()
-    _train(trainer, sampler, progress, trial, data, [], [], None)
-    _sync(device)
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

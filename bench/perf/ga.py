@@ -27,7 +27,6 @@ import argparse
 import os
 import random
 import statistics
-import time
 from typing import Callable
 
 import numpy as np
@@ -37,12 +36,12 @@ from deap import base, creator, tools
 from tabulate import tabulate
 
 from learnbench.algorithms.genetic import GeneticAlgorithm
+from learnbench.models import build
+from learnbench.perf._common import alternate_generations, median_ratio
+from learnbench.spec import Batch, TaskInfo
 
 CROSSOVERS = {"blend": (tools.cxBlend, {"alpha": 0.5}), "uniform": (tools.cxUniform, {"indpb": 0.5}),
               "two-point": (tools.cxTwoPoint, {})}
-from learnbench.models import build
-from learnbench.spec import Batch, TaskInfo
-
 MODEL = {"kind": "mlp", "hidden": [32]}
 
 
@@ -70,10 +69,10 @@ def main(args: argparse.Namespace) -> int:
     splits = load("mnist", args.data_dir)
     x, y = splits.train_x.to(device), splits.train_y.to(device)
     contenders = make_contenders(args, x.shape[1:], device)
-    times = alternate(contenders, x, y, args)
+    times = alternate_generations(contenders, x, y, args.batch_size, args.rounds, args.gens)
     rows = []
     for name, seconds in times.items():
-        ratio = statistics.median(ref / s for ref, s in zip(times["deap-loop"], seconds))
+        ratio = median_ratio(times["deap-loop"], seconds)
         median = statistics.median(seconds)
         rows.append([name, 1 / median, args.popsize / median, ratio])
     print(f"learnbench perf ga: MLP 784-32-10 on MNIST, device {device}, threads {args.threads}, "
@@ -83,24 +82,6 @@ def main(args: argparse.Namespace) -> int:
     print(tabulate(rows, headers=["contender", "gens/s", "evals/s", "vs deap-loop"], floatfmt=("", ".2f", ".0f",
                                                                                             ".1f")))
     return 0
-
-
-def alternate(contenders: dict[str, Callable[[Batch], object]], x: torch.Tensor, y: torch.Tensor,
-              args: argparse.Namespace) -> dict[str, list[float]]:
-    """Seconds per generation of each contender, one entry per round; round 0 is an untimed warm-up."""
-    sampler = torch.Generator().manual_seed(0)
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    for round_ in range(args.rounds + 1):
-        for name, generation in contenders.items():
-            batches = [_batch(x, y, args.batch_size, sampler) for _ in range(args.gens if round_ else 1)]
-            _sync(x.device)
-            start = time.perf_counter()
-            for batch in batches:
-                generation(batch)
-            _sync(x.device)
-            if round_:
-                times[name].append((time.perf_counter() - start) / len(batches))
-    return times
 
 
 def make_contenders(args: argparse.Namespace, input_shape: tuple[int, ...],
@@ -166,16 +147,6 @@ class DeapLoop:
         self.population[:] = offspring
         self.random.setstate(random.getstate())
         random.setstate(state)
-
-
-def _batch(x: torch.Tensor, y: torch.Tensor, size: int, generator: torch.Generator) -> Batch:
-    index = torch.randint(0, x.shape[0], (size,), generator=generator).to(x.device)
-    return Batch(x.index_select(0, index), y.index_select(0, index))
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # time the work, not the kernel launches
 
 
 if __name__ == "__main__":  # the CLI adds --device itself
