@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from . import models, population
 
-ACTOR_START_TIMEOUT_S = 300  # Ray may queue the actors until CPUs free up (or an autoscaler adds a node)
+ACTOR_START_TIMEOUT_S = 120  # outside a placement group Ray queues actors until CPUs free up
 INSTALL_HINT = "pip install 'learnbench[ray]'"
 
 
@@ -114,6 +114,9 @@ class Pool:
         # Ray kills an actor once its last handle is gone, but a finished trainer in a reference cycle (a
         # scheduler's lambda holds it) keeps its actors, and their CPUs, until the next garbage collection.
         gc.collect()
+        total = ray.cluster_resources().get("CPU", 0)
+        if workers > total:
+            raise ValueError(f"workers={workers} needs {workers} CPUs for its actors; the Ray cluster has {total:g}")
         actor = ray.remote(num_cpus=1, max_restarts=0)(Evaluator)
         self.actors = [actor.remote(spec, input_shape, n_classes, state, frozen, table_state.numpy().tobytes(),
                                     table_size, chunk_size) for _ in range(workers)]

@@ -135,3 +135,13 @@ def test_a_trial_with_actors_runs_through_the_ray_executor(ray_instance, tmp_pat
     from ray.util import placement_group_table
 
     assert all(g["state"] == "REMOVED" for g in placement_group_table().values())
+
+
+@needs_ray
+def test_a_trial_whose_actors_the_cluster_cannot_hold_is_a_usage_error(ray_instance, tmp_path, tiny_suite, capsys):
+    out = tmp_path / "out"
+    assert main(["run", str(tiny_suite), "--algorithms", "openai-es", "--set", "openai-es.workers=8",
+                 "--executor", "ray", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "one per actor (openai-es.workers=8)" in err[0], err
+    assert not out.exists()
