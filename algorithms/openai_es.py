@@ -12,6 +12,9 @@ exponential decays of sigma and of the learning rate, with floors, are EvoJAX's 
 (decay 0.999, floors 0.01 and 0.001: github.com/google/evojax scripts/benchmarks/configs/OpenES/mnist.yaml); off by
 default. Perturbations are windows of the paper's shared noise table (`learnbench.population.NoiseTable`, 128 MiB
 by default, drawn from the trainer's generator); the noise matrix `[popsize/2, n_params]` lives for one generation.
+`workers = N` evaluates each generation on N Ray actors that hold copies of the table, as in the paper's
+distributed version (only offsets, the mean and the minibatch go out, losses come back; same results:
+`learnbench.population_ray`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from learnbench import population
+from learnbench import population, population_ray
 from learnbench.spec import Batch, StepStats, TaskInfo
 
 OPTIMIZERS = ("adam", "sgd", "momentum")
@@ -59,6 +62,8 @@ class OpenAIES:
     fresh normals every generation."""
     chunk_size: int | None = None
     """Members evaluated at once; None sizes chunks to `learnbench.population.DEFAULT_MEMORY_BYTES`."""
+    workers: int = 0
+    """Ray actors (one CPU each) that evaluate each generation's members; 0 evaluates in process. Same results."""
 
     def setup(self, model: nn.Module, task: TaskInfo, generator: torch.Generator) -> None:
         self.validate()
@@ -70,8 +75,15 @@ class OpenAIES:
             self._optimizer, lambda t: max(self.lr_decay**t, floor))
         self._sigma = self.sigma
         n = self._mean.numel()
+        table_state = generator.get_state()  # the actors rebuild the noise table from it
         self._table = (population.NoiseTable(generator, self.noise_table, n, self._mean.device)
                        if self.noise_table else None)
+        self._pool = None
+        if self.workers:
+            if task.device.type != "cpu" or not self.noise_table:
+                raise ValueError("workers > 0 needs device cpu and a noise table (noise_table > 0)")
+            self._pool = population_ray.Pool(model, task.input_shape, task.n_classes, self.workers, table_state,
+                                             self.noise_table, self.chunk_size)
 
     def validate(self) -> None:
         """Check hyper-parameter values; raises ValueError naming the bad one."""
@@ -83,8 +95,8 @@ class OpenAIES:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {self.optimizer!r}")
         if not (0 < self.sigma_decay <= 1 and 0 < self.lr_decay <= 1):
             raise ValueError("sigma_decay and lr_decay must be in (0, 1]")
-        if self.noise_table < 0:
-            raise ValueError(f"noise_table must be >= 0; got {self.noise_table}")
+        if self.noise_table < 0 or self.workers < 0:
+            raise ValueError(f"noise_table and workers must be >= 0; got {self.noise_table}, {self.workers}")
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         if self.optimizer == "adam":
@@ -106,9 +118,15 @@ class OpenAIES:
         self._sigma = max(self._sigma * self.sigma_decay, self.sigma_min)
 
     def step(self, batch: Batch) -> StepStats:
-        noise = self.ask()
-        loss, _ = population.evaluate_mirrored(self._model, self._mean.detach(), noise, self._sigma,
-                                               batch.x, batch.y, chunk_size=self.chunk_size)
+        if self._pool is not None and not population_ray.counting_flops():
+            offsets = self._table.offsets(self.popsize // 2)  # the generator draws `ask` makes
+            losses = self._pool.submit(self._mean.detach(), self._sigma, offsets, batch.x, batch.y, mirrored=True)
+            noise = self._table.rows(offsets)  # while the actors compute
+            loss = losses()
+        else:  # in process; also while the runner counts FLOPs, which it cannot see on the actors
+            noise = self.ask()
+            loss, _ = population.evaluate_mirrored(self._model, self._mean.detach(), noise, self._sigma,
+                                                   batch.x, batch.y, chunk_size=self.chunk_size)
         self.tell(noise, loss)
         # The reported loss is the population's mean (the center is not evaluated: that would cost B more passes).
         return StepStats(loss=loss.nanmean(), forward_passes=self.popsize * batch.y.shape[0])

@@ -16,7 +16,8 @@ paper), which lets `learnbench.population.evaluate_mirrored` share the first lay
 deviation is problem-specific (the paper's benchmarks start from 1 on unit-scaled problems); `sigma_init = 0.1`
 suits networks initialised with PyTorch's default scheme. Samples are read from a shared noise table as in
 Salimans et al. 2017 (`learnbench.population.NoiseTable`: same N(0, 1) marginals, 10x cheaper than fresh draws on
-CPU); `noise_table = 0` draws fresh normals instead.
+CPU); `noise_table = 0` draws fresh normals instead. `workers = N` evaluates each generation on N Ray actors holding
+copies of that table (same results: `learnbench.population_ray`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from learnbench import population
+from learnbench import population, population_ray
 from learnbench.spec import Batch, StepStats, TaskInfo
 
 
@@ -55,6 +56,8 @@ class SNES:
     normals every generation."""
     chunk_size: int | None = None
     """Members evaluated at once; None sizes chunks to `learnbench.population.DEFAULT_MEMORY_BYTES`."""
+    workers: int = 0
+    """Ray actors (one CPU each) that evaluate each generation's members; 0 evaluates in process. Same results."""
 
     def setup(self, model: nn.Module, task: TaskInfo, generator: torch.Generator) -> None:
         self._model, self._generator = model, generator
@@ -65,8 +68,15 @@ class SNES:
         self.validate()
         self._sigma = torch.full_like(self._mean, self.sigma_init)  # [d]
         self._utilities = nes_utilities(self._popsize).to(self._mean)  # [P], best first
+        table_state = generator.get_state()  # the actors rebuild the noise table from it
         self._table = population.NoiseTable(generator, self.noise_table, d, self._mean.device) \
             if self.noise_table else None
+        self._pool = None
+        if self.workers:
+            if task.device.type != "cpu" or not self.noise_table:
+                raise ValueError("workers > 0 needs device cpu and a noise table (noise_table > 0)")
+            self._pool = population_ray.Pool(model, task.input_shape, task.n_classes, self.workers, table_state,
+                                             self.noise_table, self.chunk_size)
 
     def validate(self) -> None:
         """Check hyper-parameter values; raises ValueError naming the bad one."""
@@ -74,8 +84,8 @@ class SNES:
             raise ValueError(f"popsize must be >= 2 (and even when antithetic); got {self._popsize}")
         if self.batch_size <= 0 or self.sigma_init <= 0 or self.lr_mean <= 0 or self._lr_sigma <= 0:
             raise ValueError("batch_size, sigma_init, lr_mean and lr_sigma must be positive")
-        if self.noise_table < 0:
-            raise ValueError(f"noise_table must be >= 0; got {self.noise_table}")
+        if self.noise_table < 0 or self.workers < 0:
+            raise ValueError(f"noise_table and workers must be >= 0; got {self.noise_table}, {self.workers}")
 
     def ask(self) -> Tensor:
         """This generation's standard-normal samples: `[popsize, d]`, or `[popsize/2, d]` when antithetic."""
@@ -109,8 +119,14 @@ class SNES:
         self._sigma *= torch.exp(0.5 * self._lr_sigma * grad_sigma)
 
     def step(self, batch: Batch) -> StepStats:
-        noise = self.ask()
-        loss = self.evaluate(noise, batch)
+        if self._pool is not None and not population_ray.counting_flops():
+            offsets = self._table.offsets(self._popsize // 2 if self.antithetic else self._popsize)  # as `ask`
+            losses = self._pool.submit(self._mean, self._sigma, offsets, batch.x, batch.y, self.antithetic)
+            noise = self._table.rows(offsets)  # while the actors compute
+            loss = losses()
+        else:  # in process; also while the runner counts FLOPs, which it cannot see on the actors
+            noise = self.ask()
+            loss = self.evaluate(noise, batch)
         self.tell(noise, loss)
         return StepStats(loss=loss.nanmean(), forward_passes=self._popsize * batch.y.shape[0])
 

@@ -310,8 +310,12 @@ def _short_hash(args: argparse.Namespace) -> str:
 
 
 def _experiment_sets(args: argparse.Namespace) -> list[str]:
-    """The --set items that change trials: resources.* only place them, like --executor and --workers."""
-    return [s for s in args.sets if not s.strip().startswith("resources.")]
+    """The --set items that change trials: resources.* and <algorithm>.workers (Ray actors) only place them, like
+    --executor and --workers."""
+    from .config import WORKERS_HPARAM
+
+    return [s for s in args.sets if not s.strip().startswith("resources.")
+            and not s.split("=", 1)[0].strip().endswith("." + WORKERS_HPARAM)]
 
 
 def _first_line(text: str | None) -> str:

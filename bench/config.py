@@ -60,6 +60,7 @@ DIAGNOSTICS_DEFAULTS = {"every": 0, "probes": []}
 ENTRY_KEYS = {"id", "label", "models", "budget"}
 RESOURCE_KEYS = ("cpus", "gpus")  # what one trial asks of a Ray cluster; None: the executor's default
 NOT_HASHED = ("id", "suite", "resources")  # trial keys that do not change the experiment
+WORKERS_HPARAM = "workers"  # a trainer's Ray actors (openai-es, snes): where it computes, not what; not hashed
 
 
 # --- loading -----------------------------------------------------------------------------------------------------
@@ -235,9 +236,10 @@ def _diagnostics(table: Any, where: str) -> dict[str, Any]:
 
 
 def trial_id(trial: dict[str, Any]) -> str:
-    """SHA-256 of the canonical JSON of everything that defines the experiment (the suite name and the resources
-    a cluster gives it do not)."""
+    """SHA-256 of the canonical JSON of everything that defines the experiment (the suite name, the resources a
+    cluster gives it and a `workers` hyper-parameter, the Ray actors a trainer spreads its work over, do not)."""
     body = {k: v for k, v in trial.items() if k not in NOT_HASHED}
+    body["hparams"] = {k: v for k, v in trial["hparams"].items() if k != WORKERS_HPARAM}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

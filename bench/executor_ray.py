@@ -3,6 +3,9 @@
 * Resources: each task declares `num_cpus` and `num_gpus` from the suite's `[resources]` table (or
   `--set resources.cpus=2`); by default one trial takes the executor's threads per trial on CPU, and one CPU and one
   GPU on CUDA. The task runs torch with as many threads as CPUs it was given, so Ray's packing is the real one.
+  A trial whose trainer starts Ray actors (a `workers` hyper-parameter: `openai-es.workers=8`) gets a placement
+  group: its task's bundle plus one 1-CPU bundle per actor, reserved together (the actors land in it because the
+  group captures the task's children), so a trial never holds its CPUs while waiting for actors that cannot start.
 * The driver alone writes the store: a task returns its result as JSON text (the same dict `run_trial` returns to
   the local executor) and its final weights as raw safetensors bytes. The driver writes the weights into
   RUN_DIR/models (temp file + rename) before recording the trial, so the run directory need not be on a shared file
@@ -33,6 +36,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from .config import WORKERS_HPARAM
 from .errors import UsageError
 from .executor import ProgressView, record
 from .store import Store
@@ -75,13 +79,17 @@ def connect(address: str | None, trials: list[dict[str, Any]], threads: int | No
             ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **quiet)
             _STARTED_LOCALLY = True
     largest = _largest_node(ray)
+    total = ray.cluster_resources()
     for trial in trials:
         cpus, gpus = task_resources(trial, threads or 1, largest)
         if cpus > largest["CPU"] or gpus > largest["GPU"]:
             raise UsageError(f"no node of the Ray cluster can run a trial that needs {cpus:g} CPU(s) and "
                              f"{gpus:g} GPU(s) (the largest node has {largest['CPU']:g} CPU(s) and "
                              f"{largest['GPU']:g} GPU(s)); lower resources.cpus/resources.gpus or add nodes")
-    total = ray.cluster_resources()
+        if cpus + actors(trial) > total.get("CPU", 0):
+            raise UsageError(f"a {trial['label']} trial needs {cpus:g} CPU(s) and one per actor "
+                             f"({trial['label']}.workers={actors(trial)}); the Ray cluster has "
+                             f"{total.get('CPU', 0):g}: lower workers or add nodes")
     where = "local Ray instance" if _STARTED_LOCALLY else f"Ray cluster {address or 'already connected'}"
     return (f"{where}: {len(ray.nodes())} node(s), {total.get('CPU', 0):g} CPU(s), "
             f"{total.get('GPU', 0):g} GPU(s)")
@@ -121,6 +129,26 @@ def task_resources(trial: dict[str, Any], threads: int, largest: dict[str, float
     return float(cpus), float(gpus)
 
 
+def actors(trial: dict[str, Any]) -> int:
+    """Ray actors the trial's trainer starts (one CPU each): its `workers` hyper-parameter, if it has one."""
+    return int(trial["hparams"].get(WORKERS_HPARAM) or 0)
+
+
+def placement(ray, trial: dict[str, Any], cpus: float, gpus: float) -> tuple[dict[str, Any], Any]:
+    """(task options, placement group or None): a trial with actors gets a group of its task's bundle and one
+    {"CPU": 1} bundle per actor (PACK: on as few nodes as fit); the task and every actor it starts run inside."""
+    if not actors(trial):
+        return {}, None
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    head = {k: v for k, v in (("CPU", cpus), ("GPU", gpus)) if v}
+    group = placement_group([head] + [{"CPU": 1.0}] * actors(trial), strategy="PACK")
+    strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0,
+                                                placement_group_capture_child_tasks=True)
+    return {"scheduling_strategy": strategy}, group
+
+
 def run_ray(trials: list[dict[str, Any]], store: Store, run_dir: str, data_dir: str | None, threads: int,
             progress: ProgressView, max_retries: int = 0) -> None:
     """Run `trials` (registered as pending) as Ray tasks and record each result as it arrives. Needs `connect`
@@ -132,12 +160,17 @@ def run_ray(trials: list[dict[str, Any]], store: Store, run_dir: str, data_dir: 
     task = ray.remote(run_task)
     largest = _largest_node(ray)
     in_flight: dict[Any, dict[str, Any]] = {}  # ObjectRef -> trial
+    groups: dict[Any, Any] = {}  # ObjectRef -> the trial's placement group (trials with actors)
     for trial in trials:
         cpus, gpus = task_resources(trial, threads, largest)
         options = {"num_cpus": cpus, "num_gpus": gpus, "max_retries": max_retries,
                    "name": f"learnbench {trial['label']} {trial['dataset']} s{trial['seed']}"}
-        ref = task.options(**options).remote(json.dumps(trial), data_dir, max(1, math.floor(cpus)), tracker)
+        extra, group = placement(ray, trial, cpus, gpus)
+        ref = task.options(**options, **extra).remote(json.dumps(trial), data_dir, max(1, math.floor(cpus)),
+                                                      tracker)
         in_flight[ref] = trial
+        if group is not None:
+            groups[ref] = group
     by_id = {t["id"]: t for t in trials}
     started: set[str] = set()
     try:
@@ -150,11 +183,15 @@ def run_ray(trials: list[dict[str, Any]], store: Store, run_dir: str, data_dir: 
                 if trial["id"] not in started:  # finished before its start message was relayed
                     _start(trial, started, store, progress)
                 result = collect(ray, ref, trial, run_dir)
+                if ref in groups:  # its actors are gone with the task: free the reservation
+                    ray.util.remove_placement_group(groups.pop(ref))
                 record(store, result)
                 progress.finish(trial, result["status"])
     finally:
         for ref in in_flight:  # interrupted: leave nothing running on the cluster for a dead run
             ray.cancel(ref, force=True)
+        for group in groups.values():
+            ray.util.remove_placement_group(group)
         ray.kill(tracker)
 
 

@@ -173,9 +173,17 @@ class NoiseTable:
 
     def sample(self, rows: int) -> Tensor:
         """Noise `[rows, n_params]`: a new tensor, rows at independent uniform offsets."""
-        offsets = torch.randint(0, self.table.numel() - self.n_params + 1, (rows,), generator=self.generator,
-                                device=self.generator.device).to(self.table.device)
-        return self.table.unfold(0, self.n_params, 1).index_select(0, offsets)
+        return self.rows(self.offsets(rows))
+
+    def offsets(self, rows: int) -> Tensor:
+        """`rows` independent uniform window offsets `[rows]`, drawn from the generator (what `sample` draws)."""
+        return torch.randint(0, self.table.numel() - self.n_params + 1, (rows,), generator=self.generator,
+                             device=self.generator.device)
+
+    def rows(self, offsets: Tensor) -> Tensor:
+        """Noise `[len(offsets), n_params]`: the windows at `offsets`, a new tensor. A table rebuilt from the same
+        generator state gives the same rows for the same offsets (how Ray actors share it: `population_ray`)."""
+        return self.table.unfold(0, self.n_params, 1).index_select(0, offsets.to(self.table.device))
 
 
 def normal(generator: torch.Generator, rows: int, n_params: int, device: torch.device | None = None) -> Tensor:

@@ -1,0 +1,117 @@
+"""`learnbench perf es_ray`: OpenAI-ES generations per second in process against `workers = N` Ray actors.
+
+On MNIST (the `cnn` by default, P=256, B=256), it times one `step()` of `openai-es` evaluated in process with one
+torch thread, in process with `--threads-all` threads (the same cores as the actors, used by one process), and on N
+actors of one CPU each (`--workers 2,4`; the driver keeps one thread). Contenders alternate within every round after
+one untimed warm-up generation; the table shows medians over rounds and each contender's ratio to the one-thread
+baseline (the median of per-round ratios). It starts a local Ray instance with `max(cores, sum of N)` CPUs unless one is
+running; actor start-up (process start, torch import, noise table) is timed separately: `setup s`.
+
+Actors pay off when there are more cores than one process can use well, i.e. across machines: every generation
+ships the mean and the minibatch to each node (0.85 MB for the cnn at B=256) and waits for the slowest actor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import time
+from typing import Callable
+
+import torch
+from tabulate import tabulate
+
+from learnbench.algorithms.openai_es import OpenAIES
+from learnbench.errors import UsageError
+from learnbench.models import build
+from learnbench.perf.es import MODELS, _batch, load_mnist_train
+from learnbench.spec import Batch, TaskInfo
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="cnn", choices=sorted(MODELS), help="mlp (784-32-10) or cnn")
+    parser.add_argument("--popsize", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", default="2", help="comma-separated actor counts")
+    parser.add_argument("--threads-all", type=int, default=os.cpu_count() or 1,
+                        help="threads of the in-process contender that uses every core")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds; the table shows medians")
+    parser.add_argument("--gens", type=int, default=2, help="generations per contender per round")
+    parser.add_argument("--data-dir", default=None, help="first folder searched for the MNIST files")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.device not in ("auto", "cpu"):
+        raise UsageError("perf es_ray runs on CPU (workers > 0 needs device cpu)")
+    from learnbench.population_ray import import_ray
+
+    try:
+        ray = import_ray()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    if not ray.is_initialized():
+        ray.init(num_cpus=max(os.cpu_count() or 1, sum(workers)), include_dashboard=False,
+                 logging_level=logging.WARNING)
+    torch.set_num_threads(1)
+    x, y = load_mnist_train(args.data_dir)
+    contenders, setup = make_contenders(args, x, workers)
+    times = alternate(contenders, x, y, args)
+    base = times["in process, 1 thread"]
+    rows = [[name, 1 / statistics.median(s), statistics.median(b / t for b, t in zip(base, s)), setup[name]]
+            for name, s in times.items()]
+    print(f"learnbench perf es_ray: {args.model}, P={args.popsize}, B={args.batch_size}, {args.rounds} rounds x "
+          f"{args.gens} generations, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
+    print(tabulate(rows, headers=["contender", "gens/s", "vs 1 thread", "setup s"], floatfmt=("", ".3f", ".2f", ".1f")))
+    return 0
+
+
+def make_contenders(args: argparse.Namespace, x: torch.Tensor,
+                    workers: list[int]) -> tuple[dict[str, Callable[[Batch], object]], dict[str, float]]:
+    task = TaskInfo(tuple(x.shape[1:]), 10, x.shape[0], torch.device("cpu"))
+    plans = [("in process, 1 thread", 0, 1), (f"in process, {args.threads_all} threads", 0, args.threads_all)]
+    plans += [(f"workers={n} (1 CPU each)", n, 1) for n in workers]
+    contenders, setup = {}, {}
+    for name, n, threads in plans:
+        trainer = OpenAIES(popsize=args.popsize, batch_size=args.batch_size, workers=n)
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        trainer.setup(build(MODELS[args.model], task.input_shape, 10), task, torch.Generator().manual_seed(0))
+        setup[name] = time.perf_counter() - start
+        contenders[name] = _with_threads(trainer.step, threads)
+    return contenders, setup
+
+
+def _with_threads(step: Callable[[Batch], object], threads: int) -> Callable[[Batch], object]:
+    def run(batch: Batch) -> object:
+        torch.set_num_threads(threads)
+        try:
+            return step(batch)
+        finally:
+            torch.set_num_threads(1)
+    return run
+
+
+def alternate(contenders: dict[str, Callable[[Batch], object]], x: torch.Tensor, y: torch.Tensor,
+              args: argparse.Namespace) -> dict[str, list[float]]:
+    """Seconds per generation of each contender in each timed round."""
+    sampler = torch.Generator().manual_seed(0)
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for round_ in range(args.rounds + 1):  # round 0 is the warm-up
+        for name, generation in contenders.items():
+            batches = [_batch(x, y, args.batch_size, sampler) for _ in range(args.gens if round_ else 1)]
+            start = time.perf_counter()
+            for batch in batches:
+                generation(batch)
+            if round_:
+                times[name].append((time.perf_counter() - start) / len(batches))
+    return times
+
+
+if __name__ == "__main__":  # the CLI adds --device itself
+    parser = argparse.ArgumentParser(prog="learnbench perf es_ray", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    add_arguments(parser)
+    raise SystemExit(main(parser.parse_args()))
