@@ -26,7 +26,8 @@ from tabulate import tabulate
 from learnbench.algorithms.openai_es import OpenAIES
 from learnbench.errors import UsageError
 from learnbench.models import build
-from learnbench.perf.es import MODELS, _batch, load_mnist_train
+from learnbench.perf._common import alternate_generations, median_ratio
+from learnbench.perf.es import MODELS, load_mnist_train
 from learnbench.spec import Batch, TaskInfo
 
 
@@ -58,9 +59,9 @@ def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     x, y = load_mnist_train(args.data_dir)
     contenders, setup = make_contenders(args, x, workers)
-    times = alternate(contenders, x, y, args)
+    times = alternate_generations(contenders, x, y, args.batch_size, args.rounds, args.gens)
     base = times["in process, 1 thread"]
-    rows = [[name, 1 / statistics.median(s), statistics.median(b / t for b, t in zip(base, s)), setup[name]]
+    rows = [[name, 1 / statistics.median(s), median_ratio(base, s), setup[name]]
             for name, s in times.items()]
     print(f"learnbench perf es_ray: {args.model}, P={args.popsize}, B={args.batch_size}, {args.rounds} rounds x "
           f"{args.gens} generations, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
@@ -92,22 +93,6 @@ def _with_threads(step: Callable[[Batch], object], threads: int) -> Callable[[Ba
         finally:
             torch.set_num_threads(1)
     return run
-
-
-def alternate(contenders: dict[str, Callable[[Batch], object]], x: torch.Tensor, y: torch.Tensor,
-              args: argparse.Namespace) -> dict[str, list[float]]:
-    """Seconds per generation of each contender in each timed round."""
-    sampler = torch.Generator().manual_seed(0)
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    for round_ in range(args.rounds + 1):  # round 0 is the warm-up
-        for name, generation in contenders.items():
-            batches = [_batch(x, y, args.batch_size, sampler) for _ in range(args.gens if round_ else 1)]
-            start = time.perf_counter()
-            for batch in batches:
-                generation(batch)
-            if round_:
-                times[name].append((time.perf_counter() - start) / len(batches))
-    return times
 
 
 if __name__ == "__main__":  # the CLI adds --device itself
