@@ -36,6 +36,8 @@ forward) are refused with a ValueError rather than silently trained by backprop.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import copy
 import math
 from dataclasses import dataclass, field
@@ -263,7 +265,7 @@ def feedback_weights(shape: tuple[int, ...], init: str, generator: torch.Generat
     return (torch.rand(shape, generator=generator, device=generator.device) * 2 - 1) * bound
 
 
-class FeedbackTrainer(Backprop):
+class FeedbackTrainer(Backprop, ABC):
     """Backprop's optimizer, schedule and step on a converted model; subclasses say how to convert.
 
     `setup` converts the model in place, then builds backprop's optimizer and schedule; `eval_model` is the plain
@@ -274,8 +276,9 @@ class FeedbackTrainer(Backprop):
         self._conversion = self.convert_model(model, task, generator)
         super().setup(model, task, generator)
 
+    @abstractmethod
     def convert_model(self, model: nn.Module, task: TaskInfo, generator: torch.Generator) -> Conversion:
-        raise NotImplementedError
+        """Convert `model` in place for this trainer's rule and return the conversion."""
 
     def eval_model(self) -> nn.Module:
         return self._conversion.plain

@@ -74,7 +74,7 @@ def connect(address: str | None, trials: list[dict[str, Any]], threads: int | No
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise UsageError(f"--address {address}: cannot join the Ray cluster: {exc} (same Ray version here? "
                                  "a cluster with token authentication also needs RAY_AUTH_MODE=token and its "
-                                 "token here: see docs/cluster.md)") from None
+                                 "token here: see the README, Running on a cluster)") from None
         else:
             ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **quiet)
             _STARTED_LOCALLY = True

@@ -269,8 +269,9 @@ class _Engine:
 
     def first(self, x: Tensor, weight: Tensor, shared: Tensor | None = None, scale: float = 1.0) -> Tensor:
         """First-layer output (no bias) for members `scale * weight`, `weight [C, ...]`; with `shared` =
-        `center(x, W)`, for the `2C` members `W + scale * weight` then `W - scale * weight`."""
-        raise NotImplementedError
+        `center(x, W)`, for the `2C` members `W + scale * weight` then `W - scale * weight`. Only engines that set
+        `first_weight` have one; callers check it first."""
+        raise TypeError(f"{type(self).__name__} has no shared first layer (first_weight is None)")
 
     def finish(self, h: Tensor, params: dict[str, Tensor]) -> Tensor:
         call = lambda p: torch.func.functional_call(self.model, (p, self.buffers), (h,))

@@ -101,6 +101,23 @@ def test_a_masked_model_raises_the_masking_flags():
     assert metrics["flag/masking/accuracy-not-falling"] == 1.0
 
 
+def _curve(accuracies: list[float], n: int = 1000) -> dict[float, torch.Tensor]:
+    """eps -> [n] bool with the given fraction of True."""
+    return {eps: torch.arange(n) < round(a * n) for eps, a in zip((0.05, 0.1, 0.2, 0.3), accuracies)}
+
+
+def test_accuracy_not_falling_ignores_fgsm_overshoot_but_not_a_flat_curve():
+    from learnbench.attacks.masking import accuracy_not_falling
+
+    falling = _curve([0.4, 0.2, 0.0, 0.0])
+    fgsm_overshoot = _curve([0.012, 0.019, 0.046, 0.051])  # MNIST-1D MLP: FGSM's single step overshoots
+    assert accuracy_not_falling({"pgd-linf": falling, "fgsm": fgsm_overshoot}, 0.02) == 0.0
+    assert accuracy_not_falling({"pgd-linf": _curve([0.0, 0.0, 0.04, 0.05])}, 0.02) == 1.0  # rises
+    assert accuracy_not_falling({"fgsm": _curve([0.8, 0.8, 0.79, 0.8])}, 0.02) == 1.0  # flat above the floor
+    assert accuracy_not_falling({"pgd-l2": _curve([0.01, 0.01, 0.0, 0.0])}, 0.02) == 0.0  # flat on the floor
+    assert accuracy_not_falling({"square": falling}, 0.02) is None
+
+
 def test_examples_zero_turns_robustness_off():
     assert run(trained_mlp(), examples=0) == {}
 

@@ -10,8 +10,11 @@ N points):
 * `black-box-beats-white-box`: at some eps, more than m N points survive every white-box attack of that threat
   model (Linf: fgsm, pgd-linf, apgd-ce; L2: pgd-l2) but fall to the black-box one (square; noise for L2).
   AutoAttack's `check_square_sr` with a margin, per point.
-* `accuracy-not-falling`: for a gradient attack, accuracy rises by more than m from one eps to the next, or stays
-  within m of its smallest-eps value up to the largest eps while above m (a flat curve: the gradient moves nothing).
+* `accuracy-not-falling`: for a gradient attack, accuracy stays within a band of width m across the whole eps grid
+  while above m (a flat curve: the gradient moves nothing), or, for an iterative attack (pgd-linf, pgd-l2,
+  apgd-ce), rises by more than m from one eps to the next. A rise of FGSM is not counted: its single step of length
+  eps overshoots the nearest boundary more as eps grows, so its curve climbs at large eps on unmasked models too
+  (measured on the MNIST-1D MLPs: 1.2% at eps 0.05, 5.1% at 0.3, PGD 0% throughout).
 * `zero-gradients`: more than m of the correctly classified points have an input gradient that is exactly zero
   or not finite (AutoAttack's `check_zero_gradients`, which warns at any such point).
 * `more-iterations-help`: at the Linf eps where PGD leaves about half the clean accuracy, PGD with
@@ -33,6 +36,7 @@ from .common import loss_grad
 WHITE_BOX = {"linf": ("fgsm", "pgd-linf", "apgd-ce"), "l2": ("pgd-l2",)}
 BLACK_BOX = {"linf": ("square",), "l2": ("noise",)}
 GRADIENT_ATTACKS = ("fgsm", "pgd-linf", "pgd-l2", "apgd-ce")
+ITERATIVE_ATTACKS = ("pgd-linf", "pgd-l2", "apgd-ce")  # their accuracy falls with eps, up to noise
 
 Robust = dict[str, dict[float, Tensor]]
 """attack id -> eps -> [N] bool: the point is classified correctly on clean input and after the attack."""
@@ -54,14 +58,15 @@ def black_box_beats_white_box(robust: Robust, margin: float) -> float | None:
 
 
 def accuracy_not_falling(robust: Robust, margin: float) -> float | None:
-    """1.0 if some gradient attack's accuracy rises with eps, or is flat above the floor across the grid."""
-    curves = [[robust[a][eps].float().mean().item() for eps in sorted(robust[a])]
-              for a in GRADIENT_ATTACKS if a in robust and len(robust[a]) > 1]
+    """1.0 if some gradient attack's accuracy is flat above the floor across the grid, or some iterative one's rises
+    with eps."""
+    curves = {a: [robust[a][eps].float().mean().item() for eps in sorted(robust[a])]
+              for a in GRADIENT_ATTACKS if a in robust and len(robust[a]) > 1}
     if not curves:
         return None
-    for acc in curves:
-        rises = any(b > a + margin for a, b in zip(acc, acc[1:]))
-        flat = acc[-1] >= acc[0] - margin and acc[-1] > margin
+    for attack, acc in curves.items():
+        rises = attack in ITERATIVE_ATTACKS and any(b > a + margin for a, b in zip(acc, acc[1:]))
+        flat = max(acc) - min(acc) <= margin and min(acc) > margin
         if rises or flat:
             return 1.0
     return 0.0

@@ -12,6 +12,8 @@ and bias. Parameters outside such layers (norms' affine weights) count only in w
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import math
 import weakref
 from dataclasses import dataclass
@@ -136,7 +138,7 @@ def put(values: dict[str, float], key: str, value: float) -> None:
         values[key] = value
 
 
-class StepProbe:
+class StepProbe(ABC):
     """Probe(training_model, trainer, task): `before_step(batch)` takes the shared step state on the plain model
     (`trainer.eval_model()`), `after_step(batch)` hands it to `measure` and drops it. Subclasses define `measure`."""
 
@@ -156,6 +158,6 @@ class StepProbe:
         self._state = None
         return values
 
+    @abstractmethod
     def measure(self, model: nn.Module, state: StepState) -> dict[str, float]:
         """{metric: value} from the plain model after the step and the state taken before it."""
-        raise NotImplementedError
