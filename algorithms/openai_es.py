@@ -78,12 +78,8 @@ class OpenAIES:
         table_state = generator.get_state()  # the actors rebuild the noise table from it
         self._table = (population.NoiseTable(generator, self.noise_table, n, self._mean.device)
                        if self.noise_table else None)
-        self._pool = None
-        if self.workers:
-            if task.device.type != "cpu" or not self.noise_table:
-                raise ValueError("workers > 0 needs device cpu and a noise table (noise_table > 0)")
-            self._pool = population_ray.Pool(model, task.input_shape, task.n_classes, self.workers, table_state,
-                                             self.noise_table, self.chunk_size)
+        self._pool = population_ray.pool_for(model, task, self.workers, table_state, self.noise_table,
+                                             self.chunk_size)
 
     def validate(self) -> None:
         """Check hyper-parameter values; raises ValueError naming the bad one."""

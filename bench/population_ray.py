@@ -41,6 +41,7 @@ from safetensors.torch import save as save_tensors
 from torch import Tensor, nn
 
 from . import models, population
+from .spec import TaskInfo
 
 ACTOR_START_TIMEOUT_S = 120  # outside a placement group Ray queues actors until CPUs free up
 INSTALL_HINT = "pip install 'learnbench[ray]'"
@@ -97,6 +98,17 @@ def describe(model: nn.Module, input_shape: tuple[int, ...], n_classes: int) -> 
 
 def _has(layers: list[nn.Module], cls: type) -> bool:
     return any(isinstance(m, cls) for m in layers)
+
+
+def pool_for(model: nn.Module, task: TaskInfo, workers: int, table_state: Tensor, table_size: int,
+             chunk_size: int | None) -> Pool | None:
+    """The trainer's actors, or None when `workers` is 0 (evaluate in process). `table_state`: the generator's
+    state when the noise table was drawn."""
+    if not workers:
+        return None
+    if task.device.type != "cpu" or not table_size:
+        raise ValueError("workers > 0 needs device cpu and a noise table (noise_table > 0)")
+    return Pool(model, task.input_shape, task.n_classes, workers, table_state, table_size, chunk_size)
 
 
 class Pool:
