@@ -17,7 +17,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import EngFormatter, FuncFormatter
+from matplotlib.ticker import EngFormatter, FuncFormatter, NullFormatter
 
 from .stats import pareto_front
 
@@ -99,12 +99,15 @@ def _xscale(ax, log: bool) -> None:
     """Log axes for costs spanning decades; otherwise large numbers get SI ticks (40k, not 40000)."""
     if log:
         ax.set_xscale("log")
+        ax.relim()  # limits autoscaled on the linear axis may reach 0 or below: recompute them in log space
+        ax.autoscale_view()
         lo, hi = ax.get_xlim()
-        if hi / lo < 30:  # a narrow log range: plain labels at 1, 2, 5 x 10^k (1 2 5, 200M 500M), not 2x10^0
+        if hi / lo < 100:  # a narrow log range: plain labels at 1, 2, 5 x 10^k (1 2 5, 200M 500M), not 2x10^0
             for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
                 axis(FuncFormatter(_one_two_five))
         else:
             ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+            ax.xaxis.set_minor_formatter(NullFormatter())  # matplotlib labels minor ticks on short ranges: overlaps
     elif max(abs(v) for v in ax.get_xlim()) >= 1e4:
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))
 

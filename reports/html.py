@@ -20,7 +20,8 @@ h1 { font-size: 1.7rem; border-bottom: 2px solid #d0d7de; padding-bottom: .3rem;
 h2 { font-size: 1.35rem; margin-top: 2.4rem; border-bottom: 1px solid #d0d7de; padding-bottom: .2rem; }
 h3 { font-size: 1.1rem; margin-top: 1.8rem; }
 h4 { font-size: 1rem; margin-top: 1.2rem; color: #424a53; }
-table { border-collapse: collapse; margin: .6rem 0 .3rem; font-size: 13px; font-variant-numeric: tabular-nums; }
+table { border-collapse: collapse; margin: .6rem 0 .3rem; font-size: 13px; font-variant-numeric: tabular-nums;
+        display: block; max-width: 100%; overflow-x: auto; }  /* a wide table scrolls, not the page */
 th, td { border: 1px solid #d0d7de; padding: .25rem .55rem; }
 th { background: #f3f5f7; text-align: center; }
 td.num { text-align: right; white-space: nowrap; }

@@ -121,14 +121,16 @@ def _table(groups: dict[str, list[dict[str, Any]]], grid: dict[str, list[float]]
             columns[col].append(s.mean)
         row.append(_flag_text(group, flags))
         rows.append(row)
-    for col, values in enumerate(columns):
-        mark_best(rows, col + 1, values, higher=True)
+    for col, (attack, values) in enumerate(zip(["clean", *grid], columns)):
+        if not attack.endswith("-pseudo"):  # not the model's robustness: nothing to single out
+            mark_best(rows, col + 1, values, higher=True)
     return Table(headers, rows, text_columns=(len(headers) - 1,), caption=(
         "Robust accuracy (%) on the attacked test points: mean ± Student-t 95% half-width over seeds, at each "
         "attack's standard ε (the suite's choice, else the lower median of its grid). 'clean' is the accuracy on "
         "the same points without attack. Masking flags: how many seeds raised each gradient-masking check "
         "(AutoAttack-style: black-box beats white-box, zero input gradients, accuracy not falling with ε); a "
-        "flagged model's white-box numbers overstate its robustness. Bold: best in its column."))
+        "flagged model's white-box numbers overstate its robustness. Bold: best in its column (pseudo-gradient columns "
+        "excepted: they measure the attack, not the model)."))
 
 
 def _flag_text(group: list[dict[str, Any]], flags: list[str]) -> str:
@@ -154,10 +156,26 @@ def robustness_section(ctx: Context, problem: tuple[str, str], groups: Groups) -
         _table(groups, grid, trials)]
     auc = metric_names(trials, "robust/auc/")
     if auc:
-        out.append(Text("Area under the accuracy-vs-ε curve (mean over seeds): " + "; ".join(
-            f"{label}: " + ", ".join(f"{n.removeprefix('robust/auc/')} {_mean(g, n):.3g}" for n in auc)
-            for label, g in groups.items()) + "."))
+        out.append(_auc_table(groups, auc))
     return out
+
+
+def _auc_table(groups: Groups, names: list[str]) -> Table:
+    """Mean area under each attack's accuracy-vs-ε curve per algorithm ('–' where the attack did not run)."""
+    rows: list[list[Cell]] = []
+    columns: list[list[float]] = [[] for _ in names]
+    for label, group in groups.items():
+        means = [_mean(group, n) for n in names]
+        rows.append([label, *("–" if math.isnan(m) else f"{m:.3f}" for m in means)])
+        for column, m in zip(columns, means):
+            column.append(m)
+    for col, (name, values) in enumerate(zip(names, columns)):
+        if not name.endswith("-pseudo"):  # not the model's robustness: nothing to single out
+            mark_best(rows, col + 1, values, higher=True)
+    return Table(["algorithm", *(n.removeprefix("robust/auc/") for n in names)], rows, caption=(
+        "Area under the accuracy-vs-ε curve from (0, clean accuracy) to the largest ε, divided by that ε, mean over "
+        "seeds: 1 = accurate and robust at every ε; it summarises the whole curve where the table above reads one "
+        "ε. Bold: best in its column."))
 
 
 def _mean(group: list[dict[str, Any]], name: str) -> float:
