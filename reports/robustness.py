@@ -15,7 +15,7 @@ import numpy as np
 
 from . import stats
 from .data import done, metric_names, metric_values
-from .document import Block, Cell, Figure, Heading, Table, Text, mark_best, pct
+from .document import Block, Cell, Figure, Heading, Table, mark_best, pct
 from .figures import Line, Panel, lines_figure
 from .sections import Context, Groups
 

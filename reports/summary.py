@@ -158,10 +158,6 @@ def _ci(s: stats.Summary) -> str:
     return "–" if not math.isfinite(s.lo) else f"{pct(s.lo)}–{pct(s.hi)}"
 
 
-def _mean(values) -> float:
-    return float(values.mean()) if values.size else math.nan
-
-
 def _first(trials: list[dict[str, Any]], *keys: str) -> str | None:
     for t in trials:
         prov = t.get("provenance") or {}

@@ -1,9 +1,30 @@
-"""Test helpers: resolve a suite dict into trials. Trainers that misbehave on purpose live in `plugin_cases.py`."""
+"""Test helpers: resolve a suite dict into trials; start a local Ray instance. Trainers that misbehave on purpose live
+in `plugin_cases.py`."""
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+from collections.abc import Iterator
+
+import pytest
+
 from learnbench import config
 from learnbench.registry import discover
+
+HAS_RAY = importlib.util.find_spec("ray") is not None
+needs_ray = pytest.mark.skipif(not HAS_RAY, reason="Ray is not installed (pip install 'learnbench[ray]')")
+
+
+def local_ray(num_cpus: int) -> Iterator:
+    """Body of a module-scoped fixture: a local Ray instance with `num_cpus` logical CPUs, shut down afterwards."""
+    if not HAS_RAY:
+        pytest.skip("Ray is not installed (pip install 'learnbench[ray]')")
+    import ray
+
+    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    yield ray
+    ray.shutdown()
 
 
 def make_trials(suite: dict, plugin_files=(), **overrides) -> list[dict]:

@@ -50,8 +50,8 @@ def test_fgsm_equals_closed_form_on_a_linear_model():
 
 
 def test_pgd_agrees_with_art():
-    art = pytest.importorskip("art", reason="ART (adversarial-robustness-toolbox) is not installed: "
-                                            "pip install 'learnbench[peers]' to run this cross-check")
+    pytest.importorskip("art", reason="ART (adversarial-robustness-toolbox) is not installed: "
+                                       "pip install 'learnbench[peers]' to run this cross-check")
     from art.attacks.evasion import ProjectedGradientDescentPyTorch
     from art.estimators.classification import PyTorchClassifier
 

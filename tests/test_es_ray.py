@@ -4,15 +4,13 @@ One local Ray instance serves the module."""
 
 from __future__ import annotations
 
-import importlib.util
-import logging
 import sys
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from helpers import make_trials
+from helpers import local_ray, make_trials, needs_ray
 from learnbench import population_ray
 from learnbench.algorithms.openai_es import OpenAIES
 from learnbench.algorithms.snes import SNES
@@ -21,21 +19,12 @@ from learnbench.models import build
 from learnbench.spec import Batch, TaskInfo
 from learnbench.store import Store
 
-HAS_RAY = importlib.util.find_spec("ray") is not None
-needs_ray = pytest.mark.skipif(not HAS_RAY, reason="Ray is not installed (pip install 'learnbench[ray]')")
 TASK = TaskInfo((1, 28, 28), 10, 64, torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
 def ray_instance():
-    if not HAS_RAY:
-        pytest.skip("Ray is not installed (pip install 'learnbench[ray]')")
-    import ray
-
-    # 3 logical CPUs: the executor test's trial task holds one, its two actors one each
-    ray.init(num_cpus=3, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    yield from local_ray(3)  # the executor test's trial task holds one CPU, its two actors one each
 
 
 def batches(n: int) -> list[Batch]:

@@ -230,38 +230,7 @@ def test_population_1024_on_100k_parameter_mlp_stays_under_4_gib():
     assert peak_bytes < 4 * 2**30, f"peak RSS {peak_bytes / 2**30:.2f} GiB"
 
 
-POPULATION_SUITE = """
-name = "population-threads"
-datasets = ["digits"]
-seeds = 1
-[[models]]
-kind = "mlp"
-hidden = [16]
-[budget]
-steps = 3
-[eval]
-points = 2
-[robustness]
-examples = 0
-[[algorithms]]
-id = "openai-es"
-popsize = 16
-batch_size = 32
-[[algorithms]]
-id = "snes"
-batch_size = 32
-[[algorithms]]
-id = "cma-es"
-popsize = 16
-batch_size = 32
-[[algorithms]]
-id = "ga"
-popsize = 16
-batch_size = 32
-"""
-
-
-def test_population_trainers_keep_the_runners_one_thread_per_worker(tmp_path, capsys):
+def test_population_trainers_keep_the_runners_one_thread_per_worker(tiny_suite, tmp_path, capsys):
     """Two workers on this machine's cores: every population trial trains with cores // 2 threads (1 on 2 cores),
     the rule that keeps two busy processes from slowing each other 5-13x."""
     import json
@@ -269,10 +238,9 @@ def test_population_trainers_keep_the_runners_one_thread_per_worker(tmp_path, ca
 
     from learnbench.cli import main
 
-    suite = tmp_path / "suite.toml"
-    suite.write_text(textwrap.dedent(POPULATION_SUITE))
     out = tmp_path / "run"
-    assert main(["run", str(suite), "--workers", "2", "--device", "cpu", "--quiet", "--out", str(out)]) == 0
+    assert main(["run", str(tiny_suite), "--algorithms", "openai-es,snes,cma-es,ga", "--set", "budget.steps=3",
+                 "--workers", "2", "--device", "cpu", "--quiet", "--out", str(out)]) == 0
     capsys.readouterr()
     assert main(["show", str(out), "--json"]) == 0
     trials = json.loads(capsys.readouterr().out)["trials"]

@@ -3,8 +3,6 @@ are recorded as tasks finish, and resources/usage errors. One local Ray instance
 
 from __future__ import annotations
 
-import importlib.util
-import logging
 import sys
 import textwrap
 import threading
@@ -14,15 +12,13 @@ import pytest
 import torch
 
 from conftest import TINY_SUITE
-from helpers import make_trials
+from helpers import local_ray, make_trials, needs_ray
 from learnbench import config, load_model
 from learnbench.cli import main
 from learnbench.errors import UsageError
 from learnbench.executor import run_local
 from learnbench.store import Store
 
-HAS_RAY = importlib.util.find_spec("ray") is not None
-needs_ray = pytest.mark.skipif(not HAS_RAY, reason="Ray is not installed (pip install 'learnbench[ray]')")
 VARY = ("cost/train_seconds", "cost/peak_memory_bytes", "cost/eval_seconds", "robust/seconds")
 
 PLUGIN = '''
@@ -85,13 +81,7 @@ class RecordingView:
 
 @pytest.fixture(scope="module")
 def ray_instance():
-    if not HAS_RAY:
-        pytest.skip("Ray is not installed (pip install 'learnbench[ray]')")
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    yield from local_ray(2)
 
 
 @pytest.fixture

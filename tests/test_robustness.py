@@ -10,7 +10,6 @@ import torch
 from attack_models import digits, masked_mlp, trained_mlp
 from torch import nn
 
-import learnbench
 from learnbench.attacks import attack_mode, evaluate, pgd_linf, resolve_settings
 from learnbench.attacks.robustness import accuracy_metrics
 from learnbench.errors import UsageError
