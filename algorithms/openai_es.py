@@ -93,6 +93,8 @@ class OpenAIES:
             raise ValueError("sigma_decay and lr_decay must be in (0, 1]")
         if self.noise_table < 0 or self.workers < 0:
             raise ValueError(f"noise_table and workers must be >= 0; got {self.noise_table}, {self.workers}")
+        if self.workers and not self.noise_table:
+            raise ValueError("workers > 0 needs the shared noise table (noise_table > 0)")
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         if self.optimizer == "adam":

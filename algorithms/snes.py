@@ -66,6 +66,9 @@ class SNES:
         self._popsize = self.popsize if self.popsize is not None else 4 + math.floor(3 * math.log(d))
         self._lr_sigma = self.lr_sigma if self.lr_sigma is not None else (3 + math.log(d)) / (5 * math.sqrt(d))
         self.validate()
+        if self.antithetic and self._popsize % 2:  # the default 4 + floor(3 ln d) is odd for this model
+            raise ValueError(f"antithetic sampling needs an even popsize; the default for {d} parameters is "
+                             f"{self._popsize}: set popsize")
         self._sigma = torch.full_like(self._mean, self.sigma_init)  # [d]
         self._utilities = nes_utilities(self._popsize).to(self._mean)  # [P], best first
         table_state = generator.get_state()  # the actors rebuild the noise table from it
@@ -76,12 +79,15 @@ class SNES:
 
     def validate(self) -> None:
         """Check hyper-parameter values; raises ValueError naming the bad one."""
-        if self._popsize < 2 or (self.antithetic and self._popsize % 2):
-            raise ValueError(f"popsize must be >= 2 (and even when antithetic); got {self._popsize}")
-        if self.batch_size <= 0 or self.sigma_init <= 0 or self.lr_mean <= 0 or self._lr_sigma <= 0:
+        if self.popsize is not None and (self.popsize < 2 or (self.antithetic and self.popsize % 2)):
+            raise ValueError(f"popsize must be >= 2 (and even when antithetic); got {self.popsize}")
+        if (self.batch_size <= 0 or self.sigma_init <= 0 or self.lr_mean <= 0
+                or (self.lr_sigma is not None and self.lr_sigma <= 0)):
             raise ValueError("batch_size, sigma_init, lr_mean and lr_sigma must be positive")
         if self.noise_table < 0 or self.workers < 0:
             raise ValueError(f"noise_table and workers must be >= 0; got {self.noise_table}, {self.workers}")
+        if self.workers and not self.noise_table:
+            raise ValueError("workers > 0 needs the shared noise table (noise_table > 0)")
 
     def ask(self) -> Tensor:
         """This generation's standard-normal samples: `[popsize, d]`, or `[popsize/2, d]` when antithetic."""

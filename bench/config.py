@@ -199,6 +199,8 @@ def resolve(suite: dict[str, Any], registry: Registry, device: str, code_version
                 entry_budget = _budget(resolved["budget"], f"{where}: {resolved['label']}.budget") \
                     if resolved["budget"] is not None else budget
                 hparams = _fill_horizon(dict(resolved["hparams"]), entry_budget, infos[dataset].n_train)
+                _check_values(registry.entries[resolved["id"]].cls, hparams, infos[dataset], device,
+                              f"{where}: [[algorithms]] {resolved['label']!r}")
                 for seed in seeds:
                     trial = {
                         "suite": suite.get("name"), "label": resolved["label"], "algorithm": resolved["id"],
@@ -213,6 +215,29 @@ def resolve(suite: dict[str, Any], registry: Registry, device: str, code_version
     if not trials:
         raise UsageError(f"{where}: no trials (check the algorithms' `models` filters against the model labels)")
     return _unique(trials)
+
+
+def _check_values(cls: type, hparams: dict[str, Any], info: Any, device: str, where: str) -> None:
+    """Run the trainer's optional `validate([task])` on the hyper-parameters before anything is written, so a bad
+    value (a negative learning rate, an odd mirrored population) is a usage error, not a run of failed trials. Only
+    ValueError counts: `setup` validates again, with the model in hand, what needs it."""
+    validate = getattr(cls, "validate", None)
+    if not callable(validate):
+        return
+    import torch
+
+    from .spec import TaskInfo
+
+    try:
+        trainer = cls(**hparams)
+    except Exception:  # noqa: BLE001 - a constructor that refuses its hyper-parameters fails its own trial
+        return
+    takes_task = len(inspect.signature(validate).parameters) > 1  # (self, task)
+    task = TaskInfo(info.input_shape, info.n_classes, info.n_train, torch.device(device))
+    try:
+        trainer.validate(task) if takes_task else trainer.validate()
+    except ValueError as exc:
+        raise UsageError(f"{where}: {exc}") from None
 
 
 def _model_specs(suite: dict[str, Any], where: str) -> list[dict[str, Any]]:
