@@ -50,6 +50,8 @@ class Trainer(Protocol):
     """A training algorithm. The runner owns the loop; a trainer owns one step.
 
     `__init__` stores hyper-parameters only (a frozen dataclass is ideal); `setup` validates them and builds state.
+    Optionally, a `validate()` or `validate(task)` method that raises ValueError for a bad value: learnbench calls it
+    while resolving a suite, so the mistake is one usage error before anything runs (the built-ins all have one).
     Every trainer has a `batch_size` hyper-parameter; population trainers name their population size `popsize`.
     """
 
