@@ -4,6 +4,11 @@ This is the file to copy when writing a new trainer: hyper-parameters as datacla
 docstring and its published default; `setup` validates and builds state; `step` does one minibatch; `eval_model`
 returns the plain module. The runner owns everything else (batches, budget, clock, evaluation, seeding).
 
+Cost: the runner charges each step B forward and B backward passes of the model (its dense FLOPs per example,
+`learnbench.cost`); the work outside the model declared in `StepStats.extra_flops` is the optimizer's update
+(`learnbench.cost.optimizer_flops`: e.g. Adam 14 FLOPs per parameter) plus, with `grad_clip`, the global norm
+and the rescaling (3 FLOPs per parameter: square, add, multiply).
+
 Defaults: Adam (Kingma & Ba 2015: lr 1e-3, betas 0.9/0.999, eps 1e-8), batch 128. `lr = None` picks the optimizer's
 published default (see `DEFAULT_LR`). The feedback-alignment trainers subclass this one and reuse its optimizer,
 schedule and step.
@@ -19,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint_sequential
 
+from learnbench.cost import optimizer_flops
 from learnbench.spec import Batch, StepStats, TaskInfo
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad")
@@ -75,6 +81,8 @@ class Backprop:
         self._optimizer = make_optimizer(self, [p for p in model.parameters() if p.requires_grad], task.device)
         self._scheduler = make_scheduler(self, self._optimizer)
         self._stages = checkpoint_stages(model, self.checkpoint_segments) if self.checkpoint_segments else None
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self._extra_flops = optimizer_flops(self._optimizer) + (3 * trained if self.grad_clip > 0 else 0)
 
     def validate(self, task: TaskInfo) -> None:
         """Check hyper-parameter values; raises ValueError naming the bad one."""
@@ -109,7 +117,7 @@ class Backprop:
             self._scheduler.step()
         n = batch.y.shape[0]
         # loss stays a tensor: reading it here would be a host sync every step on CUDA.
-        return StepStats(loss=loss.detach(), forward_passes=n, backward_passes=n)
+        return StepStats(loss=loss.detach(), forward_passes=n, backward_passes=n, extra_flops=self._extra_flops)
 
     def eval_model(self) -> nn.Module:
         return self._model

@@ -17,6 +17,30 @@ Threads: pycma's numpy BLAS calls are limited to torch's thread count (the runne
 
 Randomness: pycma draws through its `randn` option; we pass a function that draws from the trainer's
 `torch.Generator` and set `seed = nan` so pycma never seeds numpy's global generator.
+
+Declared cost (`StepStats.extra_flops`, by `learnbench.cost`'s rule: 1 FLOP per elementwise operation or normal
+drawn, 2 per multiply-add), per generation, as pycma 4 computes it (`generation_flops`; d parameters, lambda =
+popsize, mu parents, k negative (active CMA) weights):
+
+* full. ask, per member: z ~ N(0, I) (d), D z (d), B (D z) (2 d^2), pycma's coordinate scaling (d),
+  mean + sigma * y (2 d). tell: y_i = (x_i - m_old) / sigma for every member (2 lambda d); the new mean (2 mu d);
+  C^-1/2 (m - m_old) for the step-size path, two matrix-vector products with B (4 d^2 + 5 d); the paths p_sigma,
+  p_c and pycma's second path p_c2 with the squared norms the step size reads (16 d); each negative-weight vector
+  rescaled by its Mahalanobis norm |D^-1 B^T y| (k (2 d^2 + 3 d)); the rank-one and rank-mu update
+  C <- a C + sum_i w_i v_i v_i^T over p_c and all lambda members (2 (lambda + 1) d^2 + 2 d^2 + (lambda + 2) d).
+  Plus every eigendecomposition C = B D^2 B^T pycma performs in this generation, which it does lazily, only
+  every ~1 / (10 d (c_1 + c_mu)) generations, inside `ask`: 9 d^3 for `numpy.linalg.eigh`, what the symmetric QR
+  algorithm costs with eigenvectors (~9 n^3 flops: Golub & Van Loan, "Matrix Computations", 4th ed., section 8.3;
+  LAPACK's divide-and-conquer `syevd` behind eigh is of the same order), + 2 d^2 to symmetrise C + d for the
+  square roots; nothing in the generations that skip it. Decompositions are
+  counted from pycma's own counter (`es.sm.count_eigen`) across the generation. Per generation this grows as
+  d^2: the sampling and the updates are O(lambda d^2), and the O(d^3) decomposition comes every O(d) generations.
+* diagonal (sep-CMA-ES). ask, per member: z (d), the per-coordinate scaling (d), mean + sigma * y (2 d). tell:
+  y_i (2 lambda d); the mean (2 mu d); the isotropic mean shift (3 d); the paths (16 d); the exponential update
+  of the per-coordinate scaling from the squared vectors of p_c and all members (z^2: (lambda + 1) d, weighted
+  sum: 2 (lambda + 1) d, exp((avg - sum w) / 2): 3 d, applied: d) and pycma's bound on its increase
+  (2 (lambda + 1) d + 2 d, charged for every coordinate: pycma computes it for those whose factor exceeds 1).
+  O(lambda d) per generation.
 """
 
 from __future__ import annotations
@@ -86,13 +110,16 @@ class CMAES:
             return self._generation(batch)
 
     def _generation(self, batch: Batch) -> StepStats:
-        candidates = self._es.ask()  # list of popsize float64 arrays [d]
+        decompositions = eigendecompositions(self._es)
+        candidates = self._es.ask()  # list of popsize float64 arrays [d]; may decompose C first (lazily)
         members = torch.from_numpy(np.stack(candidates)).to(self._device, torch.float32)  # [P, d]
         loss, _ = population.evaluate(self._model, members, batch.x, batch.y, chunk_size=self.chunk_size)
         values = loss.double().cpu()
         # pycma ranks by value; a NaN member (non-finite parameters) must rank last, never best.
         self._es.tell(candidates, torch.nan_to_num(values, nan=math.inf).tolist())
-        return StepStats(loss=values.nanmean().item(), forward_passes=len(candidates) * batch.y.shape[0])
+        extra = generation_flops(self._es, len(candidates), eigendecompositions(self._es) - decompositions)
+        return StepStats(loss=values.nanmean().item(), forward_passes=len(candidates) * batch.y.shape[0],
+                         extra_flops=extra)
 
     def eval_model(self) -> nn.Module:
         mean = torch.from_numpy(self._es.mean).to(self._device, torch.float32)
@@ -102,6 +129,32 @@ class CMAES:
     def es(self) -> cma.CMAEvolutionStrategy:
         """The underlying pycma strategy (read-only use: step size, covariance, stop conditions)."""
         return self._es
+
+
+def eigendecompositions(es: cma.CMAEvolutionStrategy) -> int:
+    """How many eigendecompositions of C pycma has made so far (0 for sep-CMA-ES, which never makes one)."""
+    return es.sm.count_eigen if isinstance(es.sm, cma.sampler.GaussFullSampler) else 0
+
+
+def generation_flops(es: cma.CMAEvolutionStrategy, popsize: int, decompositions: int) -> float:
+    """FLOPs of one generation of `es` outside the model, by the formula in the module docstring, with
+    `decompositions` eigendecompositions made during it."""
+    d, lam = es.N, popsize
+    weights = np.asarray(es.sp.weights)
+    mu, negative = es.sp.weights.mu, int((weights < 0).sum())
+    tell = 2 * lam * d + 2 * mu * d + 16 * d  # y_i, the mean, the evolution paths
+    if not isinstance(es.sm, cma.sampler.GaussFullSampler):  # sep-CMA-ES
+        ask = lam * 4 * d
+        tell += 3 * d  # (m - m_old) / scaling, times sqrt(mueff) / sigma: C is the identity
+        tell += (lam + 1) * d + 2 * (lam + 1) * d + 3 * d + d  # z^2, weighted sum, exp(...), scaling *= facs
+        tell += 2 * (lam + 1) * d + 2 * d  # pycma's bound max|z^2 - 1| / 2 + 1 on the increase
+        return float(ask + tell)
+    ask = lam * (2 * d**2 + 5 * d)
+    tell += 4 * d**2 + 5 * d  # C^-1/2 (m - m_old): B (B^T x / D), with the scalings around it
+    tell += negative * (2 * d**2 + 3 * d)  # |D^-1 B^T y| of each negative-weight vector
+    tell += 2 * (lam + 1) * d**2 + 2 * d**2 + (lam + 2) * d  # C <- a C + V^T diag(w) V over p_c and the members
+    eigen = decompositions * (9 * d**3 + 2 * d**2 + d)  # Golub & Van Loan: ~9 n^3 for eigenvalues and vectors
+    return float(ask + tell + eigen)
 
 
 def torch_randn(generator: torch.Generator) -> Callable[..., np.ndarray]:

@@ -35,6 +35,17 @@ candidates were ranked on the current batch, so these examples are fresh to that
 holding the elites (copies of their genomes) is rebuilt every generation: losses measured on different data cannot
 be compared, and DEAP's best-ever hall of fame would keep a lucky winner forever. `eval_model()` loads its best.
 All of this runs inside `step`, on the clock and counted in `forward_passes`.
+
+Declared cost (`StepStats.extra_flops`, by `learnbench.cost`'s rule, every random number drawn counting 1 like a
+normal), per generation, n genes: what the operators actually did, since how many pairs cross, rows mutate and
+numbers are drawn is random. Selection: one draw per aspirant (sorting, comparing and gathering are free). A uniform
+per decision (a pair crosses, an offspring mutates) when its probability is below 1 (DEAP's `varAnd`: always).
+Per crossing pair: blend 7 n (gamma drawn, scaled and shifted; delta = gamma (b - a); a + delta, b - delta),
+uniform n draws, two-point 2 draws. Per mutated gene 3 (a normal, sigma * z, the addition), plus the draws that pick
+the genes: none when every gene mutates, the sparse path's Geometric gaps, or a uniform per gene of the mutated
+rows (DEAP's `mutGaussian`; and the dense path, which also scales and masks every gene of those rows: 5 per gene
+of them in all). DEAP's originals are charged the arithmetic of the vectorised operators they equal, with their own draws. Model passes, the elites'
+re-evaluation included, are in `forward_passes`; `setup`'s initial population belongs to no step.
 """
 
 from __future__ import annotations
@@ -184,7 +195,7 @@ class GeneticAlgorithm:
             parents = self._toolbox.select(individuals, p - self.elites)  # DEAP's own selection
         record = self._stats.compile(individuals)  # before the candidates' fitness is replaced by the pool's
         pool_evals = self._choose_elites(individuals)  # refills the hall of fame (fitness on the pool)
-        offspring = self._vary(self._genomes.index_select(0, torch.tensor(parents, device=self._device)))
+        offspring, flops = self._vary(self._genomes.index_select(0, torch.tensor(parents, device=self._device)))
         elites = [ind.genome for ind in self._hof[:self.elites]]
         self._genomes = torch.cat([torch.stack(elites), offspring]) if elites else offspring  # [P, n_params]
         self.logbook.record(gen=self._generation, nevals=p + len(pool_evals[0]),
@@ -196,7 +207,8 @@ class GeneticAlgorithm:
         self._sigma = max(self._sigma * self.sigma_decay, self.sigma_min)
         # The loss reported is row 0's: the current elite (the model `eval_model()` returned before this step),
         # re-measured on this fresh batch, so it is an unbiased training loss; generation 0: the given model.
-        return StepStats(loss=loss[0], forward_passes=p * b + pool_evals[1])
+        aspirants = len(parents) * (self.tournsize if self.variant == "classic" else 1)  # one draw each
+        return StepStats(loss=loss[0], forward_passes=p * b + pool_evals[1], extra_flops=float(aspirants + flops))
 
     def eval_model(self) -> nn.Module:
         if len(self._hof):
@@ -231,20 +243,29 @@ class GeneticAlgorithm:
         self._hof.update(candidates)  # copies the winners' genomes (LearnbenchGARow.__deepcopy__)
         return candidates, passes
 
-    def _vary(self, offspring: Tensor) -> Tensor:
-        """Crossover (classic) then mutation of `offspring [N, n_params]`, like DEAP's `algorithms.varAnd`."""
+    def _vary(self, offspring: Tensor) -> tuple[Tensor, float]:
+        """Crossover (classic) then mutation of `offspring [N, n_params]`, like DEAP's `algorithms.varAnd`; returns
+        the new offspring and the FLOPs spent (module docstring)."""
         cxpb = self.cxpb if self.variant == "classic" else 0.0
         if self.operators == "vectorised":
-            return self._toolbox.mutate(self._toolbox.mate(offspring) if cxpb else offspring, sigma=self._sigma)
+            crossed, flops = self._toolbox.mate(offspring) if cxpb else (offspring, 0.0)
+            mutated, more = self._toolbox.mutate(crossed, sigma=self._sigma)
+            return mutated, flops + more
         rows = offspring.tolist()  # DEAP's sequence individuals; its operators change them in place
+        n = offspring.shape[1]
+        per_pair = {"blend": 7 * n, "uniform": n, "two-point": 2}[self.crossover]
+        flops = float(len(rows) // 2 + len(rows))  # varAnd's decisions: one uniform per pair and per offspring
         with self._python_random():
             for first, second in zip(rows[0::2], rows[1::2]):
                 if random.random() < cxpb:
                     self._toolbox.mate(first, second)
+                    flops += per_pair
             for row in rows:
                 if random.random() < self._mutpb:
+                    before = list(row)
                     self._toolbox.mutate(row, sigma=self._sigma)
-        return torch.tensor(rows, dtype=offspring.dtype, device=offspring.device)
+                    flops += n + 3 * sum(a != b for a, b in zip(before, row))  # a uniform per gene; 3 per hit
+        return torch.tensor(rows, dtype=offspring.dtype, device=offspring.device), flops
 
     def _remember(self, batch: Batch) -> None:
         if self.elite_batches:
@@ -269,54 +290,60 @@ def select_truncation(individuals: list, k: int, truncation: int) -> list:
     return tools.selRandom(tools.selBest(individuals, truncation), k)
 
 
-def mut_gaussian(genomes: Tensor, sigma: float, indpb: float, mutpb: float, generator: torch.Generator) -> Tensor:
+def mut_gaussian(genomes: Tensor, sigma: float, indpb: float, mutpb: float,
+                 generator: torch.Generator) -> tuple[Tensor, float]:
     """`tools.mutGaussian(ind, mu=0, sigma, indpb)` applied with probability `mutpb` to every row of `genomes
-    [N, n]`, in place; returns `genomes`. Small `indpb`: the mutated genes are the arrivals of a Bernoulli process,
-    found from Geometric(indpb) gaps (exactly the same law as one draw per gene, ~n * indpb draws instead of n)."""
+    [N, n]`, in place; returns `(genomes, flops)` (module docstring). Small `indpb`: the mutated genes are the
+    arrivals of a Bernoulli process, found from Geometric(indpb) gaps (exactly the same law as one draw per gene,
+    ~n * indpb draws instead of n)."""
+    flops = float(genomes.shape[0]) if mutpb < 1 else 0.0  # `_chosen`'s uniforms
     rows = _chosen(genomes.shape[0], mutpb, generator, genomes.device)  # [M] rows to mutate
     if rows.numel() == 0 or indpb == 0:
-        return genomes
+        return genomes, flops
     m, n = rows.numel(), genomes.shape[1]
     if indpb >= 1:
         genomes[rows] += sigma * _randn(generator, (m, n), genomes)
-    elif indpb <= SPARSE_INDPB:
+        return genomes, flops + 3 * m * n  # a normal, sigma * z, + per gene
+    if indpb <= SPARSE_INDPB:
         position = _arrivals(m, n, indpb, generator, genomes.device)  # [M, K], -1 after a row's last arrival
         flat = (rows[:, None] * n + position)[position >= 0]  # indices into the flattened array
         genomes.view(-1).index_add_(0, flat, sigma * _randn(generator, flat.shape, genomes))
-    else:
-        hit = torch.rand(m, n, generator=generator, device=generator.device).to(genomes.device) < indpb
-        genomes[rows] += sigma * _randn(generator, (m, n), genomes) * hit
-    return genomes
+        return genomes, flops + position.numel() + 3 * flat.numel()  # every gap drawn; 3 per mutated gene
+    hit = torch.rand(m, n, generator=generator, device=generator.device).to(genomes.device) < indpb
+    genomes[rows] += sigma * _randn(generator, (m, n), genomes) * hit
+    return genomes, flops + 5 * m * n  # a uniform, a normal, sigma *, * hit, + per gene of the mutated rows
 
 
-def cx_blend(offspring: Tensor, alpha: float, cxpb: float, generator: torch.Generator) -> Tensor:
+def cx_blend(offspring: Tensor, alpha: float, cxpb: float, generator: torch.Generator) -> tuple[Tensor, float]:
     """`tools.cxBlend(a, b, alpha)` on the pairs (0, 1), (2, 3), ... of `offspring [N, n]` that cross (probability
     `cxpb` each), in place: per gene `gamma ~ U(-alpha, 1 + alpha)`, `a' = (1-gamma) a + gamma b`,
-    `b' = gamma a + (1-gamma) b`."""
-    first, second = _pairs(offspring.shape[0], cxpb, generator, offspring.device)
+    `b' = gamma a + (1-gamma) b`. Returns `(offspring, flops)`."""
+    first, second, flops = _pairs(offspring.shape[0], cxpb, generator, offspring.device)
     if first.numel():
         a, b = offspring[first], offspring[second]  # [K, n] each
         gamma = (1 + 2 * alpha) * _rand(generator, a.shape, a) - alpha
         delta = gamma * (b - a)
         offspring[first], offspring[second] = a + delta, b - delta
-    return offspring
+        flops += 7 * a.numel()  # per gene: the draw, 2 for gamma, 2 for delta, the two children
+    return offspring, flops
 
 
-def cx_uniform(offspring: Tensor, indpb: float, cxpb: float, generator: torch.Generator) -> Tensor:
+def cx_uniform(offspring: Tensor, indpb: float, cxpb: float, generator: torch.Generator) -> tuple[Tensor, float]:
     """`tools.cxUniform(a, b, indpb)` on the crossing pairs of `offspring [N, n]`: each gene swapped with
-    probability `indpb`."""
-    first, second = _pairs(offspring.shape[0], cxpb, generator, offspring.device)
+    probability `indpb`. Returns `(offspring, flops)`."""
+    first, second, flops = _pairs(offspring.shape[0], cxpb, generator, offspring.device)
     if first.numel():
         a, b = offspring[first], offspring[second]
         swap = _rand(generator, a.shape, a) < indpb  # [K, n]
         offspring[first], offspring[second] = torch.where(swap, b, a), torch.where(swap, a, b)
-    return offspring
+        flops += a.numel()  # a uniform per gene; the swap itself is a selection
+    return offspring, flops
 
 
-def cx_two_point(offspring: Tensor, cxpb: float, generator: torch.Generator) -> Tensor:
+def cx_two_point(offspring: Tensor, cxpb: float, generator: torch.Generator) -> tuple[Tensor, float]:
     """`tools.cxTwoPoint(a, b)` on the crossing pairs of `offspring [N, n]`: the genes between two cut points,
-    drawn as DEAP draws them, are swapped."""
-    first, second = _pairs(offspring.shape[0], cxpb, generator, offspring.device)
+    drawn as DEAP draws them, are swapped. Returns `(offspring, flops)`."""
+    first, second, flops = _pairs(offspring.shape[0], cxpb, generator, offspring.device)
     k, n = first.numel(), offspring.shape[1]
     if k:
         # DEAP: c1 = randint(1, n), c2 = randint(1, n - 1); c2 += 1 if c2 >= c1, else the two are swapped.
@@ -328,7 +355,8 @@ def cx_two_point(offspring: Tensor, cxpb: float, generator: torch.Generator) -> 
         swap = (genes >= low[:, None]) & (genes < high[:, None])  # [K, n]
         a, b = offspring[first], offspring[second]
         offspring[first], offspring[second] = torch.where(swap, b, a), torch.where(swap, a, b)
-    return offspring
+        flops += 2 * k  # the two cut points drawn per pair; no float arithmetic
+    return offspring, flops
 
 
 @torch.no_grad()
@@ -374,10 +402,12 @@ def _chosen(n: int, probability: float, generator: torch.Generator, device: torc
     return torch.nonzero(torch.rand(n, generator=generator, device=generator.device) < probability)[:, 0].to(device)
 
 
-def _pairs(n: int, cxpb: float, generator: torch.Generator, device: torch.device) -> tuple[Tensor, Tensor]:
-    """First and second rows of the consecutive pairs (0, 1), (2, 3), ... that cross."""
+def _pairs(n: int, cxpb: float, generator: torch.Generator,
+           device: torch.device) -> tuple[Tensor, Tensor, float]:
+    """First and second rows of the consecutive pairs (0, 1), (2, 3), ... that cross, and the uniforms drawn to
+    decide (none when `cxpb` >= 1)."""
     first = 2 * _chosen(n // 2, cxpb, generator, device)
-    return first, first + 1
+    return first, first + 1, float(n // 2) if cxpb < 1 else 0.0
 
 
 def _arrivals(rows: int, n: int, p: float, generator: torch.Generator, device: torch.device) -> Tensor:

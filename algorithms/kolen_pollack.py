@@ -51,6 +51,8 @@ class KolenPollack(FeedbackAlignment):
         self._layers = list(self.conversion.layers.values())
         self._weights = [layer.weight for layer in self._layers]
         self._optimizer.register_step_post_hook(self._decay)
+        if self.decay:  # the decay multiplies every weight once per step: 1 FLOP each (learnbench.cost)
+            self._extra_flops += sum(w.numel() for w in self._weights)
 
     @torch.no_grad()
     def _decay(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:

@@ -3,9 +3,16 @@ Alternative to Reinforcement Learning", arXiv:1703.03864; code: github.com/opena
 
 One generation per `step()`: draw `popsize / 2` noise vectors from the trainer's generator, evaluate the mirrored
 (antithetic) pairs `mean +- sigma * eps` on the step's minibatch in one batched call
-(`learnbench.population.evaluate_mirrored`), shape the losses into centred ranks, and hand the search-gradient
-estimate `g = 1/(P sigma) sum_i u_i eps_i` (negated: torch optimizers minimise) to a `torch.optim` optimizer on the
-flat mean. Weight decay is the paper's L2 coefficient added to the gradient (Adam's `weight_decay`).
+(`learnbench.population.evaluate_mirrored`), shape the losses into centred ranks `u`, and update the flat mean with a
+`torch.optim` optimizer exactly as Salimans et al.'s code does (`es_distributed/es.py`, `run_master`):
+
+    g = 1/P sum_j (u+_j - u-_j) eps_j            (`search_direction`; P = popsize members, no 1/sigma)
+    optimizer.update(-g + weight_decay * mean)    (the optimizer itself has no weight decay)
+
+so the L2 coefficient has its stated strength at every sigma (Adam's own `weight_decay` added to g / sigma would be
+sigma times weaker, 33x at sigma 0.03, and drift as sigma decays). `gradient_estimate` = g / sigma is the search-gradient estimate itself, the quantity that approaches the true
+gradient (tests compare it with autograd); the optimizer sees sigma times it. Adam's step does not depend on that
+scale (beyond its eps); for sgd and momentum the learning rate multiplies g, as in Salimans et al.'s SGD.
 
 Defaults are the paper's (Adam, lr 0.01, sigma 0.02, L2 0.005, mirrored sampling, centred ranks). The optional
 exponential decays of sigma and of the learning rate, with floors, are EvoJAX's OpenES settings for MNIST
@@ -15,6 +22,17 @@ by default, drawn from the trainer's generator); the noise matrix `[popsize/2, n
 `workers = N` evaluates each generation on N Ray actors that hold copies of the table, as in the paper's
 distributed version (only offsets, the mean and the minibatch go out, losses come back; same results:
 `learnbench.population_ray`).
+
+Declared cost (`StepStats.extra_flops`, by `learnbench.cost`'s rule: 1 FLOP per elementwise operation or normal
+drawn, 2 per multiply-add), per generation, n parameters, P = popsize, H = P/2 pairs (`generation_flops`):
+
+    noise            0 from the table (a gather), H n normals when noise_table = 0
+    members          2 P n: mean +- sigma * eps, charged in full whoever builds them and whatever they share
+    centred ranks    2 P + H: the rank scaling and the pair differences (the sort compares, it does no arithmetic)
+    g                2 H n + n: the weighted sum of the noise rows, then the 1/P scaling
+    gradient         2 n: -g + weight_decay * mean (n, the negation, when weight_decay = 0)
+    optimizer step   `learnbench.cost.optimizer_flops` of the optimizer on the mean
+The decays of sigma and the learning rate are scalar work.
 """
 
 from __future__ import annotations
@@ -25,7 +43,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from learnbench import population, population_ray
+from learnbench import cost, population, population_ray
 from learnbench.spec import Batch, StepStats, TaskInfo
 
 OPTIMIZERS = ("adam", "sgd", "momentum")
@@ -56,7 +74,7 @@ class OpenAIES:
     lr_min: float = 0.0
     """Floor of the decayed learning rate (EvoJAX MNIST: 0.001)."""
     weight_decay: float = 0.005
-    """L2 coefficient added to the gradient estimate (Salimans et al.: 0.005)."""
+    """L2 coefficient: the optimizer is handed -g + weight_decay * mean (Salimans et al.: 0.005)."""
     noise_table: int = 2**25
     """Floats in the shared noise table the perturbations are read from (Salimans et al. 2017: 250M); 0 draws
     fresh normals every generation."""
@@ -80,6 +98,8 @@ class OpenAIES:
                        if self.noise_table else None)
         self._pool = population_ray.pool_for(model, task, self.workers, table_state, self.noise_table,
                                              self.chunk_size)
+        self._extra_flops = generation_flops(n, self.popsize, not self.noise_table, self.weight_decay,
+                                             cost.optimizer_flops(self._optimizer))
 
     def validate(self) -> None:
         """Check hyper-parameter values; raises ValueError naming the bad one."""
@@ -97,10 +117,11 @@ class OpenAIES:
             raise ValueError("workers > 0 needs the shared noise table (noise_table > 0)")
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
+        # No weight decay here: `tell` adds it to -g itself, as Salimans et al. do.
         if self.optimizer == "adam":
-            return torch.optim.Adam([self._mean], lr=self.lr, weight_decay=self.weight_decay)
+            return torch.optim.Adam([self._mean], lr=self.lr)
         momentum = 0.9 if self.optimizer == "momentum" else 0.0
-        return torch.optim.SGD([self._mean], lr=self.lr, momentum=momentum, weight_decay=self.weight_decay)
+        return torch.optim.SGD([self._mean], lr=self.lr, momentum=momentum)
 
     def ask(self) -> Tensor:
         """This generation's noise `[popsize/2, n_params]`: members are `mean + sigma * eps` then `mean - sigma*eps`."""
@@ -109,36 +130,56 @@ class OpenAIES:
         return population.normal(self._generator, self.popsize // 2, self._mean.numel(), self._mean.device)
 
     def tell(self, noise: Tensor, loss: Tensor) -> None:
-        """Update the mean from the members' losses `[popsize]` (ordered as `ask` describes)."""
-        self._mean.grad = -gradient_estimate(noise, loss, self._sigma)
+        """Update the mean from the members' losses `[popsize]` (ordered as `ask` describes): the optimizer steps
+        on `-g + weight_decay * mean` (Salimans et al.'s `optimizer.update(-g + l2coeff * theta)`)."""
+        g = search_direction(noise, loss)  # [n_params]
+        self._mean.grad = self.weight_decay * self._mean.detach() - g if self.weight_decay else -g
         self._optimizer.step()
         self._scheduler.step()
         self._sigma = max(self._sigma * self.sigma_decay, self.sigma_min)
 
     def step(self, batch: Batch) -> StepStats:
-        if self._pool is not None and not population_ray.counting_flops():
+        if self._pool is not None:
             offsets = self._table.offsets(self.popsize // 2)  # the generator draws `ask` makes
             losses = self._pool.submit(self._mean.detach(), self._sigma, offsets, batch.x, batch.y, mirrored=True)
             noise = self._table.rows(offsets)  # while the actors compute
             loss = losses()
-        else:  # in process; also while the runner counts FLOPs, which it cannot see on the actors
+        else:
             noise = self.ask()
             loss, _ = population.evaluate_mirrored(self._model, self._mean.detach(), noise, self._sigma,
                                                    batch.x, batch.y, chunk_size=self.chunk_size)
         self.tell(noise, loss)
         # The reported loss is the population's mean (the center is not evaluated: that would cost B more passes).
-        return StepStats(loss=loss.nanmean(), forward_passes=self.popsize * batch.y.shape[0])
+        return StepStats(loss=loss.nanmean(), forward_passes=self.popsize * batch.y.shape[0],
+                         extra_flops=self._extra_flops)
 
     def eval_model(self) -> nn.Module:
         return population.load(self._model, self._mean.detach())
 
 
-def gradient_estimate(noise: Tensor, loss: Tensor, sigma: float) -> Tensor:
-    """Search-gradient estimate `[n_params]` of the centred-rank utility (ascent direction: lower loss).
-
-    `noise [H, n_params]`, `loss [2H]` for members `+eps` then `-eps`; `g = 1/(2H sigma) sum_j (u+_j - u-_j) eps_j`.
-    """
+def search_direction(noise: Tensor, loss: Tensor) -> Tensor:
+    """Salimans et al.'s `g` `[n_params]`: `1/(2H) sum_j (u+_j - u-_j) eps_j` with centred-rank utilities `u`
+    (ascent direction: lower loss), sigma times the search-gradient estimate. `noise [H, n_params]`, `loss [2H]` for
+    members `+eps` then `-eps`."""
     utility = population.centered_ranks(loss)  # [2H], +0.5 for the best member
     half = noise.shape[0]
     weights = (utility[:half] - utility[half:]).to(noise.dtype)  # [H]
-    return (weights @ noise) / (2 * half * sigma)
+    return (weights @ noise) / (2 * half)
+
+
+def gradient_estimate(noise: Tensor, loss: Tensor, sigma: float) -> Tensor:
+    """Search-gradient estimate `[n_params]` of the centred-rank utility (ascent direction: lower loss):
+    `search_direction / sigma = 1/(2H sigma) sum_j (u+_j - u-_j) eps_j`, what approaches the true gradient."""
+    return search_direction(noise, loss) / sigma
+
+
+def generation_flops(n_params: int, popsize: int, fresh_noise: bool, weight_decay: float,
+                     optimizer_step: float) -> float:
+    """FLOPs of one generation outside the model, by the table in the module docstring."""
+    n, half = n_params, popsize // 2
+    noise = half * n if fresh_noise else 0  # one FLOP per normal drawn; the table's windows are a gather
+    members = 2 * popsize * n  # mean +- sigma * eps
+    ranks = 2 * popsize + half  # 0.5 - rank / (P - 1), then u+ - u-
+    direction = 2 * half * n + n  # [H] @ [H, n], then / P
+    gradient = (2 if weight_decay else 1) * n  # -g + weight_decay * mean
+    return float(noise + members + ranks + direction + gradient + optimizer_step)

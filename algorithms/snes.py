@@ -18,6 +18,18 @@ suits networks initialised with PyTorch's default scheme. Samples are read from 
 Salimans et al. 2017 (`learnbench.population.NoiseTable`: same N(0, 1) marginals, 10x cheaper than fresh draws on
 CPU); `noise_table = 0` draws fresh normals instead. `workers = N` evaluates each generation on N Ray actors holding
 copies of that table (same results: `learnbench.population_ray`).
+
+Declared cost (`StepStats.extra_flops`, by `learnbench.cost`'s rule: 1 FLOP per elementwise operation, `exp`
+included, or normal drawn, 2 per multiply-add), per generation, d parameters, P = popsize, R noise rows (P, or P/2
+when antithetic) (`generation_flops`):
+
+    noise        0 from the table (a gather), R d normals when noise_table = 0
+    members      2 P d: mu + sigma * s (mu +- sigma * s), charged in full whoever builds them
+    utilities    0: assigned by rank (a sort compares, it does no arithmetic); antithetic: 2 R for the pairs'
+                 differences and sums
+    grad_mu      2 R d: the utility-weighted sum of the samples
+    grad_sigma   R d + 2 R d + R + d: the squares, their weighted sum, sum_k u_k, the subtraction
+    updates      3 d for mu (lr_mean * sigma * grad_mu, added), 3 d for sigma (scaled, exp, multiplied)
 """
 
 from __future__ import annotations
@@ -76,6 +88,7 @@ class SNES:
             if self.noise_table else None
         self._pool = population_ray.pool_for(model, task, self.workers, table_state, self.noise_table,
                                              self.chunk_size)
+        self._extra_flops = generation_flops(d, self._popsize, self.antithetic, not self.noise_table)
 
     def validate(self) -> None:
         """Check hyper-parameter values; raises ValueError naming the bad one."""
@@ -121,16 +134,17 @@ class SNES:
         self._sigma *= torch.exp(0.5 * self._lr_sigma * grad_sigma)
 
     def step(self, batch: Batch) -> StepStats:
-        if self._pool is not None and not population_ray.counting_flops():
+        if self._pool is not None:
             offsets = self._table.offsets(self._popsize // 2 if self.antithetic else self._popsize)  # as `ask`
             losses = self._pool.submit(self._mean, self._sigma, offsets, batch.x, batch.y, self.antithetic)
             noise = self._table.rows(offsets)  # while the actors compute
             loss = losses()
-        else:  # in process; also while the runner counts FLOPs, which it cannot see on the actors
+        else:
             noise = self.ask()
             loss = self.evaluate(noise, batch)
         self.tell(noise, loss)
-        return StepStats(loss=loss.nanmean(), forward_passes=self._popsize * batch.y.shape[0])
+        return StepStats(loss=loss.nanmean(), forward_passes=self._popsize * batch.y.shape[0],
+                         extra_flops=self._extra_flops)
 
     def eval_model(self) -> nn.Module:
         return population.load(self._model, self._mean)
@@ -142,3 +156,15 @@ def nes_utilities(popsize: int) -> Tensor:
     ranks = torch.arange(1, popsize + 1, dtype=torch.float64)
     raw = (math.log(popsize / 2 + 1) - torch.log(ranks)).clamp(min=0)
     return (raw / raw.sum() - 1 / popsize).float()
+
+
+def generation_flops(d: int, popsize: int, antithetic: bool, fresh_noise: bool) -> float:
+    """FLOPs of one generation outside the model, by the table in the module docstring."""
+    rows = popsize // 2 if antithetic else popsize  # noise rows: what `ask` returns
+    noise = rows * d if fresh_noise else 0  # one FLOP per normal drawn; the table's windows are a gather
+    members = 2 * popsize * d  # mu + sigma * s
+    pairs = 2 * rows if antithetic else 0  # u_j - u_{j+H}, u_j + u_{j+H}
+    grad_mean = 2 * rows * d
+    grad_sigma = rows * d + 2 * rows * d + rows + d  # s^2, u @ s^2, sum(u), minus
+    updates = 3 * d + 3 * d
+    return float(noise + members + pairs + grad_mean + grad_sigma + updates)

@@ -5,10 +5,12 @@ A suite file:
     name = "quick"
     datasets = ["digits"]
     seeds = 3                       # or an explicit list [0, 1, 2]
+    reference = "backprop"          # the reference algorithm (label or id): report targets, transfer attacks
     [[models]]                      # one or more; a single [model] table works too
     kind = "mlp"
     hidden = [64]
-    [budget]                        # whichever comes first: steps, epochs, time_s, flops
+    budget = { time_s = 300 }       # optional: this problem's budget (dataset x model), shared by every entry
+    [budget]                        # whichever comes first: steps, epochs, time_s, flops (nominal)
     epochs = 20
     [eval]                          # evaluation cadence (off the clock)
     points = 20
@@ -23,10 +25,14 @@ A suite file:
     id = "backprop"                 # registry id
     label = "backprop-adam"         # optional, defaults to id; distinguishes two entries of one algorithm
     models = ["mlp-64x1"]           # optional: only these model labels
-    budget = { time_s = 60 }        # optional: replaces the suite budget for this entry
     optimizer = "adam"              # every other key is a hyper-parameter
+    # budget = { time_s = 60 }      # an entry's own budget, unlike the problem's, needs `unranked = true`:
+    # unranked = true               # its trials are reported beside the others, never ranked or tested with them
 
-`--set key=value` edits the resolved suite before validation: `budget.epochs=5`, `model.kind=cnn` (any `model.*`
+A problem (dataset x model) has one budget that every algorithm on it shares: the model's `budget`, else the
+suite's. An entry may deviate only by saying so (`unranked = true`).
+
+`--set key=value` edits the resolved suite before validation: `budget.epochs=5` (replaces every budget), `model.kind=cnn` (any `model.*`
 key replaces the models with one), `robustness.examples=0`, `eval.points=10`, `diagnostics.every=50`,
 `resources.cpus=2`, `resources.gpus=1`, `<label or id>.<hyper-parameter>=value`. An unknown key is an error.
 """
@@ -45,6 +51,7 @@ from typing import Any
 
 from . import models as models_mod
 from .errors import UsageError
+from .identity import code_digests
 from .registry import Registry, resolve_hparams
 
 if sys.version_info >= (3, 11):
@@ -53,13 +60,14 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 TOP_KEYS = {"name", "description", "datasets", "seeds", "models", "model", "budget", "eval", "robustness",
-            "diagnostics", "algorithms", "resources"}
+            "diagnostics", "algorithms", "resources", "reference"}
 BUDGET_KEYS = ("steps", "epochs", "time_s", "flops")
 EVAL_DEFAULTS = {"points": 20, "batch_size": 2048}
 DIAGNOSTICS_DEFAULTS = {"every": 0, "probes": []}
-ENTRY_KEYS = {"id", "label", "models", "budget"}
+ENTRY_KEYS = {"id", "label", "models", "budget", "unranked"}
+DEFAULT_REFERENCE = "backprop"  # a suite default (the `reference` key), never a branch in the harness
 RESOURCE_KEYS = ("cpus", "gpus")  # what one trial asks of a Ray cluster; None: the executor's default
-NOT_HASHED = ("id", "suite", "resources")  # trial keys that do not change the experiment
+NOT_HASHED = ("id", "suite", "resources", "reference", "unranked")  # keys that do not change the experiment
 WORKERS_HPARAM = "workers"  # a trainer's Ray actors (openai-es, snes): where it computes, not what; not hashed
 
 
@@ -151,9 +159,10 @@ def _apply_set(suite: dict[str, Any], item: str, model_sets: dict[str, Any]) -> 
         model_sets[rest] = value
     elif head in ("budget", "eval", "robustness", "diagnostics", "resources") and rest:
         suite.setdefault(head, {})[rest] = value
-        if head == "budget":  # an explicit budget on the command line wins over every entry's own
-            for entry in suite.get("algorithms", []):
-                entry.pop("budget", None)
+        if head == "budget":  # an explicit budget on the command line wins over every model's and entry's own
+            for table in (*suite.get("algorithms", []), *suite.get("models", []), suite.get("model", {})):
+                if isinstance(table, dict):
+                    table.pop("budget", None)
     else:
         matched = [e for e in suite.get("algorithms", []) if head in (e.get("id"), e.get("label"))]
         if not matched or not rest:
@@ -179,42 +188,77 @@ def resolve(suite: dict[str, Any], registry: Registry, device: str, code_version
     dataset_names = _string_list(suite.get("datasets", ["digits"]), f"{where}: datasets")
     infos = {name: datasets_info(name) for name in dataset_names}
     seeds = _seeds(suite.get("seeds", 1), where)
-    specs = _model_specs(suite, where)
-    budget = _budget(suite.get("budget", {}), where)
-    eval_cfg = _table(suite.get("eval", {}), EVAL_DEFAULTS, f"{where}: eval")
-    diag_cfg = _diagnostics(suite.get("diagnostics", {}), where)
-    resources = _resources(suite.get("resources", {}), f"{where}: resources")
+    problems = _problems(suite, where)
     entries = suite.get("algorithms")
     if not isinstance(entries, list) or not entries:
         raise UsageError(f"{where}: needs at least one [[algorithms]] entry")
+    entries = [_entry(entry, registry, where) for entry in entries]
+    shared = {"suite": suite.get("name"), "device": device, "reference": _reference(suite, where),
+              "eval": _table(suite.get("eval", {}), EVAL_DEFAULTS, f"{where}: eval"),
+              "diagnostics": _diagnostics(suite.get("diagnostics", {}), where),
+              "resources": _resources(suite.get("resources", {}), f"{where}: resources")}
     trials = []
     for dataset in dataset_names:
         robustness = attacks_settings(suite.get("robustness", {}), dataset)
-        for spec in specs:
+        for spec, budget in problems:
             model_label = models_mod.label(spec)
-            for entry in entries:
-                resolved = _entry(entry, registry, where)
+            for resolved in entries:
                 if resolved["models"] is not None and model_label not in resolved["models"]:
                     continue
-                entry_budget = _budget(resolved["budget"], f"{where}: {resolved['label']}.budget") \
-                    if resolved["budget"] is not None else budget
+                entry_budget = _entry_budget(resolved, budget, f"{where}: {dataset} x {model_label}")
                 hparams = _fill_horizon(dict(resolved["hparams"]), entry_budget, infos[dataset].n_train)
                 _check_values(registry.entries[resolved["id"]].cls, hparams, infos[dataset], device,
                               f"{where}: [[algorithms]] {resolved['label']!r}")
                 for seed in seeds:
                     trial = {
-                        "suite": suite.get("name"), "label": resolved["label"], "algorithm": resolved["id"],
-                        "hparams": hparams, "dataset": dataset, "model": spec, "model_label": model_label,
-                        "budget": entry_budget, "seed": seed, "device": device, "eval": eval_cfg,
-                        "robustness": robustness, "diagnostics": diag_cfg,
-                        "code": {"learnbench": code_version, "trainer_sha256": resolved["sha256"]},
-                        "plugin": resolved["plugin"], "resources": resources,
+                        **shared, "label": resolved["label"], "algorithm": resolved["id"], "hparams": hparams,
+                        "dataset": dataset, "model": spec, "model_label": model_label, "budget": entry_budget,
+                        "unranked": resolved["unranked"], "seed": seed, "robustness": robustness,
+                        "code": {"learnbench": code_version, "modules": resolved["code"]},
+                        "plugin": resolved["plugin"],
                     }
                     trial["id"] = trial_id(trial)
                     trials.append(trial)
     if not trials:
         raise UsageError(f"{where}: no trials (check the algorithms' `models` filters against the model labels)")
     return _unique(trials)
+
+
+def _problems(suite: dict[str, Any], where: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Each model spec with its problem budget: the model's own `budget` table, else the suite's [budget]."""
+    suite_budget = _budget(suite["budget"], where) if "budget" in suite else None
+    problems = []
+    for spec, budget in _model_specs(suite, where):
+        label = models_mod.label(spec)
+        if budget is None and suite_budget is None:
+            raise UsageError(f"{where}: model {label} has no budget; give the suite a [budget] table or the "
+                             "model a budget = {...}")
+        problems.append((spec, suite_budget if budget is None else _budget(budget, f"{where}: {label}.budget")))
+    return problems
+
+
+def _entry_budget(resolved: dict[str, Any], problem_budget: dict[str, Any], where: str) -> dict[str, Any]:
+    """The problem's budget, or the entry's own when it says it is not to be ranked with the others."""
+    if resolved["budget"] is None:
+        return problem_budget
+    own = _budget(resolved["budget"], f"{where}: {resolved['label']}.budget")
+    if own != problem_budget and not resolved["unranked"]:
+        raise UsageError(f"{where}: entry {resolved['label']!r} sets its own budget {_budget_text(own)}, unlike "
+                         f"the problem's {_budget_text(problem_budget)}; every algorithm on a problem shares one "
+                         "budget. Set the budget on the model, or add unranked = true to report this entry beside "
+                         "the others without ranking it")
+    return own
+
+
+def _budget_text(budget: dict[str, Any]) -> str:
+    return ", ".join(f"{k} = {v:g}" for k, v in budget.items() if v is not None)
+
+
+def _reference(suite: dict[str, Any], where: str) -> str:
+    reference = suite.get("reference", DEFAULT_REFERENCE)
+    if not isinstance(reference, str) or not reference:
+        raise UsageError(f"{where}: reference must be an algorithm label or id; got {reference!r}")
+    return reference
 
 
 def _check_values(cls: type, hparams: dict[str, Any], info: Any, device: str, where: str) -> None:
@@ -240,12 +284,14 @@ def _check_values(cls: type, hparams: dict[str, Any], info: Any, device: str, wh
         raise UsageError(f"{where}: {exc}") from None
 
 
-def _model_specs(suite: dict[str, Any], where: str) -> list[dict[str, Any]]:
-    """The suite's [[models]] (or its single [model]; default an mlp), each normalised with its defaults."""
+def _model_specs(suite: dict[str, Any], where: str) -> list[tuple[dict[str, Any], Any]]:
+    """The suite's [[models]] (or its single [model]; default an mlp), each normalised with its defaults, with its
+    own `budget` table (None when it has none)."""
     model_specs = suite.get("models") or ([suite["model"]] if "model" in suite else [{"kind": "mlp"}])
     if not isinstance(model_specs, list) or not all(isinstance(m, dict) for m in model_specs):
         raise UsageError(f"{where}: models must be a list of tables ([[models]])")
-    return [models_mod.normalize_spec(m) for m in model_specs]
+    return [(models_mod.normalize_spec({k: v for k, v in m.items() if k != "budget"}), m.get("budget"))
+            for m in model_specs]
 
 
 def _diagnostics(table: Any, where: str) -> dict[str, Any]:
@@ -276,14 +322,15 @@ def _entry(entry: Any, registry: Registry, where: str) -> dict[str, Any]:
     if not isinstance(label, str):
         raise UsageError(f"{where}: label must be a string; got {label!r}")
     given = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
-    source = inspect.getsourcefile(reg.cls)
-    sha = hashlib.sha256(Path(source).read_bytes()).hexdigest() if source else None
     models = entry.get("models")
     if models is not None:
         models = _string_list(models, f"{where}: {label}.models")
-    return {"id": reg.name, "label": label, "models": models, "budget": entry.get("budget"),
+    unranked = entry.get("unranked", False)
+    if not isinstance(unranked, bool):
+        raise UsageError(f"{where}: {label}.unranked must be true or false; got {unranked!r}")
+    return {"id": reg.name, "label": label, "models": models, "budget": entry.get("budget"), "unranked": unranked,
             "hparams": resolve_hparams(reg.cls, given, f"{where}: [[algorithms]] {label!r}"),
-            "sha256": sha, "plugin": reg.provenance()}
+            "code": code_digests(reg.cls), "plugin": reg.provenance()}
 
 
 def _fill_horizon(hparams: dict[str, Any], budget: dict[str, Any], n_train: int) -> dict[str, Any]:

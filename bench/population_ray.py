@@ -19,11 +19,9 @@ What crosses per generation: the mean (45 KB for the 11,274-parameter cnn), the 
 800 KB), `popsize/2` offsets to the actors; `popsize` losses back. That pays when the evaluation dominates, which on
 CPU it does for any real network: the gradient estimate and the Adam step stay on the driver.
 
-Accounting. `StepStats.forward_passes` counts every member whoever evaluates it. FLOPs: the runner's
-`FlopCounterMode` sees only the driver process, so while a counter is active (`counting_flops`: the runner's
-sampled steps 0, 1 and every 500th) the trainer evaluates that generation in process: the counter then measures the
-very computation the actors perform on the other steps, and the results are the same. Those few steps run at
-in-process speed. `cost/peak_memory_bytes` is the driver's alone (each actor also holds the noise table: 128 MiB by
+Accounting. `StepStats.forward_passes` counts every member whoever evaluates it, and the runner's FLOPs are nominal
+(`learnbench.cost`: dense model FLOPs per example-pass), so a generation costs the same on actors as in process.
+`cost/peak_memory_bytes` is the driver's alone (each actor also holds the noise table: 128 MiB by
 default). Under `--executor ray` the trial's placement group reserves one CPU per actor beside the trial's own task.
 """
 
@@ -55,17 +53,6 @@ def import_ray():
         raise ValueError(f"workers > 0 evaluates the population on Ray actors, but Ray is not installed: "
                          f"{INSTALL_HINT}") from None
     return ray
-
-
-def counting_flops() -> bool:
-    """Whether a `FlopCounterMode` counts this thread's operations now. Torch keeps no public handle on its dispatch
-    modes: if these private names move, answer True, which keeps FLOPs honest (the generation runs in process)."""
-    try:
-        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
-        from torch.utils.flop_counter import _FlopCounterMode
-    except ImportError:
-        return True
-    return any(isinstance(mode, _FlopCounterMode) for mode in _get_current_dispatch_mode_stack())
 
 
 def describe(model: nn.Module, input_shape: tuple[int, ...], n_classes: int) -> dict[str, Any]:

@@ -3,33 +3,35 @@
     seed -> data on the device -> model -> trainer.setup -> [batch -> trainer.step]* -> evaluation -> attacks
 
 The clock times `trainer.step` alone (CUDA-synchronised at each check, so queued kernels are paid for); evaluation,
-FLOP counting overhead aside, diagnostics probes and attacks run off the clock. Batches are gathered from
-the training tensors on the device with one permutation per epoch: no DataLoader, no host-device copies.
+diagnostics probes, batch checks and attacks run off the clock. Batches are gathered from the training tensors on
+the device with one permutation per epoch: no DataLoader, no host-device copies.
+
+FLOPs are nominal (`learnbench.cost`): the plain model's dense FLOPs per example, counted once per model before
+training, times the example-passes each step reports, plus the work the trainer declares outside the model. No
+FLOP counter runs during training, so the count neither slows the timed steps nor depends on the code path.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from . import artifacts, models
+from . import artifacts, cost, models
 from .registry import discover
 from .spec import Batch, StepStats, TaskInfo
 
-FLOP_SAMPLE_STEPS = (0, 1)  # FLOPs are counted on these steps and every FLOP_SAMPLE_EVERY-th after
-FLOP_SAMPLE_EVERY = 500
-BATCH_CHECK_EVERY = 100  # the batch is compared with a copy after these steps (and the FLOP-sampled ones)
-assert FLOP_SAMPLE_EVERY % BATCH_CHECK_EVERY == 0  # so a FLOP-sampled step is always a checked one
+BATCH_CHECK_EVERY = 100  # the batch is compared with a copy after step 0, 1 and every BATCH_CHECK_EVERY-th
 _DATA_CACHE: dict[tuple, Any] = {}  # per process: (dataset, data_dir, device) -> Splits on the device
+_FLOPS_CACHE: dict[str, cost.ModelFlops] = {}  # per process: model spec and shapes -> FLOPs per example
 
 
 class Sampler:
@@ -62,14 +64,26 @@ class Progress:
 
     budget: dict[str, Any]
     n_train: int
+    model_flops: cost.ModelFlops
     steps: int = 0
     examples: int = 0
     forward_passes: int = 0
     backward_passes: int = 0
-    flops: float = 0.0
+    extra_flops: float = 0.0
     train_seconds: float = 0.0
-    flops_per_step: float = 0.0
-    flop_samples: list[float] = field(default_factory=list)
+
+    @property
+    def flops(self) -> float:
+        """Nominal FLOPs so far: dense model FLOPs per example-pass plus the declared work outside the model."""
+        return (self.model_flops.forward * self.forward_passes + self.model_flops.backward * self.backward_passes
+                + self.extra_flops)
+
+    def add(self, stats: StepStats, examples: int) -> None:
+        self.steps += 1
+        self.examples += examples
+        self.forward_passes += int(stats.forward_passes)
+        self.backward_passes += int(stats.backward_passes)
+        self.extra_flops += float(stats.extra_flops)
 
     @property
     def fraction(self) -> float:
@@ -130,9 +144,9 @@ def run_trial(trial: dict[str, Any], run_dir: str | None, data_dir: str | None =
             torch.manual_seed(trial["seed"])  # model initialisation only; trainers get their own generator
             model = models.build(trial["model"], splits.input_shape, splits.n_classes).to(device)
         task = TaskInfo(tuple(splits.input_shape), splits.n_classes, int(splits.train_x.shape[0]), device)
+        progress = Progress(trial["budget"], task.n_train, _model_flops(trial, model, task))
         trainer = _construct(entry.cls, trial["hparams"])
         trainer.setup(model, task, _generator(trial["seed"], 0, device))
-        progress = Progress(trial["budget"], task.n_train)
         sampler = Sampler(splits.train_x, splits.train_y, trial["hparams"]["batch_size"],
                           _generator(trial["seed"], 1, device))
         probes = _probes(trial, model, trainer, task)
@@ -204,14 +218,13 @@ def _train(trainer, sampler: Sampler, progress: Progress, trial: dict, splits, c
 
 def _chunk(progress: Progress, next_eval: float, every: int, device: torch.device) -> int:
     """Steps to run between clock reads. On CPU one (reading the clock is free); on CUDA up to 8, so the host does
-    not wait for the GPU after every step, cut short before a FLOP sample or batch check, a probe or a step/epoch
-    limit."""
+    not wait for the GPU after every step, cut short before a batch check, a probe or a step/epoch limit."""
     if device.type != "cuda":
         return 1
     step = progress.steps
-    if step <= FLOP_SAMPLE_STEPS[-1]:
+    if step <= 1:
         return 1
-    n = min(8, BATCH_CHECK_EVERY - step % BATCH_CHECK_EVERY)  # a sampled step (FLOPs, batch check) opens its chunk
+    n = min(8, BATCH_CHECK_EVERY - step % BATCH_CHECK_EVERY)  # a checked step opens its chunk
     if every:
         n = min(n, every - step % every)
     budget, batch = progress.budget, max(1, progress.examples // max(1, step))
@@ -223,38 +236,26 @@ def _chunk(progress: Progress, next_eval: float, every: int, device: torch.devic
 
 def _timed_steps(trainer, batches: list[Batch], progress: Progress, device: torch.device,
                  check_batch: bool = False) -> list:
-    """`trainer.step` on each batch, on the clock (synchronised at both ends); FLOPs are counted with
-    FlopCounterMode when the first step is a sampled one, and the first batch is compared with a copy when its step
-    is a checked one (BATCH_CHECK_EVERY): other steps pay for neither. Raises Diverged on a non-finite loss and
-    BatchMutated when the trainer wrote into its batch."""
-    sampled = progress.steps in FLOP_SAMPLE_STEPS or progress.steps % BATCH_CHECK_EVERY == 0
-    count_flops = sampled and (progress.steps in FLOP_SAMPLE_STEPS or progress.steps % FLOP_SAMPLE_EVERY == 0)
-    watch = _BatchWatch(batches[0]) if sampled or check_batch else None  # the copy is made off the clock
-    counter = FlopCounterMode(display=False) if count_flops else None
-    losses = []
+    """`trainer.step` on each batch, on the clock (synchronised at both ends); the first batch is compared with a
+    copy, taken off the clock, when its step is a checked one (0, 1, every BATCH_CHECK_EVERY-th, or a probe step).
+    Counting passes and FLOPs happens after the clock stops. Raises Diverged on a non-finite loss and BatchMutated
+    when the trainer wrote into its batch."""
+    checked = progress.steps <= 1 or progress.steps % BATCH_CHECK_EVERY == 0 or check_batch
+    watch = _BatchWatch(batches[0]) if checked else None
+    results = []
     _sync(device)
     start = time.perf_counter()
-    for i, batch in enumerate(batches):
-        if counter is not None and i == 0:
-            with counter:
-                stats = trainer.step(batch)
-        else:
-            stats = trainer.step(batch)
-        if not isinstance(stats, StepStats):
-            raise TypeError(f"{type(trainer).__name__}.step returned {type(stats).__name__}, not StepStats")
-        losses.append(stats.loss)
-        progress.forward_passes += int(stats.forward_passes)
-        progress.backward_passes += int(stats.backward_passes)
+    for batch in batches:
+        results.append(trainer.step(batch))
     _sync(device)  # a CUDA step is not over until its kernels are
     progress.train_seconds += time.perf_counter() - start
     if watch is not None:
         watch.verify(trainer, progress.steps)
-    if counter is not None:
-        progress.flop_samples.append(float(counter.get_total_flops()))
-        progress.flops_per_step = sum(progress.flop_samples) / len(progress.flop_samples)
-    progress.steps += len(batches)
-    progress.examples += sum(int(b.y.shape[0]) for b in batches)
-    progress.flops += progress.flops_per_step * len(batches)
+    for stats, batch in zip(results, batches):
+        if not isinstance(stats, StepStats):
+            raise TypeError(f"{type(trainer).__name__}.step returned {type(stats).__name__}, not StepStats")
+        progress.add(stats, int(batch.y.shape[0]))
+    losses = [stats.loss for stats in results]
     _check_finite(losses, progress.steps)
     return losses
 
@@ -324,11 +325,25 @@ def _probes(trial: dict, model: nn.Module, trainer, task: TaskInfo) -> list:
 
 def _cost_metrics(progress: Progress, device: torch.device) -> dict[str, float]:
     return {"cost/train_seconds": progress.train_seconds, "cost/flops": progress.flops,
+            "cost/extra_flops": progress.extra_flops, "cost/model_forward_flops": progress.model_flops.forward,
+            "cost/model_backward_flops": progress.model_flops.backward,
             "cost/examples": progress.examples, "cost/steps": progress.steps,
             "cost/epochs": progress.examples / progress.n_train,
             "cost/forward_passes": progress.forward_passes, "cost/backward_passes": progress.backward_passes,
-            "cost/flops_per_step": progress.flops_per_step, "cost/peak_memory_bytes": _peak_memory(device),
-            "cost/threads": torch.get_num_threads()}
+            "cost/peak_memory_bytes": _peak_memory(device), "cost/threads": torch.get_num_threads()}
+
+
+def _model_flops(trial: dict, model: nn.Module, task: TaskInfo) -> cost.ModelFlops:
+    """The plain model's FLOPs per example (`learnbench.cost`), counted once per model spec in this process, before
+    the trainer sees the model. A FLOP budget on a model the counter sees no work in would never end: refused."""
+    key = json.dumps([trial["model"], task.input_shape, task.n_classes], sort_keys=True, default=str)
+    if key not in _FLOPS_CACHE:
+        _FLOPS_CACHE[key] = cost.model_flops(model, task.input_shape)
+    flops = _FLOPS_CACHE[key]
+    if trial["budget"].get("flops") and flops.forward <= 0:
+        raise ValueError("budget.flops needs a model whose forward pass FlopCounterMode can count (matrix products "
+                         "or convolutions); this one counts 0 FLOPs: use a steps, epochs or time_s budget")
+    return flops
 
 
 def _last_values(curves: list, prefixes: tuple[str, ...]) -> dict[str, float]:

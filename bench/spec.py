@@ -33,6 +33,11 @@ class StepStats:
     """Example-forward-passes made in this step (a population of P on B examples: P*B)."""
     backward_passes: int = 0
     """Example-backward-passes made in this step."""
+    extra_flops: float = 0.0
+    """FLOPs of the work this step did outside the model (an optimizer's update, an evolution strategy's noise and
+    mean update, CMA-ES's covariance update and eigendecomposition), by a formula the trainer documents in its
+    file. The runner charges `cost/flops` = the plain model's dense FLOPs per example times the passes above, plus
+    this: a nominal figure that does not depend on the implementation's shortcuts or the device."""
 
 
 @dataclass(frozen=True)

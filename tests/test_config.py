@@ -66,14 +66,44 @@ def test_trial_id_changes_with_any_setting():
     assert len({a["id"], b["id"], c["id"]}) == 3
 
 
-def test_entry_level_budget_and_model_filter():
-    suite = base_suite(models=[{"kind": "mlp", "hidden": [16]}, {"kind": "cnn"}],
-                       algorithms=[{"id": "backprop"}, {"id": "backprop", "label": "slow", "models": ["cnn"],
-                                                         "budget": {"steps": 7}}])
+def test_entry_level_budget_needs_unranked_and_model_filter():
+    slow = {"id": "backprop", "label": "slow", "models": ["cnn"], "budget": {"steps": 7}}
+    suite = base_suite(models=[{"kind": "mlp", "hidden": [16]}, {"kind": "cnn"}], algorithms=[{"id": "backprop"}, slow])
+    with pytest.raises(UsageError, match="entry 'slow' sets its own budget steps = 7, unlike the problem's epochs = 2"
+                                         ".*unranked = true"):
+        resolve(suite)
+    slow["unranked"] = True
     trials = resolve(suite)
-    slow = [t for t in trials if t["label"] == "slow"]
-    assert {t["model_label"] for t in slow} == {"cnn"} and slow[0]["budget"]["steps"] == 7
+    slow_trials = [t for t in trials if t["label"] == "slow"]
+    assert {t["model_label"] for t in slow_trials} == {"cnn"} and slow_trials[0]["budget"]["steps"] == 7
+    assert all(t["unranked"] for t in slow_trials)
+    assert not any(t["unranked"] for t in trials if t["label"] == "backprop")
     assert len([t for t in trials if t["label"] == "backprop"]) == 4
+    slow["budget"] = {"epochs": 2}  # the problem's own budget, stated again: nothing to declare
+    del slow["unranked"]
+    assert resolve(suite)
+
+
+def test_a_problem_budget_lives_on_the_model_and_the_command_line_replaces_every_budget():
+    suite = base_suite(models=[{"kind": "mlp", "hidden": [16]}, {"kind": "cnn", "budget": {"time_s": 30}}])
+    budgets = {t["model_label"]: t["budget"] for t in resolve(suite)}
+    assert budgets["cnn"] == {"steps": None, "epochs": None, "time_s": 30, "flops": None}
+    assert budgets["mlp-16x1"]["epochs"] == 2
+    assert {t["budget"]["flops"] for t in resolve(suite, sets=["budget.flops=1e9"])} == {1e9}
+    assert {t["budget"]["time_s"] for t in resolve(suite, sets=["budget.flops=1e9"])} == {None}
+    no_suite_budget = {k: v for k, v in suite.items() if k != "budget"}
+    with pytest.raises(UsageError, match="model mlp-16x1 has no budget"):
+        resolve(no_suite_budget)
+
+
+def test_reference_is_a_suite_key_outside_the_trial_id():
+    trials = resolve(base_suite())
+    assert {t["reference"] for t in trials} == {"backprop"}
+    other = resolve(base_suite(reference="sgd"))
+    assert {t["reference"] for t in other} == {"sgd"}
+    assert [t["id"] for t in other] == [t["id"] for t in trials]
+    with pytest.raises(UsageError, match="reference must be"):
+        resolve(base_suite(reference=3))
 
 
 @pytest.mark.parametrize("suite,overrides,match", [
@@ -99,6 +129,8 @@ def test_entry_level_budget_and_model_filter():
     (base_suite(), {"algorithms": ["ga-not-here"]}, "nor installed"),
     (base_suite(eval={"points": -1}), {}, "non-negative integer"),
     (base_suite(diagnostics={"every": 5, "probes": ["telepathy"]}), {}, "unknown diagnostics probe"),
+    (base_suite(algorithms=[{"id": "backprop", "unranked": "yes"}]), {}, "unranked must be true or false"),
+    (base_suite(models=[{"kind": "mlp", "budget": {"hours": 1}}]), {}, "unknown budget key"),
 ])
 def test_bad_suites_are_usage_errors(suite, overrides, match):
     with pytest.raises(UsageError, match=match):

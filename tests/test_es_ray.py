@@ -1,4 +1,4 @@
-"""ES generations spread over Ray actors (`workers = N`): the same means as in process, FLOPs measured in process,
+"""ES generations spread over Ray actors (`workers = N`): the same means and declared FLOPs as in process,
 `workers` outside the trial id, and a trial run through `--executor ray` whose actors share its placement group.
 One local Ray instance serves the module."""
 
@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from helpers import local_ray, make_trials, needs_ray
 from learnbench import population_ray
@@ -35,16 +34,13 @@ def batches(n: int) -> list[Batch]:
 
 
 def train(trainer, spec: dict, steps: int) -> tuple[torch.Tensor, list[float], float]:
-    """The mean after `steps` generations, their losses, and the FLOPs FlopCounterMode counts in one more."""
+    """The mean after `steps` generations, their losses, and the FLOPs they declared outside the model."""
     torch.manual_seed(1)
     model = build(spec, TASK.input_shape, TASK.n_classes)
     trainer.setup(model, TASK, torch.Generator().manual_seed(3))
-    data = batches(steps + 1)
-    losses = [float(trainer.step(b).loss) for b in data[:steps]]
+    stats = [trainer.step(b) for b in batches(steps)]
     mean = torch.nn.utils.parameters_to_vector(trainer.eval_model().parameters()).detach().clone()
-    with FlopCounterMode(display=False) as counter:  # what the runner does on its sampled steps
-        trainer.step(data[steps])
-    return mean, losses, counter.get_total_flops()
+    return mean, [float(s.loss) for s in stats], sum(s.extra_flops for s in stats)
 
 
 CASES = [  # (trainer class, hyper-parameters, model)
@@ -63,10 +59,10 @@ def test_workers_give_the_same_means_and_flops_as_in_process(ray_instance, cls, 
     submit = population_ray.Pool.submit
     monkeypatch.setattr(population_ray.Pool, "submit", lambda self, *a, **k: calls.append(1) or submit(self, *a, **k))
     remote_mean, remote_losses, remote_flops = train(remote, spec, 3)
-    # the 3 generations went to the 2 actors; the counted one ran in process: the counter saw all of its work
+    # every generation went to the 2 actors; the work declared outside the model is the same (at least the 2 P n
+    # FLOPs of building the members, whoever builds them)
     assert len(calls) == 3 and len(remote._pool.actors) == 2
-    # mirrored pairs share the first layer and the mlp skips always-zero pixels: under 2 P B n_params
-    assert remote_flops == local_flops > hparams["popsize"] * 64 * 2 * 0.25 * remote._mean.numel()
+    assert remote_flops == local_flops >= 3 * 2 * hparams["popsize"] * remote._mean.numel()
     assert remote_losses == pytest.approx(local_losses, rel=1e-6)
     torch.testing.assert_close(remote_mean, local_mean, rtol=1e-6, atol=1e-7)
     assert not torch.equal(local_mean, torch.nn.utils.parameters_to_vector(build(spec, (1, 28, 28), 10).parameters()))

@@ -71,6 +71,55 @@ def test_openai_es_gradient_estimate_approaches_true_gradient_on_linear_model():
     assert cos[0] < 0.7 and cos[-1] > 0.95, cos
 
 
+def salimans_update_direction(theta: np.ndarray, noise: np.ndarray, loss: np.ndarray, l2coeff: float) -> np.ndarray:
+    """What openai/evolution-strategies-starter's `run_master` hands `optimizer.update`, in numpy: returns
+    `returns_n2 [H, 2]` (+eps, -eps; rewards = -loss) shaped by `compute_centered_ranks`, `g` their weighted sum
+    of the noise rows divided by `returns_n2.size` (no 1/sigma), then `-g + l2coeff * theta`."""
+    returns_n2 = np.stack([-loss[:len(noise)], -loss[len(noise):]], axis=1)
+    ranks = np.empty(returns_n2.size, dtype=int)
+    ranks[returns_n2.ravel().argsort()] = np.arange(returns_n2.size)
+    proc = ranks.reshape(returns_n2.shape) / (returns_n2.size - 1) - 0.5
+    g = (proc[:, 0] - proc[:, 1]) @ noise / returns_n2.size
+    return -g + l2coeff * theta
+
+
+def openai_es_after_one_tell(sigma: float, **hparams) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A 6-parameter openai-es told fixed noise and losses once: (mean before, noise, losses, mean after)."""
+    torch.manual_seed(0)
+    model = build({"kind": "mlp", "hidden": []}, (2,), 2)  # 6 parameters
+    trainer = OpenAIES(popsize=6, sigma=sigma, noise_table=0, **hparams)
+    trainer.setup(model, TaskInfo((2,), 2, 8, CPU), torch.Generator().manual_seed(0))
+    theta = population.flatten(trainer.eval_model()).double().numpy()
+    noise = torch.tensor(np.random.default_rng(0).normal(size=(3, 6)), dtype=torch.float32)  # [H, n]
+    loss = torch.tensor([0.9, 0.2, 1.4, 0.5, 1.1, 0.3])  # [2H], +eps members then -eps
+    trainer.tell(noise, loss)
+    after = population.flatten(trainer.eval_model()).double().numpy()
+    return theta, noise.double().numpy(), loss.double().numpy(), after
+
+
+@pytest.mark.parametrize("sigma", [0.02, 0.3])  # Salimans et al.'s update does not involve sigma
+def test_openai_es_sgd_step_follows_salimans_et_al(sigma):
+    theta, noise, loss, after = openai_es_after_one_tell(sigma, optimizer="sgd", lr=1.0, weight_decay=0.1)
+    expected = theta - 1.0 * salimans_update_direction(theta, noise, loss, 0.1)  # SGD, lr 1
+    np.testing.assert_allclose(after, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("sigma", [0.02, 0.3])
+def test_openai_es_first_adam_step_is_adam_on_minus_g_plus_l2_theta(sigma):
+    lr, l2 = 0.01, 0.5  # an L2 term large enough to change the sign of some coordinates' steps
+
+    def adam_first_step(theta, grad, b1=0.9, b2=0.999, eps=1e-8):
+        m, v = (1 - b1) * grad, (1 - b2) * grad**2  # the moments after one step, then bias-corrected
+        return theta - lr * (m / (1 - b1)) / (np.sqrt(v / (1 - b2)) + eps)
+
+    theta, noise, loss, after = openai_es_after_one_tell(sigma, lr=lr, weight_decay=l2)
+    np.testing.assert_allclose(after, adam_first_step(theta, salimans_update_direction(theta, noise, loss, l2)),
+                               rtol=1e-6, atol=1e-7)
+    # the former convention, g / sigma with Adam's weight_decay added to it, takes another step
+    g = -salimans_update_direction(theta, noise, loss, 0.0)
+    assert np.abs(after - adam_first_step(theta, -g / sigma + l2 * theta)).max() > lr
+
+
 @pytest.mark.parametrize("covariance", ["full", "diagonal"])
 def test_cma_es_takes_the_same_steps_as_pycma(covariance):
     torch.manual_seed(0)

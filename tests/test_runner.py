@@ -42,18 +42,23 @@ def test_time_budget_stops_soon_after_the_limit():
     assert 0.3 <= m["cost/train_seconds"] < 0.6
 
 
-def test_flops_match_the_closed_form_for_an_mlp():
-    # digits 64 -> 16 -> 10, batch 32. FlopCounterMode counts 2*m*n*k per matmul:
-    # forward 2*32*(64*16 + 16*10); backward: weight gradients the same again, input gradient of layer 2 only.
-    per_step = 2 * 32 * (64 * 16 + 16 * 10) * 2 + 2 * 32 * 16 * 10
+# digits 64 -> 16 -> 10 with Adam, batch 32. A matmul is 2*m*n*k FLOPs: forward 2*(64*16 + 16*10) per example;
+# backward: the weight gradients the same again plus the input gradient of layer 2 only (the input needs none).
+FORWARD = 2 * (64 * 16 + 16 * 10)
+BACKWARD = FORWARD + 2 * 16 * 10
+ADAM_STEP = 14 * (64 * 16 + 16 + 16 * 10 + 10)  # learnbench.cost: Adam's update, 14 FLOPs per parameter
+PER_STEP = 32 * (FORWARD + BACKWARD) + ADAM_STEP
+
+
+def test_nominal_flops_match_the_closed_form_for_an_mlp():
     m = run_trial(make_trials({"budget": {"steps": 12}})[0], None)["metrics"]
-    assert m["cost/flops_per_step"] == per_step
-    assert m["cost/flops"] == 12 * per_step
+    assert (m["cost/model_forward_flops"], m["cost/model_backward_flops"]) == (FORWARD, BACKWARD)
+    assert m["cost/extra_flops"] == 12 * ADAM_STEP
+    assert m["cost/flops"] == 12 * PER_STEP
 
 
 def test_flop_budget_stops_at_the_first_step_past_it():
-    per_step = 2 * 32 * (64 * 16 + 16 * 10) * 2 + 2 * 32 * 16 * 10
-    m = run_trial(make_trials({"budget": {"flops": 10.5 * per_step}})[0], None)["metrics"]
+    m = run_trial(make_trials({"budget": {"flops": 10.5 * PER_STEP}})[0], None)["metrics"]
     assert m["cost/steps"] == 11
 
 

@@ -31,7 +31,7 @@ from tabulate import tabulate
 
 from learnbench import population
 from learnbench.algorithms.cma_es import CMAES
-from learnbench.algorithms.openai_es import OpenAIES, gradient_estimate
+from learnbench.algorithms.openai_es import OpenAIES, search_direction
 from learnbench.algorithms.snes import SNES
 from learnbench.errors import UsageError
 from learnbench.models import build
@@ -111,7 +111,7 @@ class LoopOpenAIES:
     def __init__(self, model: torch.nn.Module, popsize: int, sigma: float = 0.02):
         self.model, self.popsize, self.sigma = model.eval(), popsize, sigma
         self.mean = torch.nn.Parameter(torch.nn.utils.parameters_to_vector(model.parameters()).detach())
-        self.adam = torch.optim.Adam([self.mean], lr=0.01, weight_decay=0.005)
+        self.adam = torch.optim.Adam([self.mean], lr=0.01)
         generator = torch.Generator(self.mean.device).manual_seed(0)
         self.noise = population.NoiseTable(generator, OpenAIES.noise_table, self.mean.numel(), self.mean.device)
 
@@ -123,7 +123,7 @@ class LoopOpenAIES:
         for i, member in enumerate(members):
             torch.nn.utils.vector_to_parameters(member, self.model.parameters())
             losses[i] = F.cross_entropy(self.model(batch.x), batch.y)
-        self.mean.grad = -gradient_estimate(noise, losses, self.sigma)
+        self.mean.grad = 0.005 * self.mean - search_direction(noise, losses)  # Salimans et al.'s update
         self.adam.step()
 
 
