@@ -10,8 +10,8 @@ Cost: the runner charges each step B forward and B backward passes of the model 
 and the rescaling (3 FLOPs per parameter: square, add, multiply).
 
 Defaults: Adam (Kingma & Ba 2015: lr 1e-3, betas 0.9/0.999, eps 1e-8), batch 128. `lr = None` picks the optimizer's
-published default (see `DEFAULT_LR`). The feedback-alignment trainers subclass this one and reuse its optimizer,
-schedule and step.
+published default (see `DEFAULT_LR`). The feedback-alignment trainers subclass it and reuse its optimizer, schedule
+and step on a converted model (`feedback_training.train_with_rule`).
 """
 
 from __future__ import annotations
@@ -76,13 +76,26 @@ class Backprop:
 
     def setup(self, model: nn.Module, task: TaskInfo, generator: torch.Generator) -> None:
         self.validate(task)
+        self.build_state(model, task)
+
+    def build_state(self, model: nn.Module, task: TaskInfo, *, evaluated: nn.Module | None = None,
+                    after_optimizer_step: Callable[[torch.optim.Optimizer], None] | None = None,
+                    extra_flops: float = 0.0) -> None:
+        """Optimizer, schedule, checkpoint stages and declared FLOPs for training `model`, the hyper-parameters
+        already validated. A trainer that transforms the model first (the feedback-alignment family, through
+        `feedback_training.train_with_rule`) passes the plain module `eval_model()` returns (`evaluated`), work to
+        run after every optimizer step, and that work's FLOPs per step."""
         self._model = model.train()
+        self._evaluated = model if evaluated is None else evaluated
         self._device_type = task.device.type
         self._optimizer = make_optimizer(self, [p for p in model.parameters() if p.requires_grad], task.device)
+        if after_optimizer_step is not None:
+            self._optimizer.register_step_post_hook(lambda optimizer, args, kwargs: after_optimizer_step(optimizer))
         self._scheduler = make_scheduler(self, self._optimizer)
         self._stages = checkpoint_stages(model, self.checkpoint_segments) if self.checkpoint_segments else None
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self._extra_flops = optimizer_flops(self._optimizer) + (3 * trained if self.grad_clip > 0 else 0)
+        self._extra_flops = (optimizer_flops(self._optimizer) + (3 * trained if self.grad_clip > 0 else 0)
+                             + extra_flops)
 
     def validate(self, task: TaskInfo) -> None:
         """Check hyper-parameter values; raises ValueError naming the bad one."""
@@ -120,7 +133,7 @@ class Backprop:
         return StepStats(loss=loss.detach(), forward_passes=n, backward_passes=n, extra_flops=self._extra_flops)
 
     def eval_model(self) -> nn.Module:
-        return self._model
+        return self._evaluated
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._stages is None:

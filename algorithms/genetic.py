@@ -44,8 +44,9 @@ Per crossing pair: blend 7 n (gamma drawn, scaled and shifted; delta = gamma (b 
 uniform n draws, two-point 2 draws. Per mutated gene 3 (a normal, sigma * z, the addition), plus the draws that pick
 the genes: none when every gene mutates, the sparse path's Geometric gaps, or a uniform per gene of the mutated
 rows (DEAP's `mutGaussian`; and the dense path, which also scales and masks every gene of those rows: 5 per gene
-of them in all). DEAP's originals are charged the arithmetic of the vectorised operators they equal, with their own draws. Model passes, the elites'
-re-evaluation included, are in `forward_passes`; `setup`'s initial population belongs to no step.
+of them in all). DEAP's originals are charged the arithmetic of the vectorised operators they equal, with their own
+draws. Model passes, the elites' re-evaluation included, are in `forward_passes`; `setup`'s initial population
+belongs to no step.
 """
 
 from __future__ import annotations

@@ -17,11 +17,13 @@ scale (beyond its eps); for sgd and momentum the learning rate multiplies g, as 
 Defaults are the paper's (Adam, lr 0.01, sigma 0.02, L2 0.005, mirrored sampling, centred ranks). The optional
 exponential decays of sigma and of the learning rate, with floors, are EvoJAX's OpenES settings for MNIST
 (decay 0.999, floors 0.01 and 0.001: github.com/google/evojax scripts/benchmarks/configs/OpenES/mnist.yaml); off by
-default. Perturbations are windows of the paper's shared noise table (`learnbench.population.NoiseTable`, 128 MiB
+default. Perturbations are windows of the paper's shared noise table (`learnbench.noise.NoiseTable`, 128 MiB
 by default, drawn from the trainer's generator); the noise matrix `[popsize/2, n_params]` lives for one generation.
-`workers = N` evaluates each generation on N Ray actors that hold copies of the table, as in the paper's
-distributed version (only offsets, the mean and the minibatch go out, losses come back; same results:
-`learnbench.population_ray`).
+Where the members are evaluated is a resource of the run, not a hyper-parameter: a suite's `[resources] actors = N`
+has the runner evaluate each generation on N Ray actors holding copies of the table, as in the paper's distributed
+version (only offsets, the mean and the minibatch go out, losses come back; same results:
+`learnbench.population_ray`). This file has one code path either way; with `noise_table = 0` the actors are sent
+the fresh noise rows themselves.
 
 Declared cost (`StepStats.extra_flops`, by `learnbench.cost`'s rule: 1 FLOP per elementwise operation or normal
 drawn, 2 per multiply-add), per generation, n parameters, P = popsize, H = P/2 pairs (`generation_flops`):
@@ -43,7 +45,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from learnbench import cost, population, population_ray
+from learnbench import cost, population
+from learnbench.noise import NoiseTable, normal
 from learnbench.spec import Batch, StepStats, TaskInfo
 
 OPTIMIZERS = ("adam", "sgd", "momentum")
@@ -80,8 +83,6 @@ class OpenAIES:
     fresh normals every generation."""
     chunk_size: int | None = None
     """Members evaluated at once; None sizes chunks to `learnbench.population.DEFAULT_MEMORY_BYTES`."""
-    workers: int = 0
-    """Ray actors (one CPU each) that evaluate each generation's members; 0 evaluates in process. Same results."""
 
     def setup(self, model: nn.Module, task: TaskInfo, generator: torch.Generator) -> None:
         self.validate()
@@ -93,11 +94,8 @@ class OpenAIES:
             self._optimizer, lambda t: max(self.lr_decay**t, floor))
         self._sigma = self.sigma
         n = self._mean.numel()
-        table_state = generator.get_state()  # the actors rebuild the noise table from it
-        self._table = (population.NoiseTable(generator, self.noise_table, n, self._mean.device)
+        self._table = (NoiseTable(generator, self.noise_table, n, self._mean.device)
                        if self.noise_table else None)
-        self._pool = population_ray.pool_for(model, task, self.workers, table_state, self.noise_table,
-                                             self.chunk_size)
         self._extra_flops = generation_flops(n, self.popsize, not self.noise_table, self.weight_decay,
                                              cost.optimizer_flops(self._optimizer))
 
@@ -111,10 +109,8 @@ class OpenAIES:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {self.optimizer!r}")
         if not (0 < self.sigma_decay <= 1 and 0 < self.lr_decay <= 1):
             raise ValueError("sigma_decay and lr_decay must be in (0, 1]")
-        if self.noise_table < 0 or self.workers < 0:
-            raise ValueError(f"noise_table and workers must be >= 0; got {self.noise_table}, {self.workers}")
-        if self.workers and not self.noise_table:
-            raise ValueError("workers > 0 needs the shared noise table (noise_table > 0)")
+        if self.noise_table < 0:
+            raise ValueError(f"noise_table must be >= 0; got {self.noise_table}")
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         # No weight decay here: `tell` adds it to -g itself, as Salimans et al. do.
@@ -127,7 +123,7 @@ class OpenAIES:
         """This generation's noise `[popsize/2, n_params]`: members are `mean + sigma * eps` then `mean - sigma*eps`."""
         if self._table is not None:
             return self._table.sample(self.popsize // 2)
-        return population.normal(self._generator, self.popsize // 2, self._mean.numel(), self._mean.device)
+        return normal(self._generator, self.popsize // 2, self._mean.numel(), self._mean.device)
 
     def tell(self, noise: Tensor, loss: Tensor) -> None:
         """Update the mean from the members' losses `[popsize]` (ordered as `ask` describes): the optimizer steps
@@ -139,15 +135,10 @@ class OpenAIES:
         self._sigma = max(self._sigma * self.sigma_decay, self.sigma_min)
 
     def step(self, batch: Batch) -> StepStats:
-        if self._pool is not None:
-            offsets = self._table.offsets(self.popsize // 2)  # the generator draws `ask` makes
-            losses = self._pool.submit(self._mean.detach(), self._sigma, offsets, batch.x, batch.y, mirrored=True)
-            noise = self._table.rows(offsets)  # while the actors compute
-            loss = losses()
-        else:
-            noise = self.ask()
-            loss, _ = population.evaluate_mirrored(self._model, self._mean.detach(), noise, self._sigma,
-                                                   batch.x, batch.y, chunk_size=self.chunk_size)
+        # Rows of the table stay named by their offsets, so wherever the run evaluates members, only those travel.
+        noise = self.ask()  # [popsize/2, n_params]
+        loss, _ = population.evaluate_mirrored(self._model, self._mean.detach(), noise, self._sigma,
+                                               batch.x, batch.y, chunk_size=self.chunk_size)  # [popsize]
         self.tell(noise, loss)
         # The reported loss is the population's mean (the center is not evaluated: that would cost B more passes).
         return StepStats(loss=loss.nanmean(), forward_passes=self.popsize * batch.y.shape[0],

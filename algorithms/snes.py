@@ -15,9 +15,12 @@ for the k-th best member. `antithetic` evaluates mirrored pairs `mu +- sigma * s
 paper), which lets `learnbench.population.evaluate_mirrored` share the first layer's work. The initial standard
 deviation is problem-specific (the paper's benchmarks start from 1 on unit-scaled problems); `sigma_init = 0.1`
 suits networks initialised with PyTorch's default scheme. Samples are read from a shared noise table as in
-Salimans et al. 2017 (`learnbench.population.NoiseTable`: same N(0, 1) marginals, 10x cheaper than fresh draws on
-CPU); `noise_table = 0` draws fresh normals instead. `workers = N` evaluates each generation on N Ray actors holding
-copies of that table (same results: `learnbench.population_ray`).
+Salimans et al. 2017 (`learnbench.noise.NoiseTable`: same N(0, 1) marginals, 10x cheaper than fresh draws on
+CPU); `noise_table = 0` draws fresh normals instead. Where the members are evaluated is a resource of the run, not a
+hyper-parameter: a suite's `[resources] actors = N` has the runner evaluate each generation on N Ray actors holding
+copies of that table (only offsets go out, or the fresh rows when `noise_table = 0`; same results:
+`learnbench.population_ray`). This file has one code path either way (`population.evaluate_mirrored`, or
+`evaluate_perturbed` without antithetic pairs).
 
 Declared cost (`StepStats.extra_flops`, by `learnbench.cost`'s rule: 1 FLOP per elementwise operation, `exp`
 included, or normal drawn, 2 per multiply-add), per generation, d parameters, P = popsize, R noise rows (P, or P/2
@@ -41,7 +44,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from learnbench import population, population_ray
+from learnbench import population
+from learnbench.noise import NoiseTable, normal
 from learnbench.spec import Batch, StepStats, TaskInfo
 
 
@@ -64,12 +68,10 @@ class SNES:
     antithetic: bool = False
     """Sample mirrored pairs mu +- sigma * s (needs an even popsize)."""
     noise_table: int = 2**25
-    """Floats in the shared noise table samples are read from (`learnbench.population.NoiseTable`); 0 draws fresh
+    """Floats in the shared noise table samples are read from (`learnbench.noise.NoiseTable`); 0 draws fresh
     normals every generation."""
     chunk_size: int | None = None
     """Members evaluated at once; None sizes chunks to `learnbench.population.DEFAULT_MEMORY_BYTES`."""
-    workers: int = 0
-    """Ray actors (one CPU each) that evaluate each generation's members; 0 evaluates in process. Same results."""
 
     def setup(self, model: nn.Module, task: TaskInfo, generator: torch.Generator) -> None:
         self._model, self._generator = model, generator
@@ -83,11 +85,8 @@ class SNES:
                              f"{self._popsize}: set popsize")
         self._sigma = torch.full_like(self._mean, self.sigma_init)  # [d]
         self._utilities = nes_utilities(self._popsize).to(self._mean)  # [P], best first
-        table_state = generator.get_state()  # the actors rebuild the noise table from it
-        self._table = population.NoiseTable(generator, self.noise_table, d, self._mean.device) \
+        self._table = NoiseTable(generator, self.noise_table, d, self._mean.device) \
             if self.noise_table else None
-        self._pool = population_ray.pool_for(model, task, self.workers, table_state, self.noise_table,
-                                             self.chunk_size)
         self._extra_flops = generation_flops(d, self._popsize, self.antithetic, not self.noise_table)
 
     def validate(self) -> None:
@@ -97,26 +96,24 @@ class SNES:
         if (self.batch_size <= 0 or self.sigma_init <= 0 or self.lr_mean <= 0
                 or (self.lr_sigma is not None and self.lr_sigma <= 0)):
             raise ValueError("batch_size, sigma_init, lr_mean and lr_sigma must be positive")
-        if self.noise_table < 0 or self.workers < 0:
-            raise ValueError(f"noise_table and workers must be >= 0; got {self.noise_table}, {self.workers}")
-        if self.workers and not self.noise_table:
-            raise ValueError("workers > 0 needs the shared noise table (noise_table > 0)")
+        if self.noise_table < 0:
+            raise ValueError(f"noise_table must be >= 0; got {self.noise_table}")
 
     def ask(self) -> Tensor:
         """This generation's standard-normal samples: `[popsize, d]`, or `[popsize/2, d]` when antithetic."""
         rows = self._popsize // 2 if self.antithetic else self._popsize
         if self._table is not None:
             return self._table.sample(rows)
-        return population.normal(self._generator, rows, self._mean.numel(), self._mean.device)
+        return normal(self._generator, rows, self._mean.numel(), self._mean.device)
 
     def evaluate(self, noise: Tensor, batch: Batch) -> Tensor:
         """Losses `[popsize]` of the members `ask` describes, on `batch`."""
         if self.antithetic:
             loss, _ = population.evaluate_mirrored(self._model, self._mean, noise, self._sigma, batch.x, batch.y,
                                                    chunk_size=self.chunk_size)
-        else:
-            members = torch.addcmul(self._mean, noise, self._sigma)  # [P, d], freed after this generation
-            loss, _ = population.evaluate(self._model, members, batch.x, batch.y, chunk_size=self.chunk_size)
+        else:  # members mu + sigma * s, built inside the call
+            loss, _ = population.evaluate_perturbed(self._model, self._mean, noise, self._sigma, batch.x, batch.y,
+                                                    chunk_size=self.chunk_size)
         return loss
 
     def tell(self, noise: Tensor, loss: Tensor) -> None:
@@ -134,14 +131,8 @@ class SNES:
         self._sigma *= torch.exp(0.5 * self._lr_sigma * grad_sigma)
 
     def step(self, batch: Batch) -> StepStats:
-        if self._pool is not None:
-            offsets = self._table.offsets(self._popsize // 2 if self.antithetic else self._popsize)  # as `ask`
-            losses = self._pool.submit(self._mean, self._sigma, offsets, batch.x, batch.y, self.antithetic)
-            noise = self._table.rows(offsets)  # while the actors compute
-            loss = losses()
-        else:
-            noise = self.ask()
-            loss = self.evaluate(noise, batch)
+        noise = self.ask()  # table rows stay named by their offsets: all a run's actors receive
+        loss = self.evaluate(noise, batch)  # [popsize]
         self.tell(noise, loss)
         return StepStats(loss=loss.nanmean(), forward_passes=self._popsize * batch.y.shape[0],
                          extra_flops=self._extra_flops)

@@ -22,25 +22,26 @@ from torch import nn
 
 from . import models
 from .errors import UsageError
+from .trial import Trial
 
 
-def save_model(run_dir: str | Path, trial: dict[str, Any], model: nn.Module, input_shape: tuple[int, ...],
+def save_model(run_dir: str | Path, trial: Trial, model: nn.Module, input_shape: tuple[int, ...],
                n_classes: int) -> Path:
     """Write weights and description atomically (temp file + os.replace), so a kill never leaves half a file."""
     folder = Path(run_dir) / "models"
     folder.mkdir(parents=True, exist_ok=True)
     # clone: safetensors refuses tensors that share storage, and weights may live on the GPU
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    target = folder / f"{trial['id']}.safetensors"
+    target = folder / f"{trial.id}.safetensors"
     tmp = target.with_suffix(".safetensors.tmp")
-    save_file(state, str(tmp), metadata={"trial": trial["id"]})
+    save_file(state, str(tmp), metadata={"trial": trial.id})
     os.replace(tmp, target)
-    description = {"trial": trial["id"], "model": trial["model"], "model_label": trial["model_label"],
-                   "input_shape": list(input_shape), "n_classes": int(n_classes), "algorithm": trial["algorithm"],
-                   "dataset": trial["dataset"], "seed": trial["seed"]}
-    tmp_json = folder / f"{trial['id']}.json.tmp"
+    description = {"trial": trial.id, "model": dict(trial.model), "model_label": trial.model_label,
+                   "input_shape": list(input_shape), "n_classes": int(n_classes), "algorithm": trial.algorithm,
+                   "dataset": trial.dataset, "seed": trial.seed}
+    tmp_json = folder / f"{trial.id}.json.tmp"
     tmp_json.write_text(json.dumps(description, indent=1))
-    os.replace(tmp_json, folder / f"{trial['id']}.json")
+    os.replace(tmp_json, folder / f"{trial.id}.json")
     return target
 
 
@@ -56,13 +57,13 @@ def load_model(run_dir: str | Path, trial_id: str, device: str | torch.device = 
     return model.to(device).eval()
 
 
-def provenance(trial: dict[str, Any], device: torch.device) -> dict[str, Any]:
+def provenance(trial: Trial, device: torch.device) -> dict[str, Any]:
     """Where and with what a result was produced."""
     info = {
         "learnbench": _version("learnbench"), "git_commit": git_commit(), "python": platform.python_version(),
         "torch": torch.__version__, "numpy": _version("numpy"), "deap": _version("deap"), "cma": _version("cma"),
         "platform": platform.platform(), "host": socket.gethostname(), "device": str(device),
-        "device_name": _device_name(device), "threads": torch.get_num_threads(), "plugin": trial.get("plugin", {}),
+        "device_name": _device_name(device), "threads": torch.get_num_threads(), "plugin": dict(trial.plugin),
     }
     return info
 

@@ -7,7 +7,6 @@ import argparse
 import hashlib
 import importlib
 import json
-import os
 import pkgutil
 import sys
 import time
@@ -18,6 +17,7 @@ from .errors import UsageError
 
 if TYPE_CHECKING:  # annotations only: each command imports what it needs when it runs
     from .store import Store
+    from .trial import StoredTrial, Trial
 
 EPILOG = "Docs: README.md. Exit codes: 0 ok, 1 some trials failed or diverged, 2 bad usage or input."
 
@@ -132,13 +132,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         store.add_trials(trials)
         final = _run_pending(args, store, run_dir, device, trials, cluster)
         store.close()
-    bad = sum(final[t["id"]] in ("failed", "diverged") for t in trials)
+    bad = sum(final[t.id] in ("failed", "diverged") for t in trials)
     print(f"learnbench: results in {run_dir}; `learnbench report {run_dir}` writes the report"
           + (f"; {bad} trial(s) failed or diverged" if bad else ""), file=sys.stderr)
     return 1 if bad else 0
 
 
-def _resolve_run(args: argparse.Namespace, device: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _resolve_run(args: argparse.Namespace, device: str) -> tuple[dict[str, Any], list[Trial]]:
     """The suite with the command line's overrides, its trials, and their datasets present (read only)."""
     from . import __version__, config, datasets
     from .registry import discover
@@ -148,7 +148,7 @@ def _resolve_run(args: argparse.Namespace, device: str) -> tuple[dict[str, Any],
     suite = config.apply_overrides(raw, _names(args.algorithms), _names(args.datasets), args.seeds, args.sets,
                                    registry)
     trials = config.resolve(suite, registry, device, __version__)
-    for name in dict.fromkeys(t["dataset"] for t in trials):
+    for name in dict.fromkeys(t.dataset for t in trials):
         datasets.prepare(name, args.data_dir)
     return suite, trials
 
@@ -163,20 +163,19 @@ def _run_dir(args: argparse.Namespace, suite_name: str) -> Path:
     return Path("runs") / (suite_name + (f"-{_short_hash(args)}" if overridden else ""))
 
 
-def _run_pending(args: argparse.Namespace, store: Store, run_dir: Path, device: str, trials: list[dict[str, Any]],
+def _run_pending(args: argparse.Namespace, store: Store, run_dir: Path, device: str, trials: list[Trial],
                  cluster: str | None) -> dict[str, str]:
     """Run the trials not finished yet on the chosen executor, then the post-run attacks; print the summary
     table and return every trial's final status."""
     from .executor import ProgressView, default_workers, run_local
-    from .runner import default_threads
+    from .runner import default_threads, usable_cpus
     from .store import FINISHED
 
     statuses = store.statuses()
-    pending = [t for t in trials if statuses.get(t["id"]) not in FINISHED]
-    # backprop first: the transfer attack crafts its examples on the backprop model of the same seed
-    pending.sort(key=lambda t: t["algorithm"] != "backprop")
+    pending = [t for t in trials if statuses.get(t.id) not in FINISHED]  # suite order; the transfer attack runs
+    # after all of them (`_post_run`), so no trial has to come first
     workers = args.workers or default_workers(len(pending), device)
-    threads = default_threads(workers) if device == "cpu" else (os.cpu_count() or 1)
+    threads = default_threads(workers) if device == "cpu" else usable_cpus()
     where = cluster if args.executor == "ray" else f"{workers} worker(s) x {threads} thread(s)"
     print(f"learnbench: {len(trials)} trials ({len(trials) - len(pending)} already finished) -> {run_dir} "
           f"[{device}, {where}]", file=sys.stderr)
@@ -194,13 +193,13 @@ def _run_pending(args: argparse.Namespace, store: Store, run_dir: Path, device: 
     final = store.statuses()
     from .reports import show_table
 
-    ids = {t["id"] for t in trials}
-    print(show_table([t for t in store.trials() if t["id"] in ids]))
+    ids = {t.id for t in trials}
+    print(show_table([t for t in store.trials() if t.id in ids]))
     return final
 
 
-def _post_run(store: Store, run_dir: Path, device: str, trials: list[dict[str, Any]], data_dir: str | None) -> None:
-    if any(t["robustness"].get("examples") for t in trials):
+def _post_run(store: Store, run_dir: Path, device: str, trials: list[Trial], data_dir: str | None) -> None:
+    if any(t.robustness.get("examples") for t in trials):
         from .attacks.robustness import post_run
 
         post_run(store, run_dir, device, data_dir)
@@ -221,10 +220,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _trial_json(trial: dict[str, Any]) -> dict[str, Any]:
-    return {"id": trial["id"], "algorithm": trial["algorithm"], "label": trial["label"],
-            "dataset": trial["dataset"], "model": trial["model"], "seed": trial["seed"], "status": trial["status"],
-            "hparams": trial["config"]["hparams"], "error": trial["error"], "metrics": trial["metrics"]}
+def _trial_json(trial: StoredTrial) -> dict[str, Any]:
+    return {"id": trial.id, "algorithm": trial.algorithm, "label": trial.label, "dataset": trial.dataset,
+            "model": trial.model_label, "seed": trial.seed, "status": trial.status, "hparams": dict(trial.hparams),
+            "error": trial.error, "metrics": dict(trial.metrics)}
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -310,12 +309,9 @@ def _short_hash(args: argparse.Namespace) -> str:
 
 
 def _experiment_sets(args: argparse.Namespace) -> list[str]:
-    """The --set items that change trials: resources.* and <algorithm>.workers (Ray actors) only place them, like
-    --executor and --workers."""
-    from .config import WORKERS_HPARAM
-
-    return [s for s in args.sets if not s.strip().startswith("resources.")
-            and not s.split("=", 1)[0].strip().endswith("." + WORKERS_HPARAM)]
+    """The --set items that change trials: resources.* (cpus, gpus, actors) only place them, like --executor and
+    --workers."""
+    return [s for s in args.sets if not s.strip().startswith("resources.")]
 
 
 def _first_line(text: str | None) -> str:

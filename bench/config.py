@@ -18,9 +18,11 @@ A suite file:
     examples = 500
     [diagnostics]                   # probes run every N steps, off the clock
     every = 0
-    [resources]                     # per trial, for `--executor ray` (not part of the trial id)
+    [resources]                     # per trial, where it runs (not part of the trial id)
     cpus = 1                        # Ray num_cpus and torch threads (default: the executor's threads per trial)
     gpus = 0.5                      # Ray num_gpus (default: 1 on CUDA, 0 on CPU)
+    actors = 4                      # Ray actors (one CPU each) that evaluate population methods' members
+                                    # (`learnbench.population_ray`); 0 (default): in process
     [[algorithms]]
     id = "backprop"                 # registry id
     label = "backprop-adam"         # optional, defaults to id; distinguishes two entries of one algorithm
@@ -32,14 +34,16 @@ A suite file:
 A problem (dataset x model) has one budget that every algorithm on it shares: the model's `budget`, else the
 suite's. An entry may deviate only by saying so (`unranked = true`).
 
-`--set key=value` edits the resolved suite before validation: `budget.epochs=5` (replaces every budget), `model.kind=cnn` (any `model.*`
-key replaces the models with one), `robustness.examples=0`, `eval.points=10`, `diagnostics.every=50`,
-`resources.cpus=2`, `resources.gpus=1`, `<label or id>.<hyper-parameter>=value`. An unknown key is an error.
+`--set key=value` edits the resolved suite before validation: `budget.epochs=5` (replaces every budget),
+`model.kind=cnn` (any `model.*` key replaces the models with one), `robustness.examples=0`, `eval.points=10`,
+`diagnostics.every=50`, `resources.cpus=2`, `resources.gpus=1`, `resources.actors=4`,
+`<label or id>.<hyper-parameter>=value`. An unknown key is an error.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -49,10 +53,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from . import checks
 from . import models as models_mod
 from .errors import UsageError
 from .identity import code_digests
 from .registry import Registry, resolve_hparams
+from .trial import DEFAULT_REFERENCE, NOT_HASHED, Budget, DiagnosticsSettings, EvalSettings, Trial
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -65,10 +71,7 @@ BUDGET_KEYS = ("steps", "epochs", "time_s", "flops")
 EVAL_DEFAULTS = {"points": 20, "batch_size": 2048}
 DIAGNOSTICS_DEFAULTS = {"every": 0, "probes": []}
 ENTRY_KEYS = {"id", "label", "models", "budget", "unranked"}
-DEFAULT_REFERENCE = "backprop"  # a suite default (the `reference` key), never a branch in the harness
-RESOURCE_KEYS = ("cpus", "gpus")  # what one trial asks of a Ray cluster; None: the executor's default
-NOT_HASHED = ("id", "suite", "resources", "reference", "unranked")  # keys that do not change the experiment
-WORKERS_HPARAM = "workers"  # a trainer's Ray actors (openai-es, snes): where it computes, not what; not hashed
+RESOURCE_KEYS = ("cpus", "gpus", "actors")  # where one trial runs, never what it is: not hashed (Trial.resources)
 
 
 # --- loading -----------------------------------------------------------------------------------------------------
@@ -176,7 +179,7 @@ def _apply_set(suite: dict[str, Any], item: str, model_sets: dict[str, Any]) -> 
 
 # --- resolution --------------------------------------------------------------------------------------------------
 
-def resolve(suite: dict[str, Any], registry: Registry, device: str, code_version: str) -> list[dict[str, Any]]:
+def resolve(suite: dict[str, Any], registry: Registry, device: str, code_version: str) -> list[Trial]:
     """Validate a suite and expand it into trial configs (see ARCHITECTURE.md); every error is a UsageError."""
     from .attacks.robustness import resolve_settings as attacks_settings  # local: keeps this import light
     from .datasets import info as datasets_info
@@ -185,7 +188,7 @@ def resolve(suite: dict[str, Any], registry: Registry, device: str, code_version
     unknown = set(suite) - TOP_KEYS
     if unknown:
         raise UsageError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(TOP_KEYS))}")
-    dataset_names = _string_list(suite.get("datasets", ["digits"]), f"{where}: datasets")
+    dataset_names = checks.names(suite.get("datasets", ["digits"]), f"{where}: datasets")
     infos = {name: datasets_info(name) for name in dataset_names}
     seeds = _seeds(suite.get("seeds", 1), where)
     problems = _problems(suite, where)
@@ -194,7 +197,7 @@ def resolve(suite: dict[str, Any], registry: Registry, device: str, code_version
         raise UsageError(f"{where}: needs at least one [[algorithms]] entry")
     entries = [_entry(entry, registry, where) for entry in entries]
     shared = {"suite": suite.get("name"), "device": device, "reference": _reference(suite, where),
-              "eval": _table(suite.get("eval", {}), EVAL_DEFAULTS, f"{where}: eval"),
+              "eval": EvalSettings(**_table(suite.get("eval", {}), EVAL_DEFAULTS, f"{where}: eval")),
               "diagnostics": _diagnostics(suite.get("diagnostics", {}), where),
               "resources": _resources(suite.get("resources", {}), f"{where}: resources")}
     trials = []
@@ -210,23 +213,20 @@ def resolve(suite: dict[str, Any], registry: Registry, device: str, code_version
                 _check_values(registry.entries[resolved["id"]].cls, hparams, infos[dataset], device,
                               f"{where}: [[algorithms]] {resolved['label']!r}")
                 for seed in seeds:
-                    trial = {
-                        **shared, "label": resolved["label"], "algorithm": resolved["id"], "hparams": hparams,
-                        "dataset": dataset, "model": spec, "model_label": model_label, "budget": entry_budget,
-                        "unranked": resolved["unranked"], "seed": seed, "robustness": robustness,
-                        "code": {"learnbench": code_version, "modules": resolved["code"]},
-                        "plugin": resolved["plugin"],
-                    }
-                    trial["id"] = trial_id(trial)
-                    trials.append(trial)
+                    trial = Trial(
+                        **shared, id="", label=resolved["label"], algorithm=resolved["id"], hparams=hparams,
+                        dataset=dataset, model=spec, model_label=model_label, budget=entry_budget,
+                        unranked=resolved["unranked"], seed=seed, robustness=robustness,
+                        code={"learnbench": code_version, "modules": resolved["code"]}, plugin=resolved["plugin"])
+                    trials.append(dataclasses.replace(trial, id=trial_id(trial.config())))
     if not trials:
         raise UsageError(f"{where}: no trials (check the algorithms' `models` filters against the model labels)")
     return _unique(trials)
 
 
-def _problems(suite: dict[str, Any], where: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+def _problems(suite: dict[str, Any], where: str) -> list[tuple[dict[str, Any], Budget]]:
     """Each model spec with its problem budget: the model's own `budget` table, else the suite's [budget]."""
-    suite_budget = _budget(suite["budget"], where) if "budget" in suite else None
+    suite_budget = _budget(suite["budget"], f"{where}: budget") if "budget" in suite else None
     problems = []
     for spec, budget in _model_specs(suite, where):
         label = models_mod.label(spec)
@@ -237,21 +237,17 @@ def _problems(suite: dict[str, Any], where: str) -> list[tuple[dict[str, Any], d
     return problems
 
 
-def _entry_budget(resolved: dict[str, Any], problem_budget: dict[str, Any], where: str) -> dict[str, Any]:
+def _entry_budget(resolved: dict[str, Any], problem_budget: Budget, where: str) -> Budget:
     """The problem's budget, or the entry's own when it says it is not to be ranked with the others."""
     if resolved["budget"] is None:
         return problem_budget
     own = _budget(resolved["budget"], f"{where}: {resolved['label']}.budget")
     if own != problem_budget and not resolved["unranked"]:
-        raise UsageError(f"{where}: entry {resolved['label']!r} sets its own budget {_budget_text(own)}, unlike "
-                         f"the problem's {_budget_text(problem_budget)}; every algorithm on a problem shares one "
+        raise UsageError(f"{where}: entry {resolved['label']!r} sets its own budget {own.text()}, unlike "
+                         f"the problem's {problem_budget.text()}; every algorithm on a problem shares one "
                          "budget. Set the budget on the model, or add unranked = true to report this entry beside "
                          "the others without ranking it")
     return own
-
-
-def _budget_text(budget: dict[str, Any]) -> str:
-    return ", ".join(f"{k} = {v:g}" for k, v in budget.items() if v is not None)
 
 
 def _reference(suite: dict[str, Any], where: str) -> str:
@@ -294,7 +290,7 @@ def _model_specs(suite: dict[str, Any], where: str) -> list[tuple[dict[str, Any]
             for m in model_specs]
 
 
-def _diagnostics(table: Any, where: str) -> dict[str, Any]:
+def _diagnostics(table: Any, where: str) -> DiagnosticsSettings:
     """The [diagnostics] table with its defaults; every probe name must be one of `learnbench.diagnostics.PROBES`."""
     from .diagnostics import PROBES
 
@@ -303,14 +299,13 @@ def _diagnostics(table: Any, where: str) -> dict[str, Any]:
     if unknown_probes:
         raise UsageError(f"{where}: unknown diagnostics probe(s) {', '.join(unknown_probes)}; "
                          f"known: {', '.join(sorted(PROBES))}")
-    return diag_cfg
+    return DiagnosticsSettings(diag_cfg["every"], tuple(diag_cfg["probes"]))
 
 
 def trial_id(trial: dict[str, Any]) -> str:
-    """SHA-256 of the canonical JSON of everything that defines the experiment (the suite name, the resources a
-    cluster gives it and a `workers` hyper-parameter, the Ray actors a trainer spreads its work over, do not)."""
+    """SHA-256 of the canonical JSON of everything that defines the experiment, `trial` being a trial's config JSON
+    object (`Trial.config()`); the suite name and the resources it runs on (`cpus`, `gpus`, `actors`) do not."""
     body = {k: v for k, v in trial.items() if k not in NOT_HASHED}
-    body["hparams"] = {k: v for k, v in trial["hparams"].items() if k != WORKERS_HPARAM}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -324,7 +319,7 @@ def _entry(entry: Any, registry: Registry, where: str) -> dict[str, Any]:
     given = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
     models = entry.get("models")
     if models is not None:
-        models = _string_list(models, f"{where}: {label}.models")
+        models = checks.names(models, f"{where}: {label}.models")
     unranked = entry.get("unranked", False)
     if not isinstance(unranked, bool):
         raise UsageError(f"{where}: {label}.unranked must be true or false; got {unranked!r}")
@@ -333,68 +328,50 @@ def _entry(entry: Any, registry: Registry, where: str) -> dict[str, Any]:
             "code": code_digests(reg.cls), "plugin": reg.provenance()}
 
 
-def _fill_horizon(hparams: dict[str, Any], budget: dict[str, Any], n_train: int) -> dict[str, Any]:
+def _fill_horizon(hparams: dict[str, Any], budget: Budget, n_train: int) -> dict[str, Any]:
     """`horizon_steps = None` -> the number of steps the step/epoch budget allows (for cosine/one-cycle)."""
     if "horizon_steps" in hparams and hparams["horizon_steps"] is None:
         limits = []
-        if budget["steps"]:
-            limits.append(int(budget["steps"]))
-        if budget["epochs"] and isinstance(hparams.get("batch_size"), int) and hparams["batch_size"] > 0:
-            limits.append(math.ceil(budget["epochs"] * n_train / hparams["batch_size"]))
+        if budget.steps:
+            limits.append(int(budget.steps))
+        if budget.epochs and isinstance(hparams.get("batch_size"), int) and hparams["batch_size"] > 0:
+            limits.append(math.ceil(budget.epochs * n_train / hparams["batch_size"]))
         if limits:
             hparams["horizon_steps"] = min(limits)
     return hparams
 
 
-def _budget(table: Any, where: str) -> dict[str, Any]:
-    if not isinstance(table, dict):
-        raise UsageError(f"{where}: budget must be a table")
-    unknown = set(table) - set(BUDGET_KEYS)
-    if unknown:
-        raise UsageError(f"{where}: unknown budget key(s) {', '.join(sorted(unknown))}; "
-                         f"known: {', '.join(BUDGET_KEYS)}")
-    out = {}
-    for key in BUDGET_KEYS:
-        value = table.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not math.isfinite(value) or value <= 0):
-            raise UsageError(f"{where}: budget.{key} must be a positive number; got {value!r}")
-        out[key] = value
+def _budget(table: Any, where: str) -> Budget:
+    """A budget table (`where` names it: "suite 'x': budget"); at least one limit, each a positive number."""
+    table = checks.known_keys(table, BUDGET_KEYS, where)
+    out = {key: None if table.get(key) is None else checks.number(table[key], f"{where}.{key}")
+           for key in BUDGET_KEYS}
     if all(v is None for v in out.values()):
-        raise UsageError(f"{where}: the budget needs at least one of {', '.join(BUDGET_KEYS)}")
+        raise UsageError(f"{where} needs at least one of {', '.join(BUDGET_KEYS)}")
     if out["steps"] is not None and out["steps"] != int(out["steps"]):
-        raise UsageError(f"{where}: budget.steps must be a whole number; got {out['steps']!r}")
-    return out
+        raise UsageError(f"{where}.steps must be a whole number; got {table['steps']!r}")
+    return Budget(**{key: table.get(key) for key in BUDGET_KEYS})
 
 
 def _table(table: Any, defaults: dict[str, Any], where: str) -> dict[str, Any]:
-    if not isinstance(table, dict):
-        raise UsageError(f"{where} must be a table")
-    unknown = set(table) - set(defaults)
-    if unknown:
-        raise UsageError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(defaults)}")
-    out = {**defaults, **table}
+    out = {**defaults, **checks.known_keys(table, defaults, where)}
     for key, default in defaults.items():
-        value = out[key]
-        if isinstance(default, int) and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise UsageError(f"{where}.{key} must be a non-negative integer; got {value!r}")
+        if isinstance(default, int):
+            checks.integer(out[key], f"{where}.{key}")
         if isinstance(default, list):
-            out[key] = _string_list(value, f"{where}.{key}")
+            out[key] = checks.names(out[key], f"{where}.{key}")
     return out
 
 
 def _resources(table: Any, where: str) -> dict[str, float | None]:
-    if not isinstance(table, dict):
-        raise UsageError(f"{where} must be a table")
-    unknown = set(table) - set(RESOURCE_KEYS)
-    if unknown:
-        raise UsageError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(RESOURCE_KEYS)}")
+    """cpus and gpus: None = the executor's default; actors: 0 = population members evaluated in process."""
+    table = checks.known_keys(table, RESOURCE_KEYS, where)
     out = {key: table.get(key) for key in RESOURCE_KEYS}
-    for key, value in out.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not math.isfinite(value) or value < 0 or (key == "cpus" and value == 0)):
-            raise UsageError(f"{where}.{key} must be a {'positive' if key == 'cpus' else 'non-negative'} number; "
-                             f"got {value!r}")
+    if out["cpus"] is not None:
+        checks.number(out["cpus"], f"{where}.cpus")
+    if out["gpus"] is not None:
+        checks.number(out["gpus"], f"{where}.gpus", low_inclusive=True)
+    out["actors"] = checks.integer(table.get("actors", 0), f"{where}.actors")
     return out
 
 
@@ -409,18 +386,10 @@ def _seeds(value: Any, where: str) -> list[int]:
     raise UsageError(f"{where}: seeds must be a positive count or a list of non-negative integers; got {value!r}")
 
 
-def _string_list(value: Any, where: str) -> list[str]:
-    if isinstance(value, str):
-        value = [v.strip() for v in value.split(",") if v.strip()]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise UsageError(f"{where} must be a list of names; got {value!r}")
-    return value
-
-
-def _unique(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _unique(trials: list[Trial]) -> list[Trial]:
     seen, out = set(), []
     for t in trials:
-        if t["id"] not in seen:
-            seen.add(t["id"])
+        if t.id not in seen:
+            seen.add(t.id)
             out.append(t)
     return out

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
 import time
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from .store import Store
+from .trial import Trial, TrialResult
 
-def run_local(trials: list[dict[str, Any]], store: Store, run_dir: str, data_dir: str | None, workers: int,
+
+def run_local(trials: list[Trial], store: Store, run_dir: str, data_dir: str | None, workers: int,
               threads: int, progress: "ProgressView") -> None:
     """Run `trials` (already registered as pending) and record each result as it arrives."""
     if not trials:
@@ -28,11 +30,6 @@ def run_local(trials: list[dict[str, Any]], store: Store, run_dir: str, data_dir
         _run_pool(trials, store, run_dir, data_dir, workers, threads, progress)
 
 
-def record(store: Store, result: dict[str, Any]) -> None:
-    store.finish_trial(result["id"], result["status"], result["error"], result["metrics"],
-                       [tuple(row) for row in result["curves"]], result["provenance"])
-
-
 def _run_inline(trials, store, run_dir, data_dir, threads, progress) -> None:
     import torch
 
@@ -40,74 +37,82 @@ def _run_inline(trials, store, run_dir, data_dir, threads, progress) -> None:
 
     torch.set_num_threads(threads)
     for trial in trials:
-        store.mark_running(trial["id"])
+        store.mark_running(trial.id)
         progress.start(trial)
-        result = run_trial(trial, run_dir, data_dir, on_progress=lambda f, t=trial: progress.update(t["id"], f))
-        record(store, result)
-        progress.finish(trial, result["status"])
+        result = run_trial(trial, run_dir, data_dir, on_progress=lambda f, t=trial: progress.update(t.id, f))
+        store.finish_trial(result)
+        progress.finish(trial, result.status)
 
 
 def _run_pool(trials, store, run_dir, data_dir, workers, threads, progress) -> None:
     ctx = mp.get_context("spawn")  # fork after torch has started threads is unsafe
     queue = list(trials)
-    pool: dict[int, dict[str, Any]] = {}  # slot -> {"process", "conn", "trial"}
+    pool: dict[int, _Worker] = {}
 
     def launch(slot: int) -> None:
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=_worker_main, args=(child, run_dir, data_dir, threads), daemon=True)
         proc.start()
         child.close()
-        pool[slot] = {"process": proc, "conn": parent, "trial": None}
+        pool[slot] = _Worker(proc, parent)
 
     def dispatch(slot: int) -> None:
         if queue:
             trial = queue.pop(0)
-            pool[slot]["trial"] = trial
-            store.mark_running(trial["id"])
+            pool[slot].trial = trial
+            store.mark_running(trial.id)
             progress.start(trial)
-            pool[slot]["conn"].send_bytes(json.dumps(trial).encode())
+            pool[slot].conn.send_bytes(json.dumps(trial.config()).encode())
 
     for slot in range(min(workers, len(trials))):
         launch(slot)
         dispatch(slot)
     try:
-        while any(w["trial"] is not None for w in pool.values()):
-            ready = wait([w["conn"] for w in pool.values()] + [w["process"].sentinel for w in pool.values()], 1.0)
+        while any(w.trial is not None for w in pool.values()):
+            ready = wait([w.conn for w in pool.values()] + [w.process.sentinel for w in pool.values()], 1.0)
             for slot, worker in list(pool.items()):
-                if worker["conn"] in ready or worker["process"].sentinel in ready:
+                if worker.conn in ready or worker.process.sentinel in ready:
                     _service(slot, worker, store, progress, launch, dispatch)
     finally:
         for worker in pool.values():
-            if worker["process"].is_alive():
-                worker["conn"].send_bytes(b"stop")
+            if worker.process.is_alive():
+                worker.conn.send_bytes(b"stop")
         for worker in pool.values():
-            worker["process"].join(timeout=5)
-            if worker["process"].is_alive():
-                worker["process"].kill()
+            worker.process.join(timeout=5)
+            if worker.process.is_alive():
+                worker.process.kill()
 
 
-def _service(slot: int, worker: dict, store: Store, progress, launch, dispatch) -> None:
+@dataclass(eq=False)
+class _Worker:
+    """A worker process, the driver's end of its pipe, and the trial it is running (None: idle)."""
+
+    process: Any
+    conn: Connection
+    trial: Trial | None = None
+
+
+def _service(slot: int, worker: _Worker, store: Store, progress, launch, dispatch) -> None:
     """Read what a worker sent (progress or a result), or fail its trial if it died."""
-    conn, trial = worker["conn"], worker["trial"]
+    conn, trial = worker.conn, worker.trial
     try:
         while conn.poll():
             message = json.loads(conn.recv_bytes())
             if message["kind"] == "progress":
                 progress.update(message["id"], message["fraction"])
             else:
-                record(store, message["result"])
-                progress.finish(trial, message["result"]["status"])
-                worker["trial"] = None
+                result = TrialResult.from_json_dict(message["result"])
+                store.finish_trial(result)
+                progress.finish(trial, result.status)
+                worker.trial = None
                 dispatch(slot)
                 return
     except (EOFError, OSError):
         pass
-    if not worker["process"].is_alive() and trial is not None:
-        code = worker["process"].exitcode
+    if not worker.process.is_alive() and trial is not None:
+        code = worker.process.exitcode
         killed = f", killed by signal {-code}" if code and code < 0 else ""
-        reason = f"worker process died (exit code {code}{killed})"
-        record(store, {"id": trial["id"], "status": "failed", "error": reason, "metrics": {}, "curves": [],
-                       "provenance": {}})
+        store.finish_trial(TrialResult.lost(trial.id, f"worker process died (exit code {code}{killed})"))
         progress.finish(trial, "failed")
         launch(slot)
         dispatch(slot)
@@ -124,16 +129,16 @@ def _worker_main(conn: Connection, run_dir: str, data_dir: str | None, threads: 
         message = conn.recv_bytes()
         if message == b"stop":
             return
-        trial = json.loads(message)
+        trial = Trial.from_config(json.loads(message))
         last = [0.0]
 
-        def report(fraction: float, trial_id: str = trial["id"]) -> None:
+        def report(fraction: float, trial_id: str = trial.id) -> None:
             if time.monotonic() - last[0] > 0.5 or fraction >= 1.0:  # at most two progress messages a second
                 last[0] = time.monotonic()
                 conn.send_bytes(json.dumps({"kind": "progress", "id": trial_id, "fraction": fraction}).encode())
 
         result = run_trial(trial, run_dir, data_dir, on_progress=report)
-        conn.send_bytes(json.dumps({"kind": "result", "result": result}).encode())
+        conn.send_bytes(json.dumps({"kind": "result", "result": result.json_dict()}).encode())
 
 
 class ProgressView:
@@ -148,11 +153,10 @@ class ProgressView:
         self.bars: dict[str, Any] = {}
         self.failed = 0
 
-    def start(self, trial: dict[str, Any]) -> None:
+    def start(self, trial: Trial) -> None:
         from tqdm import tqdm
 
-        desc = f"{trial['label']} {trial['dataset']} {trial['model_label']} s{trial['seed']}"
-        self.bars[trial["id"]] = tqdm(total=100, desc=desc, unit="%", leave=False, disable=not self.enabled,
+        self.bars[trial.id] = tqdm(total=100, desc=trial.describe(), unit="%", leave=False, disable=not self.enabled,
                                       position=1 + len(self.bars), dynamic_ncols=True,
                                       bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}")
 
@@ -162,8 +166,8 @@ class ProgressView:
             bar.n = int(100 * fraction)
             bar.refresh()
 
-    def finish(self, trial: dict[str, Any], status: str) -> None:
-        bar = self.bars.pop(trial["id"], None)
+    def finish(self, trial: Trial, status: str) -> None:
+        bar = self.bars.pop(trial.id, None)
         if bar is not None:
             bar.close()
         self.failed += status in ("failed", "diverged")
@@ -178,4 +182,6 @@ class ProgressView:
 def default_workers(n_trials: int, device: str) -> int:
     if device.startswith("cuda"):
         return 1
-    return max(1, min(os.cpu_count() or 1, n_trials))
+    from .runner import usable_cpus
+
+    return max(1, min(usable_cpus(), n_trials))

@@ -3,9 +3,10 @@
 * Resources: each task declares `num_cpus` and `num_gpus` from the suite's `[resources]` table (or
   `--set resources.cpus=2`); by default one trial takes the executor's threads per trial on CPU, and one CPU and one
   GPU on CUDA. The task runs torch with as many threads as CPUs it was given, so Ray's packing is the real one.
-  A trial whose trainer starts Ray actors (a `workers` hyper-parameter: `openai-es.workers=8`) gets a placement
-  group: its task's bundle plus one 1-CPU bundle per actor, reserved together (the actors land in it because the
-  group captures the task's children), so a trial never holds its CPUs while waiting for actors that cannot start.
+  With `resources.actors = N` (Ray actors that evaluate population methods' members: `learnbench.population_ray`),
+  every trial gets a placement group: its task's bundle plus N 1-CPU bundles, reserved together (the actors land in
+  it because the group captures the task's children), so a trial never holds its CPUs while waiting for actors that
+  cannot start. The executor knows no algorithm: a trial that starts no actors (backprop) still holds the bundles.
 * The driver alone writes the store: a task returns its result as JSON text (the same dict `run_trial` returns to
   the local executor) and its final weights as raw safetensors bytes. The driver writes the weights into
   RUN_DIR/models (temp file + rename) before recording the trial, so the run directory need not be on a shared file
@@ -36,10 +37,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from .config import WORKERS_HPARAM
 from .errors import UsageError
-from .executor import ProgressView, record
+from .executor import ProgressView
 from .store import Store
+from .trial import Trial, TrialResult
 
 if TYPE_CHECKING:  # an optional extra: annotations only
     import ray
@@ -58,7 +59,7 @@ def import_ray() -> ModuleType:
     return ray
 
 
-def connect(address: str | None, trials: list[dict[str, Any]], threads: int | None = None) -> str:
+def connect(address: str | None, trials: list[Trial], threads: int | None = None) -> str:
     """Join the Ray cluster at `address` ("auto", "host:port", "ray://host:10001"), or start a local instance with
     this machine's cores (a Ray this process already initialised is used as it is); check that some node can hold
     each trial. Returns a one-line description. Called before anything is written, so every problem here is a
@@ -87,9 +88,9 @@ def connect(address: str | None, trials: list[dict[str, Any]], threads: int | No
                              f"{gpus:g} GPU(s) (the largest node has {largest['CPU']:g} CPU(s) and "
                              f"{largest['GPU']:g} GPU(s)); lower resources.cpus/resources.gpus or add nodes")
         if cpus + actors(trial) > total.get("CPU", 0):
-            raise UsageError(f"a {trial['label']} trial needs {cpus:g} CPU(s) and one per actor "
-                             f"({trial['label']}.workers={actors(trial)}); the Ray cluster has "
-                             f"{total.get('CPU', 0):g}: lower workers or add nodes")
+            raise UsageError(f"a {trial.label} trial needs {cpus:g} CPU(s) and one per actor "
+                             f"(resources.actors={actors(trial)}); the Ray cluster has "
+                             f"{total.get('CPU', 0):g}: lower resources.actors or add nodes")
     where = "local Ray instance" if _STARTED_LOCALLY else f"Ray cluster {address or 'already connected'}"
     return (f"{where}: {len(ray.nodes())} node(s), {total.get('CPU', 0):g} CPU(s), "
             f"{total.get('GPU', 0):g} GPU(s)")
@@ -115,11 +116,11 @@ def _largest_node(ray) -> dict[str, float]:
     return {key: max((n.get(key, 0.0) for n in nodes), default=0.0) for key in ("CPU", "GPU")}
 
 
-def task_resources(trial: dict[str, Any], threads: int, largest: dict[str, float]) -> tuple[float, float]:
+def task_resources(trial: Trial, threads: int, largest: dict[str, float]) -> tuple[float, float]:
     """(num_cpus, num_gpus) of one trial's task: the suite's `[resources]`, else `threads` CPUs on CPU (at most a
     whole node) and one CPU and one GPU on CUDA."""
-    wanted = trial.get("resources") or {}
-    on_cuda = str(trial["device"]).startswith("cuda")
+    wanted = trial.resources
+    on_cuda = trial.device.startswith("cuda")
     cpus = wanted.get("cpus")
     if cpus is None:
         cpus = 1 if on_cuda else max(1, min(threads, int(largest["CPU"]) or 1))
@@ -129,12 +130,12 @@ def task_resources(trial: dict[str, Any], threads: int, largest: dict[str, float
     return float(cpus), float(gpus)
 
 
-def actors(trial: dict[str, Any]) -> int:
-    """Ray actors the trial's trainer starts (one CPU each): its `workers` hyper-parameter, if it has one."""
-    return int(trial["hparams"].get(WORKERS_HPARAM) or 0)
+def actors(trial: Trial) -> int:
+    """Ray actors (one CPU each) the runner may start for the trial: its `resources.actors` (absent in old stores)."""
+    return int(trial.resources.get("actors") or 0)
 
 
-def placement(ray, trial: dict[str, Any], cpus: float, gpus: float) -> tuple[dict[str, Any], Any]:
+def placement(ray, trial: Trial, cpus: float, gpus: float) -> tuple[dict[str, Any], Any]:
     """(task options, placement group or None): a trial with actors gets a group of its task's bundle and one
     {"CPU": 1} bundle per actor (PACK: on as few nodes as fit); the task and every actor it starts run inside."""
     if not actors(trial):
@@ -149,7 +150,7 @@ def placement(ray, trial: dict[str, Any], cpus: float, gpus: float) -> tuple[dic
     return {"scheduling_strategy": strategy}, group
 
 
-def run_ray(trials: list[dict[str, Any]], store: Store, run_dir: str, data_dir: str | None, threads: int,
+def run_ray(trials: list[Trial], store: Store, run_dir: str, data_dir: str | None, threads: int,
             progress: ProgressView, max_retries: int = 0) -> None:
     """Run `trials` (registered as pending) as Ray tasks and record each result as it arrives. Needs `connect`
     (or any `ray.init`) first."""
@@ -159,19 +160,19 @@ def run_ray(trials: list[dict[str, Any]], store: Store, run_dir: str, data_dir: 
     tracker = ray.remote(num_cpus=0)(ProgressTracker).remote()
     task = ray.remote(run_task)
     largest = _largest_node(ray)
-    in_flight: dict[Any, dict[str, Any]] = {}  # ObjectRef -> trial
+    in_flight: dict[Any, Trial] = {}  # ObjectRef -> trial
     groups: dict[Any, Any] = {}  # ObjectRef -> the trial's placement group (trials with actors)
     for trial in trials:
         cpus, gpus = task_resources(trial, threads, largest)
         options = {"num_cpus": cpus, "num_gpus": gpus, "max_retries": max_retries,
-                   "name": f"learnbench {trial['label']} {trial['dataset']} s{trial['seed']}"}
+                   "name": f"learnbench {trial.describe()}"}
         extra, group = placement(ray, trial, cpus, gpus)
-        ref = task.options(**options, **extra).remote(json.dumps(trial), data_dir, max(1, math.floor(cpus)),
+        ref = task.options(**options, **extra).remote(json.dumps(trial.config()), data_dir, max(1, math.floor(cpus)),
                                                       tracker)
         in_flight[ref] = trial
         if group is not None:
             groups[ref] = group
-    by_id = {t["id"]: t for t in trials}
+    by_id = {t.id: t for t in trials}
     started: set[str] = set()
     try:
         while in_flight:
@@ -179,14 +180,14 @@ def run_ray(trials: list[dict[str, Any]], store: Store, run_dir: str, data_dir: 
             _relay_progress(_drain(ray, tracker), by_id, started, store, progress)
             for ref in ready:
                 trial = in_flight.pop(ref)
-                del by_id[trial["id"]]  # late progress messages of a finished trial are dropped
-                if trial["id"] not in started:  # finished before its start message was relayed
+                del by_id[trial.id]  # late progress messages of a finished trial are dropped
+                if trial.id not in started:  # finished before its start message was relayed
                     _start(trial, started, store, progress)
                 result = collect(ray, ref, trial, run_dir)
                 if ref in groups:  # its actors are gone with the task: free the reservation
                     ray.util.remove_placement_group(groups.pop(ref))
-                record(store, result)
-                progress.finish(trial, result["status"])
+                store.finish_trial(result)
+                progress.finish(trial, result.status)
     finally:
         for ref in in_flight:  # interrupted: leave nothing running on the cluster for a dead run
             ray.cancel(ref, force=True)
@@ -214,23 +215,21 @@ def _relay_progress(updates: dict[str, float], by_id: dict, started: set, store:
         progress.update(trial_id, fraction)
 
 
-def _start(trial: dict[str, Any], started: set, store: Store, progress: ProgressView) -> None:
-    started.add(trial["id"])
-    store.mark_running(trial["id"])
+def _start(trial: Trial, started: set, store: Store, progress: ProgressView) -> None:
+    started.add(trial.id)
+    store.mark_running(trial.id)
     progress.start(trial)
 
 
-def collect(ray: ModuleType, ref: ray.ObjectRef, trial: dict[str, Any], run_dir: str) -> dict[str, Any]:
-    """A finished task's result dict, its weights written into RUN_DIR/models; a task whose worker or node died
+def collect(ray: ModuleType, ref: ray.ObjectRef, trial: Trial, run_dir: str) -> TrialResult:
+    """A finished task's result, its weights written into RUN_DIR/models; a task whose worker or node died
     becomes a failed result with Ray's reason."""
     try:
         payload, files = ray.get(ref)
     except ray.exceptions.RayError as exc:
-        return {"id": trial["id"], "status": "failed", "error": failure_reason(exc), "metrics": {}, "curves": [],
-                "provenance": {"executor": "ray"}}
-    result = json.loads(payload)
-    write_model_files(run_dir, trial["id"], files)
-    return result
+        return TrialResult(trial.id, "failed", failure_reason(exc), {}, (), {"executor": "ray"})
+    write_model_files(run_dir, trial.id, files)
+    return TrialResult.from_json_dict(json.loads(payload))
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -268,25 +267,25 @@ def run_task(trial_json: str, data_dir: str | None, threads: int,
 
     from .runner import run_trial
 
-    trial = json.loads(trial_json)
+    trial = Trial.from_config(json.loads(trial_json))
     torch.set_num_threads(threads)
     try:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # only allowed once per process; Ray reuses a worker for many tasks
         pass
-    tracker.report.remote(trial["id"], 0.0)
+    tracker.report.remote(trial.id, 0.0)
     last = [time.monotonic()]
 
     def report(fraction: float) -> None:
         if time.monotonic() - last[0] > PROGRESS_INTERVAL_S or fraction >= 1.0:
             last[0] = time.monotonic()
-            tracker.report.remote(trial["id"], fraction)
+            tracker.report.remote(trial.id, fraction)
 
     with tempfile.TemporaryDirectory(prefix="learnbench-ray-") as scratch:
         result = run_trial(trial, scratch, data_dir, on_progress=report)
         models = Path(scratch) / "models"
         files = {p.name: p.read_bytes() for p in models.iterdir()} if models.is_dir() else {}
-    return json.dumps(result).encode(), files
+    return json.dumps(result.json_dict()).encode(), files
 
 
 class ProgressTracker:

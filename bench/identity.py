@@ -3,7 +3,7 @@
 `code_digests(cls)` hashes (SHA-256, first 16 hex digits) the source file of every class in the trainer's class
 chain that is learnbench's or the trainer's own package's, and of every learnbench module those files import,
 followed transitively (`from learnbench import population` in `openai_es.py` brings in `population.py`, which
-brings in `models.py`). Imports are read from the source (`ast`), including imports inside functions; a name
+brings in `population_engines.py` and, through it, `models.py`). Imports are read from the source (`ast`), including imports inside functions; a name
 imported from a package (`from learnbench import StepStats`) counts as the module that defines it. Third-party
 code (torch, DEAP, pycma) is named by its version in the trial's provenance instead, and a plugin by its file's
 SHA-256 or its distribution's version (`registry.Entry.provenance`).

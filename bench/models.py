@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from . import checks
 from .errors import UsageError
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -59,26 +60,24 @@ def normalize_spec(spec: dict[str, Any]) -> dict[str, Any]:
         return dict(spec)
     if kind not in DEFAULTS:
         raise UsageError(f"unknown model kind {kind!r}; known: {', '.join(KINDS)}")
-    unknown = set(spec) - set(DEFAULTS[kind]) - {"kind"}
-    if unknown:
-        raise UsageError(f"unknown key(s) for model {kind!r}: {', '.join(sorted(unknown))}; "
-                         f"known: {', '.join(DEFAULTS[kind])}")
+    checks.known_keys(spec, ("kind", *DEFAULTS[kind]), f"model {kind!r}")
     out = {"kind": kind, **DEFAULTS[kind], **spec}
     if kind in ("mlp", "resmlp"):
         if out["depth"] is not None or out["width"] is not None:
-            depth = _positive_int(out["depth"] if out["depth"] is not None else len(out["hidden"]), "model.depth")
-            width = _positive_int(out["width"] if out["width"] is not None else out["hidden"][0], "model.width")
+            depth = out["depth"] if out["depth"] is not None else len(out["hidden"])
+            width = out["width"] if out["width"] is not None else out["hidden"][0]
+            depth, width = checks.integer(depth, "model.depth", 1), checks.integer(width, "model.width", 1)
             out["hidden"] = [width] * depth
         out.pop("width"), out.pop("depth")
-        out["hidden"] = [_positive_int(h, "model.hidden") for h in _as_list(out["hidden"], "model.hidden")]
+        out["hidden"] = [checks.integer(h, "model.hidden", 1) for h in _as_list(out["hidden"], "model.hidden")]
         if kind == "resmlp" and len(set(out["hidden"])) > 1:
             raise UsageError(f"resmlp needs equal hidden sizes for identity skips; got {out['hidden']}")
     if kind == "cnn":
         if out["depth"] is not None:
-            out["channels"] = [8 * 2**i for i in range(_positive_int(out["depth"], "model.depth"))]
+            out["channels"] = [8 * 2**i for i in range(checks.integer(out["depth"], "model.depth", 1))]
         out.pop("depth")
-        out["channels"] = [_positive_int(c, "model.channels") for c in _as_list(out["channels"], "model.channels")]
-        out["kernel"] = _positive_int(out["kernel"], "model.kernel")
+        out["channels"] = [checks.integer(c, "model.channels", 1) for c in _as_list(out["channels"], "model.channels")]
+        out["kernel"] = checks.integer(out["kernel"], "model.kernel", 1)
     if out.get("activation", "relu") not in ACTIVATIONS:
         raise UsageError(f"unknown activation {out['activation']!r}; known: {', '.join(ACTIVATIONS)}")
     if out.get("norm", "none") not in NORMS:
@@ -250,9 +249,3 @@ def _as_list(value: Any, key: str) -> list:
     if not isinstance(value, (list, tuple)):
         raise UsageError(f"{key} must be a list of integers; got {value!r}")
     return list(value)
-
-
-def _positive_int(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise UsageError(f"{key} must be a positive integer; got {value!r}")
-    return value

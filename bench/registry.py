@@ -20,6 +20,7 @@ from importlib.metadata import entry_points, packages_distributions, version as 
 from pathlib import Path
 from typing import Any, Iterator
 
+from . import checks
 from .errors import UsageError
 
 GROUP = "learnbench.algorithms"
@@ -218,7 +219,7 @@ def resolve_hparams(cls: type, given: dict[str, Any], where: str) -> dict[str, A
         if value is inspect.Parameter.empty:
             raise UsageError(f"{where}: {cls.name!r} needs a value for hyper-parameter {name!r}")
         if name in given and name in hints:
-            value = _coerce(value, hints[name], f"{where}: {cls.name}.{name}")
+            value = checks.of_type(value, hints[name], f"{where}: {cls.name}.{name}")
         out[name] = list(value) if isinstance(value, tuple) else value
     return out
 
@@ -228,59 +229,3 @@ def _type_hints(cls: type) -> dict[str, Any]:
         return typing.get_type_hints(cls)
     except Exception:
         return {}
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Check `value` against a type hint (int, float, bool, str, None, Literal, list[...], tuple[...], unions);
-    ints are accepted for floats. Raises UsageError naming the key and the expected type."""
-    ok, converted = _match(value, hint)
-    if not ok:
-        raise UsageError(f"{where} must be {_describe(hint)}; got {value!r}")
-    return converted
-
-
-def _match(value: Any, hint: Any) -> tuple[bool, Any]:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return True, value
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        for arg in args:
-            ok, converted = _match(value, arg)
-            if ok:
-                return True, converted
-        return False, value
-    if origin is typing.Literal:
-        return value in args, value
-    if hint is type(None):
-        return value is None, value
-    if hint is bool:
-        return isinstance(value, bool), value
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else value
-    if hint is str:
-        return isinstance(value, str), value
-    if origin in (list, tuple) and isinstance(value, (list, tuple)):
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                return False, value
-            pairs = list(zip(value, args))
-        else:
-            pairs = [(v, args[0] if args else Any) for v in value]
-        converted = []
-        for v, a in pairs:
-            ok, c = _match(v, a)
-            if not ok:
-                return False, value
-            converted.append(c)
-        return True, tuple(converted) if origin is tuple else converted
-    if inspect.isclass(hint):
-        return isinstance(value, hint), value
-    return True, value  # an annotation we do not understand: accept
-
-
-def _describe(hint: Any) -> str:
-    text = str(hint).replace("typing.", "")
-    return text.replace("<class '", "").replace("'>", "")

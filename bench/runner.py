@@ -13,21 +13,23 @@ FLOP counter runs during training, so the count neither slows the timed steps no
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import artifacts, cost, models
+from . import artifacts, cost, models, population_backend
 from .registry import discover
 from .spec import Batch, StepStats, TaskInfo
+from .trial import Budget, CurvePoint, Trial, TrialResult
 
 BATCH_CHECK_EVERY = 100  # the batch is compared with a copy after step 0, 1 and every BATCH_CHECK_EVERY-th
 _DATA_CACHE: dict[tuple, Any] = {}  # per process: (dataset, data_dir, device) -> Splits on the device
@@ -62,7 +64,7 @@ class Sampler:
 class Progress:
     """Counters of one trial; `fraction` is how much of the budget is spent (the largest of its criteria)."""
 
-    budget: dict[str, Any]
+    budget: Budget
     n_train: int
     model_flops: cost.ModelFlops
     steps: int = 0
@@ -88,18 +90,18 @@ class Progress:
     @property
     def fraction(self) -> float:
         b, parts = self.budget, [0.0]
-        if b.get("steps"):
-            parts.append(self.steps / b["steps"])
-        if b.get("epochs"):
-            parts.append(self.examples / (b["epochs"] * self.n_train))
-        if b.get("time_s"):
-            parts.append(self.train_seconds / b["time_s"])
-        if b.get("flops"):
-            parts.append(self.flops / b["flops"])
+        if b.steps:
+            parts.append(self.steps / b.steps)
+        if b.epochs:
+            parts.append(self.examples / (b.epochs * self.n_train))
+        if b.time_s:
+            parts.append(self.train_seconds / b.time_s)
+        if b.flops:
+            parts.append(self.flops / b.flops)
         return max(parts)
 
-    def point(self) -> tuple[int, int, float, float]:
-        return self.steps, self.examples, self.flops, self.train_seconds
+    def point(self, metric: str, value: float) -> CurvePoint:
+        return CurvePoint(self.steps, self.examples, self.flops, self.train_seconds, metric, float(value))
 
 
 class Diverged(Exception):
@@ -128,36 +130,37 @@ class _BatchWatch:
                                "a trainer must not write into the batch it is given (clone it first)")
 
 
-def run_trial(trial: dict[str, Any], run_dir: str | None, data_dir: str | None = None,
-              on_progress: Callable[[float], None] | None = None) -> dict[str, Any]:
+def run_trial(trial: Trial, run_dir: str | None, data_dir: str | None = None,
+              on_progress: Callable[[float], None] | None = None) -> TrialResult:
     """Run one resolved trial in this process; never raises for a trainer's fault. Returns a JSON-able result:
-    {"id", "status", "error", "metrics", "curves", "provenance"}; weights go to RUN_DIR/models/ (if run_dir)."""
-    device = torch.device(trial["device"])
-    curves: list[tuple] = []
+    its status, error, final metrics, curves and provenance; weights go to RUN_DIR/models/ (if run_dir)."""
+    device = torch.device(trial.device)
+    curves: list[CurvePoint] = []
     metrics: dict[str, float] = {}
     status, error = "done", None
     _reset_peak_memory(device)
     try:
-        splits = _data(trial["dataset"], data_dir, device)
-        entry = discover([trial["plugin"]["file"]] if trial["plugin"].get("file") else []).get(trial["algorithm"])
+        splits = _data(trial.dataset, data_dir, device)
+        entry = discover([trial.plugin["file"]] if trial.plugin.get("file") else []).get(trial.algorithm)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(trial["seed"])  # model initialisation only; trainers get their own generator
-            model = models.build(trial["model"], splits.input_shape, splits.n_classes).to(device)
+            torch.manual_seed(trial.seed)  # model initialisation only; trainers get their own generator
+            model = models.build(trial.model, splits.input_shape, splits.n_classes).to(device)
         task = TaskInfo(tuple(splits.input_shape), splits.n_classes, int(splits.train_x.shape[0]), device)
-        progress = Progress(trial["budget"], task.n_train, _model_flops(trial, model, task))
-        trainer = _construct(entry.cls, trial["hparams"])
-        trainer.setup(model, task, _generator(trial["seed"], 0, device))
-        sampler = Sampler(splits.train_x, splits.train_y, trial["hparams"]["batch_size"],
-                          _generator(trial["seed"], 1, device))
-        probes = _probes(trial, model, trainer, task)
-        try:
-            _train(trainer, sampler, progress, trial, splits, curves, probes, on_progress)
-        except Diverged as exc:
-            status, error = "diverged", str(exc)
-        final = _evaluate(_eval_model(trainer), splits.test_x, splits.test_y, trial["eval"]["batch_size"])
-        metrics.update({"test/accuracy": final[1], "test/loss": final[0]})
-        val = _evaluate(_eval_model(trainer), splits.val_x, splits.val_y, trial["eval"]["batch_size"])
-        metrics.update({"val/accuracy": val[1], "val/loss": val[0]})
+        progress = Progress(trial.budget, task.n_train, _model_flops(trial, model, task))
+        with _population_backend(trial, task):  # where population methods evaluate members: a run resource
+            trainer = _construct(entry.cls, trial.hparams)
+            trainer.setup(model, task, _generator(trial.seed, 0, device))
+            sampler = Sampler(splits.train_x, splits.train_y, trial.hparams["batch_size"],
+                              _generator(trial.seed, 1, device))
+            probes = _probes(trial, model, trainer, task)
+            try:
+                _train(trainer, sampler, progress, trial, splits, curves, probes, on_progress)
+            except Diverged as exc:
+                status, error = "diverged", str(exc)
+            final = _evaluate(_eval_model(trainer), splits.test_x, splits.test_y, trial.eval.batch_size)
+            metrics.update({"test/accuracy": final[1], "test/loss": final[0]})
+            val = _evaluate(_eval_model(trainer), splits.val_x, splits.val_y, trial.eval.batch_size)
+            metrics.update({"val/accuracy": val[1], "val/loss": val[0]})
         metrics.update(_cost_metrics(progress, device))
         metrics.update(_last_values(curves, ("train/", "align/", "grad/", "update/", "cos/", "flag/")))
         if status == "done":
@@ -166,8 +169,23 @@ def run_trial(trial: dict[str, Any], run_dir: str | None, data_dir: str | None =
             artifacts.save_model(run_dir, trial, _eval_model(trainer), splits.input_shape, splits.n_classes)
     except Exception:  # the trainer's (or a plugin's) fault: this trial fails, the suite goes on
         status, error = "failed", traceback.format_exc(limit=20)
-    return {"id": trial["id"], "status": status, "error": error, "metrics": metrics, "curves": curves,
-            "provenance": artifacts.provenance(trial, device)}
+    return TrialResult(trial.id, status, error, metrics, tuple(curves), artifacts.provenance(trial, device))
+
+
+@contextlib.contextmanager
+def _population_backend(trial: Trial, task: TaskInfo) -> Iterator[None]:
+    """`learnbench.population`'s evaluation backend for the block (`population_backend.evaluated_by`):
+    `resources.actors` Ray actors (`population_ray.ActorBackend`, given the trial's model spec) that evaluate every
+    population the trial's trainer asks for, killed on exit, error or not; 0 or absent: none (population methods
+    compute in this process)."""
+    actors = int(trial.resources.get("actors") or 0)
+    if not actors:
+        yield
+        return
+    from .population_ray import ActorBackend  # Ray is imported only by trials that use it
+
+    with ActorBackend(actors, trial.model, task) as backend, population_backend.evaluated_by(backend):
+        yield
 
 
 def _construct(cls: type, hparams: dict[str, Any]):
@@ -186,13 +204,13 @@ def _eval_model(trainer) -> nn.Module:
     return model
 
 
-def _train(trainer, sampler: Sampler, progress: Progress, trial: dict, splits, curves: list, probes: list,
+def _train(trainer, sampler: Sampler, progress: Progress, trial: Trial, splits, curves: list[CurvePoint], probes: list,
            on_progress) -> None:
     """The training loop. Evaluation points are where the budget fraction crosses k/points (and at 0)."""
     device = splits.train_x.device
-    n_points = trial["eval"]["points"]  # 0: no curves, only the final evaluation
+    n_points = trial.eval.points  # 0: no curves, only the final evaluation
     next_eval, losses = 0.0 if n_points else math.inf, []
-    every = trial["diagnostics"]["every"] if probes else 0
+    every = trial.diagnostics.every if probes else 0
     while True:
         if n_points and (progress.fraction >= next_eval or progress.fraction >= 1.0):
             _record_eval(trainer, splits, trial, progress, curves, losses)
@@ -210,7 +228,7 @@ def _train(trainer, sampler: Sampler, progress: Progress, trial: dict, splits, c
             values: dict[str, float] = {}
             for probe in probes:
                 values.update(probe.after_step(batch))
-            curves.extend((*progress.point(), k, float(v)) for k, v in values.items())
+            curves.extend(progress.point(k, v) for k, v in values.items())
         else:
             n = _chunk(progress, next_eval, every, device)
             losses += _timed_steps(trainer, [sampler.next() for _ in range(n)], progress, device)
@@ -228,7 +246,7 @@ def _chunk(progress: Progress, next_eval: float, every: int, device: torch.devic
     if every:
         n = min(n, every - step % every)
     budget, batch = progress.budget, max(1, progress.examples // max(1, step))
-    for limit in (budget.get("steps"), budget.get("epochs") and budget["epochs"] * progress.n_train / batch):
+    for limit in (budget.steps, budget.epochs and budget.epochs * progress.n_train / batch):
         if limit:
             n = min(n, max(1, math.ceil(min(next_eval, 1.0) * limit) - step))
     return max(1, n)
@@ -269,16 +287,14 @@ def _check_finite(losses: list, step: int) -> None:
         raise Diverged(f"non-finite training loss at step {step}")
 
 
-def _record_eval(trainer, splits, trial: dict, progress: Progress, curves: list, losses: list) -> None:
+def _record_eval(trainer, splits, trial: Trial, progress: Progress, curves: list[CurvePoint], losses: list) -> None:
     model = _eval_model(trainer)
-    batch_size = trial["eval"]["batch_size"]
-    point = progress.point()
     for split, x, y in (("val", splits.val_x, splits.val_y), ("test", splits.test_x, splits.test_y)):
-        loss, accuracy = _evaluate(model, x, y, batch_size)
-        curves += [(*point, f"{split}/accuracy", accuracy), (*point, f"{split}/loss", loss)]
+        loss, accuracy = _evaluate(model, x, y, trial.eval.batch_size)
+        curves += [progress.point(f"{split}/accuracy", accuracy), progress.point(f"{split}/loss", loss)]
     if losses:
-        curves.append((*point, "train/loss", float(torch.stack([torch.as_tensor(v, dtype=torch.float32)
-                                                                 for v in losses]).mean())))
+        mean = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in losses]).mean()
+        curves.append(progress.point("train/loss", float(mean)))
 
 
 @torch.no_grad()
@@ -303,20 +319,20 @@ def _describe_output(value: Any) -> str:
     return f"a tensor of shape {list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
 
 
-def _robustness(trial: dict, model: nn.Module, training_model: nn.Module, splits, device) -> dict[str, float]:
-    settings = trial["robustness"]
+def _robustness(trial: Trial, model: nn.Module, training_model: nn.Module, splits, device) -> dict[str, float]:
+    settings = trial.robustness
     if not settings.get("examples"):
         return {}
     from .attacks.robustness import evaluate
 
     n = min(settings["examples"], splits.test_x.shape[0])
     return evaluate(model, splits.test_x[:n], splits.test_y[:n], settings,
-                    generator=_generator(trial["seed"], 2, device), training_model=training_model)
+                    generator=_generator(trial.seed, 2, device), training_model=training_model)
 
 
-def _probes(trial: dict, model: nn.Module, trainer, task: TaskInfo) -> list:
-    names = trial["diagnostics"]["probes"]
-    if not names or not trial["diagnostics"]["every"]:
+def _probes(trial: Trial, model: nn.Module, trainer, task: TaskInfo) -> list:
+    names = trial.diagnostics.probes
+    if not names or not trial.diagnostics.every:
         return []
     from .diagnostics import get_probe
 
@@ -333,21 +349,21 @@ def _cost_metrics(progress: Progress, device: torch.device) -> dict[str, float]:
             "cost/peak_memory_bytes": _peak_memory(device), "cost/threads": torch.get_num_threads()}
 
 
-def _model_flops(trial: dict, model: nn.Module, task: TaskInfo) -> cost.ModelFlops:
+def _model_flops(trial: Trial, model: nn.Module, task: TaskInfo) -> cost.ModelFlops:
     """The plain model's FLOPs per example (`learnbench.cost`), counted once per model spec in this process, before
     the trainer sees the model. A FLOP budget on a model the counter sees no work in would never end: refused."""
-    key = json.dumps([trial["model"], task.input_shape, task.n_classes], sort_keys=True, default=str)
+    key = json.dumps([trial.model, task.input_shape, task.n_classes], sort_keys=True, default=str)
     if key not in _FLOPS_CACHE:
         _FLOPS_CACHE[key] = cost.model_flops(model, task.input_shape)
     flops = _FLOPS_CACHE[key]
-    if trial["budget"].get("flops") and flops.forward <= 0:
+    if trial.budget.flops and flops.forward <= 0:
         raise ValueError("budget.flops needs a model whose forward pass FlopCounterMode can count (matrix products "
                          "or convolutions); this one counts 0 FLOPs: use a steps, epochs or time_s budget")
     return flops
 
 
-def _last_values(curves: list, prefixes: tuple[str, ...]) -> dict[str, float]:
-    return {row[4]: row[5] for row in curves if row[4].startswith(prefixes)}
+def _last_values(curves: list[CurvePoint], prefixes: tuple[str, ...]) -> dict[str, float]:
+    return {point.metric: point.value for point in curves if point.metric.startswith(prefixes)}
 
 
 def _data(name: str, data_dir: str | None, device: torch.device):
@@ -395,5 +411,13 @@ def _peak_memory(device: torch.device) -> float:
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (taskset, a cluster's cgroup cpuset), else all cores."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def default_threads(workers: int) -> int:
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
+    return max(1, usable_cpus() // max(1, workers))

@@ -1,6 +1,7 @@
-"""The submission API: the four public types and the `Trainer` protocol.
+"""The submission API: three public types (`Batch`, `StepStats`, `TaskInfo`) and the `Trainer` protocol.
 
-Everything an algorithm author needs is here; see `learnbench/algorithms/backprop.py` for the file to copy.
+Everything an algorithm author needs is here; `algorithms/backprop.py` (imported as `learnbench.algorithms.backprop`)
+is the built-in to read, and `learnbench new-algorithm NAME` writes a file to start from.
 """
 
 from __future__ import annotations

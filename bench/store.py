@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import UsageError
+from .trial import STATUSES, CurvePoint, StoredTrial, Trial, TrialResult
 
 DB_NAME = "results.sqlite"
 FINISHED = ("done", "diverged")  # skipped on resume; failed, running and pending trials run again
-STATUSES = ("pending", "running", "done", "failed", "diverged")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS run (key TEXT PRIMARY KEY, value TEXT);
@@ -82,11 +82,11 @@ class Store:
             self.db.executemany("INSERT OR REPLACE INTO run (key, value) VALUES (?, ?)",
                                 [(k, json.dumps(v)) for k, v in info.items()])
 
-    def add_trials(self, trials: Iterable[dict[str, Any]]) -> None:
+    def add_trials(self, trials: Iterable[Trial]) -> None:
         """Register trials as pending; trials already in the store keep their status."""
         now = time.time()
-        rows = [(t["id"], t["label"], t["algorithm"], t["dataset"], t["model_label"], t["seed"],
-                 json.dumps(t, sort_keys=True), now) for t in trials]
+        rows = [(t.id, t.label, t.algorithm, t.dataset, t.model_label, t.seed,
+                 json.dumps(t.config(), sort_keys=True), now) for t in trials]
         with self._transaction():
             self.db.executemany(
                 "INSERT OR IGNORE INTO trials (id, label, algorithm, dataset, model, seed, config, status, created)"
@@ -96,20 +96,21 @@ class Store:
         with self._transaction():
             self.db.execute("UPDATE trials SET status='running', started=? WHERE id=?", (time.time(), trial_id))
 
-    def finish_trial(self, trial_id: str, status: str, error: str | None, metrics: dict[str, float],
-                     curves: list[tuple], provenance: dict[str, Any]) -> None:
+    def finish_trial(self, result: TrialResult) -> None:
         """Write a trial's final state in one transaction; old curves/metrics of an earlier attempt go."""
-        assert status in STATUSES, status
+        assert result.status in STATUSES, result.status
+        trial_id = result.id
         with self._transaction():
             self.db.execute("DELETE FROM curves WHERE trial=?", (trial_id,))
             self.db.execute("DELETE FROM metrics WHERE trial=?", (trial_id,))
             self.db.execute("UPDATE trials SET status=?, error=?, finished=?, provenance=? WHERE id=?",
-                            (status, error, time.time(), json.dumps(provenance, sort_keys=True), trial_id))
+                            (result.status, result.error, time.time(),
+                             json.dumps(dict(result.provenance), sort_keys=True), trial_id))
             self.db.executemany("INSERT INTO metrics (trial, name, value) VALUES (?, ?, ?)",
-                                [(trial_id, k, _finite_or_none(v)) for k, v in metrics.items()])
+                                [(trial_id, k, _finite_or_none(v)) for k, v in result.metrics.items()])
             self.db.executemany(
                 "INSERT INTO curves (trial, step, examples, flops, train_seconds, metric, value)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)", [(trial_id, *row) for row in curves])
+                " VALUES (?, ?, ?, ?, ?, ?, ?)", [(trial_id, *point) for point in result.curves])
 
     def add_metrics(self, trial_id: str, metrics: dict[str, float]) -> None:
         """Add or replace some final metrics of a finished trial (post-run phases such as transfer attacks)."""
@@ -124,28 +125,35 @@ class Store:
     def run_info(self) -> dict[str, Any]:
         return {r["key"]: json.loads(r["value"]) for r in self.db.execute("SELECT key, value FROM run")}
 
-    def trials(self, status: str | None = None) -> list[dict[str, Any]]:
-        """Every trial with its config (dict), provenance (dict) and metrics (dict), in creation order."""
+    def trials(self, status: str | None = None) -> list[StoredTrial]:
+        """Every trial (its config's fields, state, final metrics and provenance), in creation order."""
         query = "SELECT * FROM trials" + (" WHERE status=?" if status else "") + " ORDER BY created, rowid"
         rows = self.db.execute(query, (status,) if status else ()).fetchall()
         metrics: dict[str, dict[str, float]] = {}
         for m in self.db.execute("SELECT trial, name, value FROM metrics"):
             metrics.setdefault(m["trial"], {})[m["name"]] = m["value"]
-        return [{**dict(r), "config": json.loads(r["config"]),
-                 "provenance": json.loads(r["provenance"]) if r["provenance"] else {},
-                 "metrics": metrics.get(r["id"], {})} for r in rows]
+        return [StoredTrial(**Trial.from_config(json.loads(r["config"])).__dict__, status=r["status"],
+                            error=r["error"], metrics=metrics.get(r["id"], {}),
+                            provenance=json.loads(r["provenance"]) if r["provenance"] else {},
+                            created=r["created"], started=r["started"], finished=r["finished"]) for r in rows]
 
     def statuses(self) -> dict[str, str]:
         return {r["id"]: r["status"] for r in self.db.execute("SELECT id, status FROM trials")}
 
-    def curves(self, trial_id: str | None = None, metric: str | None = None) -> list[dict[str, Any]]:
+    def curves(self, trial_id: str | None = None, metric: str | None = None) -> dict[str, list[CurvePoint]]:
+        """{trial id: its curve points in step order}, optionally of one trial and one metric."""
         clauses, args = [], []
         if trial_id is not None:
             clauses.append("trial=?"), args.append(trial_id)
         if metric is not None:
             clauses.append("metric=?"), args.append(metric)
         where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
-        return [dict(r) for r in self.db.execute(f"SELECT * FROM curves{where} ORDER BY trial, step", args)]
+        out: dict[str, list[CurvePoint]] = {}
+        query = (f"SELECT trial, step, examples, flops, train_seconds, metric, value FROM curves{where} "
+                 "ORDER BY trial, step")
+        for row in self.db.execute(query, args):
+            out.setdefault(row[0], []).append(CurvePoint(*row[1:]))
+        return out
 
 
 class _Transaction:

@@ -35,6 +35,7 @@ from .config import ENTRY_KEYS
 from .conformance import (KIT_MODEL, KIT_SEED, KIT_STEPS, CheckFailed, Context, describe, failing, plain, shape_of,
                           single_thread)
 from .spec import StepStats
+from .trial import CurvePoint, StoredTrial, Trial
 
 if TYPE_CHECKING:  # pytest is a test dependency, imported where the decorator is built
     import pytest
@@ -267,28 +268,27 @@ def check_trial_recorded(ctx: Context) -> str:
 
     with tempfile.TemporaryDirectory() as tmp:
         trial, row, curves = _run_and_read_back(ctx, tmp)
-        if row["status"] != "done":
-            last_line = (row["error"] or "").strip().splitlines()[-1:] or ["no error recorded"]
-            raise CheckFailed(f"trial {row['status']}: {last_line[0]}")
+        if row.status != "done":
+            last_line = (row.error or "").strip().splitlines()[-1:] or ["no error recorded"]
+            raise CheckFailed(f"trial {row.status}: {last_line[0]}")
         problems = _record_problems(row, trial, ctx.entry, curves)
         if problems:
             raise CheckFailed("; ".join(problems))
         test = load("digits")
         with torch.no_grad(), failing("reloading the saved weights into the model spec"):
-            logits = load_model(tmp, trial["id"], ctx.device)(test.test_x.to(ctx.device))  # [n_test, C]
+            logits = load_model(tmp, trial.id, ctx.device)(test.test_x.to(ctx.device))  # [n_test, C]
         accuracy = float((logits.argmax(1).cpu() == test.test_y).sum()) / test.test_y.shape[0]
-    if not math.isclose(accuracy, row["metrics"]["test/accuracy"], abs_tol=1e-9):
-        raise CheckFailed(f"saved weights give test accuracy {accuracy}, recorded {row['metrics']['test/accuracy']}")
-    plugin = row["provenance"]["plugin"]
-    return (f"trial {trial['id']} done: {len(row['metrics'])} metrics, {len(curves)} curve points, provenance "
+    if not math.isclose(accuracy, row.metrics["test/accuracy"], abs_tol=1e-9):
+        raise CheckFailed(f"saved weights give test accuracy {accuracy}, recorded {row.metrics['test/accuracy']}")
+    plugin = row.provenance["plugin"]
+    return (f"trial {trial.id} done: {len(row.metrics)} metrics, {len(curves)} curve points, provenance "
             f"{plugin['distribution']} {plugin['version']}, saved weights reload")
 
 
-def _run_and_read_back(ctx: Context, run_dir: str) -> tuple[dict, dict, list]:
+def _run_and_read_back(ctx: Context, run_dir: str) -> tuple[Trial, StoredTrial, list[CurvePoint]]:
     """Resolve a 5-step suite of the trainer (defaults) on digits, run it with `run_trial`, record it in a
     `Store` as the executor does, and read the trial row and curves back from a fresh connection."""
     from . import __version__, config
-    from .executor import record
     from .runner import run_trial
     from .store import Store
 
@@ -303,26 +303,27 @@ def _run_and_read_back(ctx: Context, run_dir: str) -> tuple[dict, dict, list]:
         result = run_trial(trial, run_dir)
     store = Store(run_dir)
     store.add_trials([trial])
-    record(store, result)
+    store.finish_trial(result)
     store.close()
     store = Store.open(run_dir)
-    row, curves = store.trials()[0], store.curves(trial["id"])
+    row, curves = store.trials()[0], store.curves(trial.id).get(trial.id, [])
     store.close()
     return trial, row, curves
 
 
-def _record_problems(row: dict, trial: dict, entry: registry.Entry, curves: list) -> list[str]:
+def _record_problems(row: StoredTrial, trial: Trial, entry: registry.Entry, curves: list[CurvePoint]) -> list[str]:
     problems = []
-    if row["config"]["hparams"] != trial["hparams"]:
-        problems.append(f"stored hyper-parameters {row['config']['hparams']} != {trial['hparams']}")
-    if row["provenance"].get("plugin") != entry.provenance():
-        problems.append(f"provenance {row['provenance'].get('plugin')} != {entry.provenance()}")
+    stored, given = json.loads(json.dumps(dict(row.hparams))), json.loads(json.dumps(dict(trial.hparams)))
+    if stored != given:
+        problems.append(f"stored hyper-parameters {stored} != {given}")
+    if row.provenance.get("plugin") != entry.provenance():
+        problems.append(f"provenance {row.provenance.get('plugin')} != {entry.provenance()}")
     for name in ("test/accuracy", "test/loss", "cost/steps", "cost/flops", "cost/forward_passes"):
-        if row["metrics"].get(name) is None:
+        if row.metrics.get(name) is None:
             problems.append(f"metric {name} missing or not finite")
-    if row["metrics"].get("cost/steps") != 5:
-        problems.append(f"cost/steps = {row['metrics'].get('cost/steps')}, not 5")
-    if not any(c["metric"] == "test/accuracy" for c in curves):
+    if row.metrics.get("cost/steps") != 5:
+        problems.append(f"cost/steps = {row.metrics.get('cost/steps')}, not 5")
+    if not any(point.metric == "test/accuracy" for point in curves):
         problems.append("no test/accuracy curve")
     return problems
 

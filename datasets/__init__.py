@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import UsageError
+from learnbench.errors import UsageError
 
 NAMES: tuple[str, ...] = ("digits", "mnist1d", "mnist", "fashion-mnist")
 _MODULES = {"digits": "digits", "mnist1d": "mnist1d", "mnist": "mnist", "fashion-mnist": "fashion_mnist"}

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import UsageError
+from learnbench.errors import UsageError
 
 if TYPE_CHECKING:  # the package imports this module
     from . import DatasetInfo, Splits

@@ -22,7 +22,7 @@ import random
 
 import numpy as np
 
-from ..errors import UsageError
+from learnbench.errors import UsageError
 from . import DatasetInfo, Splits, carve_validation, make_splits
 
 INFO = DatasetInfo(

@@ -1,27 +1,32 @@
 """`build_report`: one or more run directories -> `report.md`, a self-contained `report.html` and `figures/`.
 
 The report is assembled once as blocks (`document.py`) and rendered twice, so the Markdown and the HTML always
-show the same numbers. Sections, per (dataset, model): final accuracy, learning curves, time-to-target, cost vs
-accuracy, pairwise significance, robustness, alignment, diagnostics; then the performance profiles across all of
-them, and the provenance of every run.
+show the same numbers. Sections, per group (a problem, dataset x model, under one budget; a problem run under
+several budgets gets one subsection per budget, never compared with each other): final accuracy, learning curves,
+accuracy at equal cost, time-to-target, cost vs accuracy, pairwise significance, robustness, alignment,
+diagnostics; then the performance profiles across the ranked groups, and the provenance of every run.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping, Sequence
 
 from learnbench.errors import UsageError
+from learnbench.trial import StoredTrial
 
-from .data import ReportData, by_problem, load_runs, status_counts, suite_name, suite_names
+from .comparison import profiles_section, significance_section
+from .data import ReportData, load_runs, status_counts, suite_name, suite_names
 from .document import Block, Heading, Table, Text, to_markdown
+from .equal_cost import equal_cost_section
 from .figures import palette
+from .groups import Group, all_groups, budget_text, group_trials
 from .html import to_html
 from .probes import alignment_section, diagnostics_section
 from .robustness import robustness_section
-from .sections import (Context, accuracy_section, curves_section, pareto_section, profiles_section,
-                       significance_section, time_to_target_section)
+from .sections import Context, accuracy_section, curves_section, pareto_section, time_to_target_section
 
 # Provenance keys shown first, in this order (the runner's names and common spellings); the rest follow sorted.
 PROVENANCE_ORDER = ("learnbench", "version", "git_commit", "git", "commit", "python", "torch", "numpy", "deap",
@@ -58,30 +63,57 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
 
 def report_blocks(ctx: Context) -> list[Block]:
     blocks = overview(ctx.data)
-    for problem, groups in by_problem(ctx.data.trials).items():
-        blocks.append(Heading(2, f"{problem[0]} / {problem[1]}"))
-        blocks += accuracy_section(groups)
-        blocks += curves_section(ctx, problem, groups)
-        blocks += time_to_target_section(ctx, groups)
-        blocks += pareto_section(ctx, problem, groups)
-        blocks += significance_section(groups)
-        blocks += robustness_section(ctx, problem, groups)
-        blocks += alignment_section(ctx, problem, groups)
-        blocks += diagnostics_section(ctx, problem, groups)
+    problems = group_trials(ctx.data.trials)
+    for (dataset, model), groups in problems.items():
+        blocks.append(Heading(2, f"{dataset} / {model}"))
+        if len(groups) == 1:
+            blocks += group_blocks(ctx, (dataset, model), groups[0])
+            continue
+        budgets = "; ".join(g.budget_text for g in groups)
+        blocks.append(Text(f"This problem ran under {len(groups)} budgets ({budgets}): each has its own subsection, "
+                           "and trials under different budgets are not compared with each other.", note=True))
+        for g in groups:
+            blocks.append(Heading(3, g.budget_text))
+            blocks += demote(group_blocks(ctx, (dataset, model, g.tag), g))  # figures/toy-cnn-time_s-300-*.svg
     if ctx.data.trials:
-        blocks += profiles_section(ctx)
+        blocks += profiles_section(ctx, [g for groups in problems.values() for g in groups])
     return blocks + provenance_section(ctx.data)
+
+
+def group_blocks(ctx: Context, parts: tuple[str, ...], group: Group) -> list[Block]:
+    """Every section of one group; `parts` name its figures. Comparisons see only the ranked labels."""
+    shared = "shared by every algorithm" if len(group.labels) > 1 else "of its only algorithm"
+    out: list[Block] = [Text(f"Budget {shared}: {group.budget_text}.", note=True)]
+    out += [Text(note) for note in group.notes]
+    out += accuracy_section(group)
+    out += curves_section(ctx, parts, group)
+    out += equal_cost_section(group)
+    if group.ranked:
+        out += time_to_target_section(group)
+        out += pareto_section(ctx, parts, group)
+    out += significance_section(group)
+    out += robustness_section(ctx, parts, group.labels)
+    out += alignment_section(ctx, parts, group.labels)
+    out += diagnostics_section(ctx, parts, group.labels)
+    return out
+
+
+def demote(blocks: list[Block]) -> list[Block]:
+    """The same blocks with every heading one level down (a budget subsection's sections)."""
+    return [replace(b, level=b.level + 1) if isinstance(b, Heading) else b for b in blocks]
 
 
 def overview(data: ReportData) -> list[Block]:
     counts = status_counts(data.trials)
     status = ", ".join(f"{v} {k}" for k, v in counts.items()) or "none"
-    problems = ", ".join(f"{d}/{m}" for d, m in data.problems()) or "none"
+    problems = ", ".join(f"{g.dataset}/{g.model} ({g.budget_text})" for g in all_groups(data.trials)) or "none"
     runs = ", ".join(str(p) for p in data.run_dirs)
     text = (f"{_count(len(data.trials), 'trial')} ({status}) of {_count(len(data.labels()), 'algorithm')} from "
-            f"{_count(len(data.run_dirs), 'run')}: {runs}. Datasets / models: {problems}.")
+            f"{_count(len(data.run_dirs), 'run')}: {runs}. Datasets / models (budget): {problems}.")
     note = ("Statistics are over seeds: mean, sample standard deviation and Student-t 95% confidence intervals. "
-            "Trials that appear in several runs (same config id) count once. Accuracies are in percent.")
+            "Trials that appear in several runs (same config id) count once. Accuracies are in percent. Only trials "
+            "of the same problem and budget are compared; validation accuracy makes every choice (best marks, "
+            "targets, profiles) and the test set gives the final numbers.")
     out: list[Block] = [Heading(2, "Overview"), Text(text), Text(note, note=True)]
     if data.trials:
         out += [Heading(3, "Algorithms compared"), configurations(data.trials)]
@@ -92,15 +124,14 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
-def configurations(trials: list[dict[str, Any]]) -> Table:
+def configurations(trials: Sequence[StoredTrial]) -> Table:
     """Each label's algorithm, hyper-parameters and budget, from the trial configs (every distinct setting)."""
-    seen: dict[str, dict[str, set[str]]] = {}
+    seen: dict[str, dict[str, set[str]]] = {}  # label -> column -> its distinct cells
     for t in trials:
-        cfg = t["config"]
-        entry = seen.setdefault(t["label"], {"algorithm": set(), "hparams": set(), "budget": set()})
-        entry["algorithm"].add(t["algorithm"])
-        entry["hparams"].add(_settings(cfg.get("hparams")))
-        entry["budget"].add(_settings(cfg.get("budget")))
+        entry = seen.setdefault(t.label, {"algorithm": set(), "hparams": set(), "budget": set()})
+        entry["algorithm"].add(t.algorithm)
+        entry["hparams"].add(_settings(t.hparams))
+        entry["budget"].add(budget_text(t.budget) + (" (unranked)" if t.unranked else ""))
     rows = [[label, *(" | ".join(sorted(e[k])) for k in ("algorithm", "hparams", "budget"))]
             for label, e in seen.items()]
     return Table(["label", "algorithm", "hyper-parameters", "budget"], rows, align_left=4, caption=(
@@ -109,7 +140,7 @@ def configurations(trials: list[dict[str, Any]]) -> Table:
 
 
 def _settings(d: Any) -> str:
-    if not isinstance(d, dict):
+    if not isinstance(d, Mapping):
         return "–"
     return ", ".join(f"{k}={v}" for k, v in sorted(d.items()) if v is not None) or "–"
 
@@ -122,7 +153,7 @@ def provenance_section(data: ReportData) -> list[Block]:
                  _when(r.get("created"))] for r in data.runs]
     out.append(Table(["run", "suite", "learnbench", "created"], run_rows, align_left=4))
     rows = [[key, value] for key, value in _trial_provenance(data.trials)]
-    finished = [t.get("finished") for t in data.trials if isinstance(t.get("finished"), (int, float))]
+    finished = [t.finished for t in data.trials if isinstance(t.finished, (int, float))]
     if finished:
         rows.append(["trials finished", f"{_when(min(finished))} – {_when(max(finished))}"])
     plugins = _plugins(data.trials)
@@ -141,19 +172,19 @@ def _when(stamp: Any) -> str:
     return str(stamp) if stamp else "–"
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, str]]:
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, str]]:
     for key, value in d.items():
-        if isinstance(value, dict):
+        if isinstance(value, Mapping):
             yield from _flatten(value, f"{prefix}{key}.")
         else:
             text = "–" if value is None or value == "" else str(value)
             yield f"{prefix}{key}", text if len(text) <= 300 else text[:299] + "…"
 
 
-def _trial_provenance(trials: list[dict[str, Any]]) -> list[tuple[str, str]]:
+def _trial_provenance(trials: Sequence[StoredTrial]) -> list[tuple[str, str]]:
     values: dict[str, dict[str, int]] = {}
     for t in trials:
-        for key, value in _flatten({k: v for k, v in (t.get("provenance") or {}).items() if k != "plugin"}):
+        for key, value in _flatten({k: v for k, v in t.provenance.items() if k != "plugin"}):
             values.setdefault(key, {}).setdefault(value, 0)
             values[key][value] += 1
     rank = {k: i for i, k in enumerate(PROVENANCE_ORDER)}
@@ -167,11 +198,11 @@ def _distinct(counts: dict[str, int]) -> str:
     return "; ".join(f"{v} ({n} trials)" for v, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-def _plugins(trials: list[dict[str, Any]]) -> str:
+def _plugins(trials: Sequence[StoredTrial]) -> str:
     used: dict[str, set[str]] = {}
     for t in trials:  # what the worker actually imported (provenance), else what the config resolved
-        plugin = (t.get("provenance") or {}).get("plugin") or t["config"].get("plugin") or {}
-        if isinstance(plugin, dict) and plugin.get("distribution"):
+        plugin = t.provenance.get("plugin") or t.plugin or {}
+        if isinstance(plugin, Mapping) and plugin.get("distribution"):
             name = f"{plugin['distribution']} {plugin.get('version', '')}".strip()
-            used.setdefault(name, set()).add(t["algorithm"])
+            used.setdefault(name, set()).add(t.algorithm)
     return "; ".join(f"{name} ({', '.join(sorted(algos))})" for name, algos in used.items())

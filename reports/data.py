@@ -3,27 +3,31 @@
 Several runs (the same suite on different days or machines) merge into one `ReportData`: trials are keyed by their
 id (the hash of the resolved config), so a trial present in two runs counts once. When the copies disagree, the one
 that got furthest wins (done > diverged > failed > running > pending); a tie keeps the run given first.
+Each kept trial is a `ReportTrial`: the store's `StoredTrial` with the curves of the run it was kept from
+(metric -> `Curve`) beside its final metrics, so every section reads a trial's curves as `trial.curves[metric]`.
 Only `results.sqlite` is read (through `learnbench.store.Store`); nothing is retrained or re-evaluated.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
 from learnbench.store import Store
+from learnbench.trial import CurvePoint, StoredTrial
 
 AXES = ("seconds", "examples", "flops")  # the cost axes every curve carries (never raw steps)
-AXIS_TITLES = {"seconds": "training seconds", "examples": "examples seen", "flops": "FLOPs"}
+AXIS_TITLES = {"seconds": "training seconds", "examples": "examples seen", "flops": "nominal FLOPs"}
 COST_METRICS = {"seconds": "cost/train_seconds", "examples": "cost/examples", "flops": "cost/flops"}
-ACCURACY = "test/accuracy"
 _STATUS_RANK = {"done": 4, "diverged": 3, "failed": 2, "running": 1, "pending": 0}
 
+T = TypeVar("T", bound=StoredTrial)
 
-@dataclass
+
+@dataclass(frozen=True, eq=False)
 class Curve:
     """One metric's history in one trial, sorted by step; every array has shape [K] (K evaluation points)."""
 
@@ -37,26 +41,35 @@ class Curve:
         return getattr(self, axis)
 
 
-@dataclass
-class ReportData:
-    """Merged trials (store dicts plus a `curves` dict metric -> Curve), and each run's `run_info()`."""
+@dataclass(frozen=True)
+class ReportTrial(StoredTrial):
+    """A stored trial with the curves the report read for it (metric -> Curve; empty when none were read)."""
 
-    trials: list[dict[str, Any]]
+    curves: Mapping[str, Curve] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, trial: StoredTrial, curves: Mapping[str, Curve] | None = None) -> ReportTrial:
+        """`trial`'s fields (a StoredTrial's, whatever its class) with these curves."""
+        return cls(**{f.name: getattr(trial, f.name) for f in fields(StoredTrial)}, curves=curves or {})
+
+
+@dataclass(frozen=True)
+class ReportData:
+    """Merged trials (with their curves), and each run's `run_info()` and directory."""
+
+    trials: list[ReportTrial]
     runs: list[dict[str, Any]] = field(default_factory=list)
     run_dirs: list[Path] = field(default_factory=list)
 
     def labels(self) -> list[str]:
         """Algorithm labels in order of first appearance (suite order): fixes each label's colour."""
-        return list(dict.fromkeys(t["label"] for t in self.trials))
-
-    def problems(self) -> list[tuple[str, str]]:
-        """(dataset, model) pairs in order of first appearance."""
-        return list(dict.fromkeys((t["dataset"], t["model"]) for t in self.trials))
+        return list(dict.fromkeys(t.label for t in self.trials))
 
 
-def load_runs(run_dirs: Iterable[str | Path], curves: bool = True) -> ReportData:
-    """Open every run directory (UsageError if one is not a run), merge trials by id, attach curves."""
-    kept: dict[str, tuple[dict[str, Any], int]] = {}
+def load_runs(run_dirs: Iterable[str | Path], curves: bool | tuple[str, ...] = True) -> ReportData:
+    """Open every run directory (UsageError if one is not a run), merge trials by id, read curves: all of them,
+    none (False), or only the named metrics' (a tuple: the README reads one curve, not every probe's)."""
+    kept: dict[str, tuple[StoredTrial, int]] = {}  # trial id -> (the copy kept, index of the run it came from)
     runs, dirs, stores = [], [], []
     for index, run_dir in enumerate(run_dirs):
         store = Store.open(run_dir)
@@ -64,78 +77,70 @@ def load_runs(run_dirs: Iterable[str | Path], curves: bool = True) -> ReportData
         dirs.append(Path(run_dir))
         runs.append({**store.run_info(), "run_dir": str(run_dir)})
         for trial in store.trials():
-            old = kept.get(trial["id"])
-            if old is None or _STATUS_RANK.get(trial["status"], -1) > _STATUS_RANK.get(old[0]["status"], -1):
-                kept[trial["id"]] = (trial, index)
+            old = kept.get(trial.id)
+            if old is None or _STATUS_RANK.get(trial.status, -1) > _STATUS_RANK.get(old[0].status, -1):
+                kept[trial.id] = (trial, index)
     try:
-        if curves:
-            _attach_curves(kept, stores)
+        read = _read_curves(kept, stores, None if curves is True else curves) if curves else {}
     finally:
         for store in stores:
             store.close()
-    return ReportData(trials=[t for t, _ in kept.values()], runs=runs, run_dirs=dirs)
+    return ReportData([ReportTrial.of(t, read.get(t.id)) for t, _ in kept.values()], runs, dirs)
 
 
-def _attach_curves(kept: dict[str, tuple[dict[str, Any], int]], stores: list[Store]) -> None:
-    """Read each store's curves once and hand each kept trial the rows of the run it was kept from."""
-    wanted: list[dict[str, set[str]]] = [{} for _ in stores]
-    for trial_id, (trial, index) in kept.items():
-        trial["curves"] = {}
-        wanted[index][trial_id] = set()
+def _read_curves(kept: Mapping[str, tuple[StoredTrial, int]], stores: list[Store],
+                 metrics: tuple[str, ...] | None) -> dict[str, dict[str, Curve]]:
+    """{trial id: {metric: Curve}} of the kept trials, each from the run it was kept from; each store is read once
+    (every metric, or only `metrics`)."""
+    points: dict[str, dict[str, list[CurvePoint]]] = {}
     for index, store in enumerate(stores):
-        rows: dict[tuple[str, str], list[tuple]] = {}
-        for r in store.curves():
-            if r["trial"] in wanted[index]:
-                rows.setdefault((r["trial"], r["metric"]), []).append(
-                    (r["step"], r["train_seconds"], r["examples"], r["flops"], r["value"]))
-        for (trial_id, metric), points in rows.items():
-            kept[trial_id][0]["curves"][metric] = _curve(points)
+        for trial_id, trial_points in _store_curves(store, metrics):
+            if trial_id in kept and kept[trial_id][1] == index:
+                for point in trial_points:
+                    points.setdefault(trial_id, {}).setdefault(point.metric, []).append(point)
+    return {trial_id: {metric: _curve(p) for metric, p in by_metric.items()} for trial_id, by_metric in points.items()}
 
 
-def _curve(points: list[tuple]) -> Curve:
-    arr = np.array(points, dtype=float)  # [K, 5]: step, seconds, examples, flops, value
+def _store_curves(store: Store, metrics: tuple[str, ...] | None) -> Iterable[tuple[str, list[CurvePoint]]]:
+    if metrics is None:
+        yield from store.curves().items()
+    for metric in metrics or ():
+        yield from store.curves(metric=metric).items()
+
+
+def _curve(points: list[CurvePoint]) -> Curve:
+    arr = np.array([(p.step, p.train_seconds, p.examples, p.flops, p.value) for p in points], dtype=float)  # [K, 5]
     arr = arr[np.argsort(arr[:, 0], kind="stable")]
     return Curve(*(arr[:, i] for i in range(5)))
 
 
-def by_problem(trials: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, list[dict[str, Any]]]]:
-    """{(dataset, model): {label: [trials, in seed order]}}, keeping first-appearance order."""
-    out: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = {}
-    for t in trials:
-        out.setdefault((t["dataset"], t["model"]), {}).setdefault(t["label"], []).append(t)
-    for labels in out.values():
-        for group in labels.values():
-            group.sort(key=lambda t: t["seed"])
-    return out
+def done(group: Sequence[T]) -> list[T]:
+    return [t for t in group if t.status == "done"]
 
 
-def done(group: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [t for t in group if t["status"] == "done"]
-
-
-def metric_values(group: list[dict[str, Any]], name: str) -> np.ndarray:
+def metric_values(group: Sequence[StoredTrial], name: str) -> np.ndarray:
     """The finite values of a final metric over the done trials of a group: [n]."""
-    vals = [t["metrics"].get(name) for t in done(group)]
+    vals = [t.metrics.get(name) for t in done(group)]
     return np.array([v for v in vals if v is not None and np.isfinite(v)], dtype=float)
 
 
-def status_counts(group: list[dict[str, Any]]) -> dict[str, int]:
+def status_counts(group: Sequence[StoredTrial]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for t in group:
-        counts[t["status"]] = counts.get(t["status"], 0) + 1
+        counts[t.status] = counts.get(t.status, 0) + 1
     return counts
 
 
-def status_text(group: list[dict[str, Any]]) -> str:
+def status_text(group: Sequence[StoredTrial]) -> str:
     """`3 done` or `2 done, 1 failed`, in a fixed status order."""
     counts = status_counts(group)
     order = sorted(counts, key=lambda s: -_STATUS_RANK.get(s, -1))
     return ", ".join(f"{counts[s]} {s}" for s in order)
 
 
-def unsuccessful(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def unsuccessful(trials: Sequence[T]) -> list[T]:
     """Trials that did not finish cleanly (failed, diverged, or left running/pending): never dropped silently."""
-    return [t for t in trials if t["status"] != "done"]
+    return [t for t in trials if t.status != "done"]
 
 
 def first_line(text: str | None) -> str:
@@ -148,13 +153,13 @@ def first_line(text: str | None) -> str:
     return lines[0]
 
 
-def metric_names(trials: list[dict[str, Any]], prefix: str) -> list[str]:
+def metric_names(trials: Sequence[StoredTrial], prefix: str) -> list[str]:
     """Final-metric names starting with prefix, in first-appearance order."""
-    return list(dict.fromkeys(n for t in trials for n in t["metrics"] if n.startswith(prefix)))
+    return list(dict.fromkeys(n for t in trials for n in t.metrics if n.startswith(prefix)))
 
 
-def curve_names(trials: list[dict[str, Any]], prefix: str) -> list[str]:
-    return list(dict.fromkeys(n for t in trials for n in t.get("curves", {}) if n.startswith(prefix)))
+def curve_names(trials: Sequence[ReportTrial], prefix: str) -> list[str]:
+    return list(dict.fromkeys(n for t in trials for n in t.curves if n.startswith(prefix)))
 
 
 def slug(*parts: str) -> str:
@@ -165,7 +170,7 @@ def slug(*parts: str) -> str:
 
 def suite_names(data: ReportData) -> list[str]:
     names = [suite_name(r.get("suite")) for r in data.runs]
-    names += [t["config"].get("suite") for t in data.trials if isinstance(t["config"].get("suite"), str)]
+    names += [t.suite for t in data.trials if isinstance(t.suite, str)]
     return list(dict.fromkeys(n for n in names if n))
 
 

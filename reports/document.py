@@ -18,7 +18,7 @@ from tabulate import tabulate
 
 @dataclass
 class Heading:
-    level: int  # 1..4
+    level: int  # 1..5 (a problem's budget subsections push their sections one level down)
     text: str
     anchor: str = ""  # unique HTML id, filled in by `unique_anchors`
 
@@ -116,8 +116,12 @@ def pval(p: float) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
-def mark_best(rows: list[list[Cell]], column: int, values: list[float], higher: bool) -> None:
-    """Wrap the best finite value of a column in Strong (every tie is marked)."""
+def mark_best(rows: list[list[Cell]], column: int, values: list[float], higher: bool,
+              eligible: list[bool] | None = None) -> None:
+    """Wrap the best finite value of a column in Strong (every tie is marked). Only rows with `eligible` true take
+    part (default: every row): unranked trials are shown, never marked."""
+    if eligible is not None:
+        values = [v if ok else math.nan for v, ok in zip(values, eligible)]
     finite = [v for v in values if v is not None and math.isfinite(v)]
     if len(finite) < 2 or min(finite) == max(finite):
         return  # nothing to single out when every value is the same
@@ -128,7 +132,7 @@ def mark_best(rows: list[list[Cell]], column: int, values: list[float], higher: 
 
 
 # --- Markdown ------------------------------------------------------------------------------------------------
-def _md_text(text: str) -> str:
+def md_text(text: str) -> str:
     """Plain text into Markdown prose: characters that would start markup are backslash-escaped."""
     out = []
     for ch in text:
@@ -145,13 +149,13 @@ def _md_code(text: str) -> str:
 
 def _md_cell(cell: Cell) -> str:
     if isinstance(cell, Strong):
-        return f"**{_md_text(cell.text)}**"
-    return _md_text(str(cell))
+        return f"**{md_text(cell.text)}**"
+    return md_text(str(cell))
 
 
 def md_table(table: Table) -> str:
     rows = [[_md_cell(c) for c in row] for row in table.rows]
-    headers = [_md_text(h) for h in table.headers]
+    headers = [md_text(h) for h in table.headers]
     align = ["left" if table.is_text(i) else "right" for i in range(len(headers))]
     return tabulate(rows, headers=headers, tablefmt="github", colalign=align, disable_numparse=True)
 
@@ -160,14 +164,14 @@ def to_markdown(blocks: list[Block]) -> str:
     parts = []
     for b in blocks:
         if isinstance(b, Heading):
-            parts.append("#" * b.level + " " + _md_text(b.text))
+            parts.append("#" * b.level + " " + md_text(b.text))
         elif isinstance(b, Text):
-            parts.append(f"*{_md_text(b.text)}*" if b.note else _md_text(b.text))
+            parts.append(f"*{md_text(b.text)}*" if b.note else md_text(b.text))
         elif isinstance(b, Table):
-            parts.append(md_table(b) + (f"\n\n*{_md_text(b.caption)}*" if b.caption else ""))
+            parts.append(md_table(b) + (f"\n\n*{md_text(b.caption)}*" if b.caption else ""))
         elif isinstance(b, Figure):
             rel = f"figures/{b.path.name}"
-            parts.append(f"![{_md_text(b.alt or b.caption)}]({rel})\n\n*{_md_text(b.caption)}*")
+            parts.append(f"![{md_text(b.alt or b.caption)}]({rel})\n\n*{md_text(b.caption)}*")
         elif isinstance(b, Items):
             parts.append("\n".join("- " + _md_item(i, b.code) for i in b.items))
     return "\n\n".join(parts) + "\n"
@@ -175,6 +179,6 @@ def to_markdown(blocks: list[Block]) -> str:
 
 def _md_item(item: str, code: bool) -> str:
     if not code or ": " not in item:
-        return _md_text(item)
+        return md_text(item)
     head, tail = item.split(": ", 1)
-    return f"{_md_text(head)}: {_md_code(tail)}"
+    return f"{md_text(head)}: {_md_code(tail)}"

@@ -210,7 +210,8 @@ def bars_figure(panels: list[BarPanel], colours: dict[str, tuple], path: Path, n
 
 @dataclass
 class Cloud:
-    """One label's trials for the Pareto plot: per-seed costs ({axis: [n]}) and accuracies [n]."""
+    """One label's trials for the Pareto plot: per-seed costs ({axis: [n]}) and accuracies [n] (the figure's
+    y label says which split)."""
 
     label: str
     costs: dict[str, np.ndarray]
@@ -218,7 +219,7 @@ class Cloud:
 
 
 def pareto_figure(clouds: list[Cloud], axes_titles: dict[str, str], colours: dict[str, tuple],
-                  path: Path) -> Path:
+                  path: Path, ylabel: str = "accuracy (%)") -> Path:
     """Per cost axis: every seed (small), each label's mean (large, with its 95% CI on accuracy), and the Pareto
     front of the means (dashed)."""
     from .stats import summarize
@@ -246,7 +247,7 @@ def pareto_figure(clouds: list[Cloud], axes_titles: dict[str, str], colours: dic
             positive = [v for v in means_c if v > 0]
             _xscale(ax, bool(positive) and max(positive) / min(positive) > 10)
             ax.set_xlabel(title)
-            ax.set_ylabel("test accuracy (%)")
+            ax.set_ylabel(ylabel)
             ax.set_title(f"accuracy vs {title}")
         _legend(fig, entries)
         return _save(fig, path)

@@ -20,6 +20,7 @@ h1 { font-size: 1.7rem; border-bottom: 2px solid #d0d7de; padding-bottom: .3rem;
 h2 { font-size: 1.35rem; margin-top: 2.4rem; border-bottom: 1px solid #d0d7de; padding-bottom: .2rem; }
 h3 { font-size: 1.1rem; margin-top: 1.8rem; }
 h4 { font-size: 1rem; margin-top: 1.2rem; color: #424a53; }
+h5 { font-size: .95rem; margin-top: 1rem; color: #424a53; }
 table { border-collapse: collapse; margin: .6rem 0 .3rem; font-size: 13px; font-variant-numeric: tabular-nums;
         display: block; max-width: 100%; overflow-x: auto; }  /* a wide table scrolls, not the page */
 th, td { border: 1px solid #d0d7de; padding: .25rem .55rem; }
@@ -43,7 +44,7 @@ nav.toc a { color: #0b57d0; text-decoration: none; }
   body { max-width: none; margin: 0; font-size: 11pt; }
   nav.toc { display: none; }
   h2 { page-break-before: auto; page-break-after: avoid; }
-  h3, h4 { page-break-after: avoid; }
+  h3, h4, h5 { page-break-after: avoid; }
   figure, table { page-break-inside: avoid; }
   a { color: inherit; text-decoration: none; }
 }

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
+from typing import Sequence
 
 import numpy as np
+
+from learnbench.trial import StoredTrial
 
 from . import stats
 from .data import Curve, curve_names, done, metric_names, metric_values
@@ -44,7 +47,7 @@ DIAGNOSTICS = (  # prefix, title, y label, caption, log y
 FLAGS = ("flag/vanishing", "flag/exploding")
 
 
-def family_blocks(ctx: Context, problem: tuple[str, str], groups: Groups, prefix: str, ylabel: str,
+def family_blocks(ctx: Context, problem: tuple[str, ...], groups: Groups, prefix: str, ylabel: str,
                   caption: str, logy: bool = False, clip: tuple[float, float] | None = None) -> list[Block]:
     """A figure of a metric family's curves and a table of its final values; [] when the run has neither.
     `logy`: log axis, geometric mean and band; `clip`: the range a t band is clipped to (cosines: -1..1)."""
@@ -65,7 +68,7 @@ def family_blocks(ctx: Context, problem: tuple[str, str], groups: Groups, prefix
         summary = " Geometric mean over seeds, shaded 95% band (a t interval on log values)." if logy \
             else " Mean over seeds, shaded 95% band."
         out.append(Figure(path, caption + summary + more,
-                          alt=f"{prefix.strip('/')} curves, {problem[0]} {problem[1]}"))
+                          alt=f"{prefix.strip('/')} curves, {' '.join(problem)}"))
     finals = sorted(metric_names(trials, prefix), key=_natural)
     if finals:
         out.append(_final_table(groups, finals, prefix))
@@ -75,8 +78,8 @@ def family_blocks(ctx: Context, problem: tuple[str, str], groups: Groups, prefix
 def _log_curve_lines(groups: Groups, metric: str) -> tuple[list[Line], bool]:
     """`curve_lines` on log10 of the values (norms span decades): geometric mean over seeds and a band that stays
     positive on a log axis."""
-    logged = {label: [{**t, "curves": {metric: _log10(t["curves"][metric])}} for t in group
-                      if metric in t.get("curves", {})] for label, group in groups.items()}
+    logged = {label: [replace(t, curves={metric: _log10(t.curves[metric])}) for t in group if metric in t.curves]
+              for label, group in groups.items()}
     lines, logx = curve_lines(logged, metric, "examples")
     return [replace(line, y=10**line.y, lo=None if line.lo is None else 10**line.lo,
                     hi=None if line.hi is None else 10**line.hi) for line in lines], logx
@@ -99,7 +102,7 @@ def _sample(names: list[str], n: int) -> list[str]:
 
 
 def _final_table(groups: Groups, names: list[str], prefix: str, source: str = "last probe reading") -> Table:
-    labels = [k for k, g in groups.items() if any(n in t["metrics"] for t in done(g) for n in names)]
+    labels = [k for k, g in groups.items() if any(n in t.metrics for t in done(g) for n in names)]
     rows: list[list[Cell]] = []
     for name in names:
         row: list[Cell] = [name.removeprefix(prefix)]
@@ -111,13 +114,13 @@ def _final_table(groups: Groups, names: list[str], prefix: str, source: str = "l
         f"Final values of {prefix}* ({source}): mean ± Student-t 95% half-width over done seeds."))
 
 
-def alignment_section(ctx: Context, problem: tuple[str, str], groups: Groups) -> list[Block]:
+def alignment_section(ctx: Context, problem: tuple[str, ...], groups: Groups) -> list[Block]:
     prefix, title, ylabel, caption = ALIGNMENT
     blocks = family_blocks(ctx, problem, groups, prefix, ylabel, caption)
     return [Heading(3, title)] + blocks if blocks else []
 
 
-def diagnostics_section(ctx: Context, problem: tuple[str, str], groups: Groups) -> list[Block]:
+def diagnostics_section(ctx: Context, problem: tuple[str, ...], groups: Groups) -> list[Block]:
     out: list[Block] = []
     for prefix, title, ylabel, caption, logy in DIAGNOSTICS:
         clip = (-1.0, 1.0) if prefix == "cos/" else None
@@ -135,7 +138,7 @@ def diagnostics_section(ctx: Context, problem: tuple[str, str], groups: Groups) 
 
 # --- depth profiles ----------------------------------------------------------------------------------------------
 
-def _layers(trials: list[dict], prefix: str) -> list[str]:
+def _layers(trials: Sequence[StoredTrial], prefix: str) -> list[str]:
     return sorted({n.removeprefix(prefix) for n in metric_names(trials, prefix)}, key=_natural)
 
 
@@ -163,11 +166,10 @@ def _profile_lines(groups: Groups, prefix: str, layers: list[str], first: bool) 
         for t in done(group):
             names = [prefix + layer for layer in layers]
             if first:
-                curves = t.get("curves", {})
-                if all(n in curves and curves[n].value.size for n in names):
-                    rows.append(np.array([curves[n].value[0] for n in names]))
-            elif all(t["metrics"].get(n) is not None for n in names):
-                rows.append(np.array([t["metrics"][n] for n in names]))
+                if all(n in t.curves and t.curves[n].value.size for n in names):
+                    rows.append(np.array([t.curves[n].value[0] for n in names]))
+            elif all(t.metrics.get(n) is not None for n in names):
+                rows.append(np.array([t.metrics[n] for n in names]))
         if rows:
             mean, lo, hi = _log_band(rows)
             x = np.arange(len(layers), dtype=float)
@@ -175,7 +177,7 @@ def _profile_lines(groups: Groups, prefix: str, layers: list[str], first: bool) 
     return lines
 
 
-def _profile_blocks(ctx: Context, problem: tuple[str, str], groups: Groups) -> list[Block]:
+def _profile_blocks(ctx: Context, problem: tuple[str, ...], groups: Groups) -> list[Block]:
     trials = [t for g in groups.values() for t in g]
     panels = []
     for prefix, what in (("grad/norm/", "true-gradient norm"), ("update/norm/", "update norm")):
@@ -196,18 +198,18 @@ def _profile_blocks(ctx: Context, problem: tuple[str, str], groups: Groups) -> l
         "Depth profile: per layer, the norm of the true loss gradient and of the update each algorithm applied, at "
         "the first and the last probe reading; log scale, geometric mean over seeds with a 95% band. A profile "
         "falling towards the input (left) is a vanishing gradient."),
-        alt=f"gradient and update norms by layer, {problem[0]} {problem[1]}")]
+        alt=f"gradient and update norms by layer, {' '.join(problem)}")]
 
 
 # --- influence locality ------------------------------------------------------------------------------------------
 
-def influence_blocks(ctx: Context, problem: tuple[str, str], groups: Groups) -> list[Block]:
+def influence_blocks(ctx: Context, problem: tuple[str, ...], groups: Groups) -> list[Block]:
     """Histograms of influence distance per layer, a mean-distance profile and table; a hint when the trials are
     MLPs that `learnbench diagnose` has not seen yet."""
     trials = [t for g in groups.values() for t in g]
     layers = _layers(trials, "influence/mean-distance/")
     if not layers:
-        kinds = {t["config"]["model"].get("kind") for t in done(trials)}
+        kinds = {t.model.get("kind") for t in done(trials)}
         if kinds and kinds <= set(INFLUENCE_KINDS):
             return [Heading(4, "Influence locality"), Text(
                 "No influence metrics yet: `learnbench diagnose RUN_DIR` adds them for mlp and resmlp models.",
@@ -230,7 +232,7 @@ def influence_blocks(ctx: Context, problem: tuple[str, str], groups: Groups) -> 
             "|activation x gradient| over test points, through the residual stream's per-layer components), and the "
             "share of them sitting d layers back. Without skips every unit reads the layer before (d = 1). Mean over "
             "seeds; whiskers: Student-t 95% interval when there are several."),
-            alt=f"influence distance histograms, {problem[0]} {problem[1]}"))
+            alt=f"influence distance histograms, {' '.join(problem)}"))
     out.append(_final_table(groups, sorted(
         (n for n in metric_names(trials, "influence/") if not n.startswith("influence/share/")), key=_natural),
         "influence/", "of the final model, by `learnbench diagnose`"))
@@ -253,17 +255,17 @@ def _share_bars(groups: Groups, layer: str, distances: list[int]) -> list[Bars]:
 
 # --- flags -------------------------------------------------------------------------------------------------------
 
-def _flag_count(group: list, flag: str) -> str:
+def _flag_count(group: Sequence[StoredTrial], flag: str) -> str:
     """'k/n': seeds raising the flag among the done seeds that measured it; '–' when none measured it."""
-    measured = [t for t in done(group) if t["metrics"].get(flag) is not None]
+    measured = [t for t in done(group) if t.metrics.get(flag) is not None]
     if not measured:
         return "–"
-    return f"{sum(1 for t in measured if t['metrics'][flag] >= 0.5)}/{len(measured)}"
+    return f"{sum(1 for t in measured if t.metrics[flag] >= 0.5)}/{len(measured)}"
 
 
 def _flags_table(groups: Groups) -> Table | None:
     trials = [t for g in groups.values() for t in g]
-    present = [f for f in FLAGS if any(f in t["metrics"] for t in trials)]
+    present = [f for f in FLAGS if any(f in t.metrics for t in trials)]
     if not present:
         return None
     rows: list[list[Cell]] = []

@@ -9,20 +9,22 @@ not its true gradient owes its "robustness" to the attack's choice of gradient, 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Sequence
 
 import numpy as np
 
+from learnbench.trial import StoredTrial
+
 from . import stats
 from .data import done, metric_names, metric_values
-from .document import Block, Cell, Figure, Heading, Table, mark_best, pct
+from .document import Block, Cell, Figure, Heading, Table, pct
 from .figures import Line, Panel, lines_figure
 from .sections import Context, Groups
 
 PSEUDO = "-pseudo"
 
 
-def attack_grid(trials: list[dict[str, Any]]) -> dict[str, list[float]]:
+def attack_grid(trials: Sequence[StoredTrial]) -> dict[str, list[float]]:
     """attack -> sorted epsilons, from metric names `robust/<attack>/<eps>` (other robust/ names are skipped)."""
     grid: dict[str, set[float]] = {}
     for name in metric_names(trials, "robust/"):
@@ -46,11 +48,11 @@ def _pseudo_beside(attacks: list[str]) -> list[str]:
     return out
 
 
-def standard_eps(attack: str, grid: list[float], trials: list[dict[str, Any]]) -> float:
+def standard_eps(attack: str, grid: list[float], trials: Sequence[StoredTrial]) -> float:
     """The suite's `robustness.standard_eps` (a number, or a table by attack) when given; otherwise the lower
     median of the attack's grid (MNIST's 0.05/0.1/0.2/0.3 -> 0.1)."""
     for t in trials:
-        named = (t.get("config", {}).get("robustness") or {}).get("standard_eps")
+        named = (t.robustness or {}).get("standard_eps")
         if isinstance(named, dict):
             named = named.get(attack, named.get(attack.removesuffix(PSEUDO)))
         if isinstance(named, (int, float)) and float(named) in grid:
@@ -58,11 +60,11 @@ def standard_eps(attack: str, grid: list[float], trials: list[dict[str, Any]]) -
     return grid[(len(grid) - 1) // 2]
 
 
-def robust_values(group: list[dict[str, Any]], attack: str, eps: float) -> np.ndarray:
+def robust_values(group: Sequence[StoredTrial], attack: str, eps: float) -> np.ndarray:
     """Robust accuracy at (attack, eps) over done trials; metric names may spell eps either way (0.1 / 0.10)."""
     vals = []
     for t in done(group):
-        for name, v in t["metrics"].items():
+        for name, v in t.metrics.items():
             parts = name.split("/")
             if (len(parts) == 3 and parts[0] == "robust" and parts[1] == attack and _is_eps(parts[2], eps)
                     and v is not None and math.isfinite(v)):
@@ -78,7 +80,7 @@ def _is_eps(text: str, eps: float) -> bool:
         return False
 
 
-def _panels(groups: dict[str, list[dict[str, Any]]], grid: dict[str, list[float]]) -> list[Panel]:
+def _panels(groups: Groups, grid: dict[str, list[float]]) -> list[Panel]:
     panels: dict[str, Panel] = {}
     for attack, eps_list in grid.items():
         base = attack.removesuffix(PSEUDO)
@@ -104,46 +106,41 @@ def _panels(groups: dict[str, list[dict[str, Any]]], grid: dict[str, list[float]
     return list(panels.values())
 
 
-def _table(groups: dict[str, list[dict[str, Any]]], grid: dict[str, list[float]],
-           trials: list[dict[str, Any]]) -> Table:
+def _table(groups: Groups, grid: dict[str, list[float]], trials: Sequence[StoredTrial]) -> Table:
     std = {a: standard_eps(a, eps, trials) for a, eps in grid.items()}
     flags = metric_names(trials, "flag/masking/")
     headers = ["algorithm", "clean"] + [f"{a} ε={std[a]:g}" for a in grid] + ["masking flags"]
     rows: list[list[Cell]] = []
-    columns: list[list[float]] = [[] for _ in range(len(grid) + 1)]
     for label, group in groups.items():
         cells = [metric_values(group, "robust/clean")] + [robust_values(group, a, std[a]) for a in grid]
         row: list[Cell] = [label]
-        for col, vals in enumerate(cells):
+        for vals in cells:
             s = stats.summarize(vals)
             half = (s.hi - s.mean) if math.isfinite(s.hi) else math.nan
             row.append(pct(s.mean) + (f" ± {100 * half:.2f}" if math.isfinite(half) else ""))
-            columns[col].append(s.mean)
         row.append(_flag_text(group, flags))
         rows.append(row)
-    for col, (attack, values) in enumerate(zip(["clean", *grid], columns)):
-        if not attack.endswith("-pseudo"):  # not the model's robustness: nothing to single out
-            mark_best(rows, col + 1, values, higher=True)
     return Table(headers, rows, text_columns=(len(headers) - 1,), caption=(
         "Robust accuracy (%) on the attacked test points: mean ± Student-t 95% half-width over seeds, at each "
         "attack's standard ε (the suite's choice, else the lower median of its grid). 'clean' is the accuracy on "
         "the same points without attack. Masking flags: how many seeds raised each gradient-masking check "
         "(AutoAttack-style: black-box beats white-box, zero input gradients, accuracy not falling with ε); a "
-        "flagged model's white-box numbers overstate its robustness. Bold: best in its column (pseudo-gradient columns "
-        "excepted: they measure the attack, not the model)."))
+        "flagged model's white-box numbers overstate its robustness. No best marks: these are test-set figures, and "
+        "the test set only reports, it never chooses."))
 
 
-def _flag_text(group: list[dict[str, Any]], flags: list[str]) -> str:
+def _flag_text(group: Sequence[StoredTrial], flags: list[str]) -> str:
     n = len(done(group))
     raised = []
     for name in flags:
-        k = sum(1 for t in done(group) if (t["metrics"].get(name) or 0) >= 0.5)
+        k = sum(1 for t in done(group) if (t.metrics.get(name) or 0) >= 0.5)
         if k:
             raised.append(f"⚠ {name.removeprefix('flag/masking/')} {k}/{n}")
     return ", ".join(raised) if raised else ("none" if flags else "–")
 
 
-def robustness_section(ctx: Context, problem: tuple[str, str], groups: Groups) -> list[Block]:
+def robustness_section(ctx: Context, problem: tuple[str, ...], groups: Groups) -> list[Block]:
+    """`problem` names the figure."""
     trials = [t for g in groups.values() for t in g]
     grid = attack_grid(trials)
     if not grid:
@@ -152,7 +149,7 @@ def robustness_section(ctx: Context, problem: tuple[str, str], groups: Groups) -
     ctx.figures.append(path)
     out: list[Block] = [Heading(3, "Robustness"), Figure(path, (
         "Robust test accuracy against the attack budget ε, per attack (ε = 0: clean accuracy on the attacked "
-        "points): mean over seeds with a 95% band."), alt=f"robustness, {problem[0]} {problem[1]}"),
+        "points): mean over seeds with a 95% band."), alt=f"robustness, {' '.join(problem)}"),
         _table(groups, grid, trials)]
     auc = metric_names(trials, "robust/auc/")
     if auc:
@@ -163,21 +160,15 @@ def robustness_section(ctx: Context, problem: tuple[str, str], groups: Groups) -
 def _auc_table(groups: Groups, names: list[str]) -> Table:
     """Mean area under each attack's accuracy-vs-ε curve per algorithm ('–' where the attack did not run)."""
     rows: list[list[Cell]] = []
-    columns: list[list[float]] = [[] for _ in names]
     for label, group in groups.items():
         means = [_mean(group, n) for n in names]
         rows.append([label, *("–" if math.isnan(m) else f"{m:.3f}" for m in means)])
-        for column, m in zip(columns, means):
-            column.append(m)
-    for col, (name, values) in enumerate(zip(names, columns)):
-        if not name.endswith("-pseudo"):  # not the model's robustness: nothing to single out
-            mark_best(rows, col + 1, values, higher=True)
     return Table(["algorithm", *(n.removeprefix("robust/auc/") for n in names)], rows, caption=(
         "Area under the accuracy-vs-ε curve from (0, clean accuracy) to the largest ε, divided by that ε, mean over "
         "seeds: 1 = accurate and robust at every ε; it summarises the whole curve where the table above reads one "
-        "ε. Bold: best in its column."))
+        "ε (test points: no best marks)."))
 
 
-def _mean(group: list[dict[str, Any]], name: str) -> float:
+def _mean(group: Sequence[StoredTrial], name: str) -> float:
     vals = metric_values(group, name)
     return float(vals.mean()) if vals.size else math.nan

@@ -5,12 +5,15 @@ Confidence intervals are Student-t intervals over seeds, mean +- t_{0.975, n-1} 
 standard deviation s (ddof=1): with the 3-10 seeds a benchmark affords, a percentile bootstrap is too narrow.
 Time-to-target follows AlgoPerf (Dolan & More 2002 profiles; Dahl et al. 2023, "Benchmarking Neural Network
 Training Algorithms"): the first evaluation at which the metric reaches the target, read off the learning curve.
+Pairwise tests pair seeds (Demsar 2006; Colas et al. 2018, "How Many Random Seeds?"): a paired t-test and, from six
+pairs on, Wilcoxon's signed-rank test, Holm-corrected, with the mean difference and its t interval, and the seeds a
+two-sided paired t-test would need for 80% power at the observed effect (noncentral t).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -19,7 +22,6 @@ from scipy import stats as sps
 from .data import Curve
 
 CONFIDENCE = 0.95
-TARGETS = (0.90, 0.95, 0.97, 0.98)
 GRID_POINTS = 60
 
 
@@ -127,21 +129,25 @@ def time_to_target(curves: list[Curve | None], target: float) -> Reach:
 
 # --- performance profiles (Dolan & More 2002) ----------------------------------------------------------------
 def performance_ratios(costs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """costs: label -> [P] cost per problem (inf = not solved). Ratio to the best label on each problem: [P];
-    a problem nobody solved is dropped (it says nothing about relative speed)."""
+    """costs: label -> [P] cost per problem (inf = attempted, not solved; NaN = not run). Ratio to the best label
+    that attempted each problem: [P], NaN where the label did not run it; inf on a problem nobody solved, which
+    stays in every attempting label's denominator."""
     labels = list(costs)
     mat = np.stack([np.asarray(costs[k], dtype=float) for k in labels])  # [L, P]
-    best = mat.min(axis=0)
-    keep = np.isfinite(best)
-    ratios = mat[:, keep] / best[keep]
+    ran = ~np.isnan(mat)
+    best = np.where(ran, mat, np.inf).min(axis=0)  # [P]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratios = np.where(np.isfinite(best), mat / np.where(np.isfinite(best), best, 1.0), np.inf)
+    ratios = np.where(ran, ratios, np.nan)
     return {k: ratios[i] for i, k in enumerate(labels)}
 
 
 def profile(ratios: np.ndarray, taus: np.ndarray) -> np.ndarray:
-    """rho(tau) = fraction of problems solved within a factor tau of the best: [T]."""
-    if ratios.size == 0:
+    """rho(tau) = fraction of the problems the label ran that it solved within a factor tau of the best: [T]."""
+    ran = ratios[~np.isnan(ratios)]
+    if ran.size == 0:
         return np.zeros_like(taus)
-    return (ratios[None, :] <= taus[:, None]).mean(axis=1)
+    return (ran[None, :] <= taus[:, None]).mean(axis=1)
 
 
 def tau_grid(ratios: dict[str, np.ndarray], points: int = 200) -> np.ndarray:
@@ -150,7 +156,7 @@ def tau_grid(ratios: dict[str, np.ndarray], points: int = 200) -> np.ndarray:
     return np.geomspace(1.0, top, points)
 
 
-# --- Pareto front and pairwise tests --------------------------------------------------------------------------
+# --- Pareto front ---------------------------------------------------------------------------------------------
 def pareto_front(costs: Sequence[float], accs: Sequence[float]) -> list[int]:
     """Indices of the points no other point beats (cost <= and accuracy >=, one strictly), by increasing cost."""
     c, a = np.asarray(costs, dtype=float), np.asarray(accs, dtype=float)
@@ -163,14 +169,90 @@ def pareto_front(costs: Sequence[float], accs: Sequence[float]) -> list[int]:
     return sorted(front, key=lambda i: (c[i], -a[i]))
 
 
-def welch(a: Sequence[float], b: Sequence[float]) -> float:
-    """Two-sided Welch t-test p-value; NaN when it is undefined (fewer than 2 seeds or both groups constant)."""
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if a.size < 2 or b.size < 2:
-        return math.nan
-    if a.var(ddof=1) == 0 and b.var(ddof=1) == 0:
-        return 1.0 if a.mean() == b.mean() else 0.0  # no noise at all: identical or certainly different
-    return float(sps.ttest_ind(a, b, equal_var=False).pvalue)
+# --- paired tests ---------------------------------------------------------------------------------------------
+WILCOXON_MIN = 6  # below six pairs the exact signed-rank test cannot reach p < 0.05 (two-sided): not reported
+ALPHA, POWER = 0.05, 0.80
+MAX_SEEDS = 10 ** 7  # beyond this many seeds the difference is called undetectable (inf)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Labels a and b on the seeds both finished: n pairs, differences a - b [n] summarised, and the tests."""
+
+    a: str
+    b: str
+    n: int
+    diff: Summary  # mean difference with its Student-t 95% CI
+    p_t: float  # two-sided paired t-test
+    p_wilcoxon: float  # two-sided Wilcoxon signed-rank; NaN below WILCOXON_MIN pairs
+    p_holm: float = math.nan  # p_t, Holm-adjusted over the pairs tested together
+    seeds_needed: float = math.nan  # for 80% power at the observed effect; NaN when the pair is significant
+
+
+def paired_by_seed(a: dict[int, float], b: dict[int, float]) -> tuple[np.ndarray, np.ndarray]:
+    """The values of the seeds present in both (seed -> value): two aligned [n] arrays, in seed order."""
+    seeds = sorted(set(a) & set(b))
+    return np.array([a[s] for s in seeds], dtype=float), np.array([b[s] for s in seeds], dtype=float)
+
+
+def paired_test(a: str, b: str, x: np.ndarray, y: np.ndarray) -> Paired:
+    """Tests on aligned seeds x, y ([n], n >= 2). Constant differences have no noise: p = 1 if they are all zero,
+    else 0 (scipy returns NaN there)."""
+    d = x - y
+    if d.std() == 0:
+        p_t = 1.0 if d[0] == 0 else 0.0
+    else:
+        p_t = float(sps.ttest_rel(x, y).pvalue)
+    p_w = math.nan
+    if d.size >= WILCOXON_MIN:
+        p_w = 1.0 if not np.any(d) else float(sps.wilcoxon(x, y).pvalue)
+    return Paired(a, b, d.size, summarize(d), p_t, p_w)
+
+
+def paired_tests(samples: dict[str, dict[int, float]]) -> tuple[list[Paired], list[tuple[str, str]]]:
+    """Every pair of labels with >= 2 shared seeds, Holm-corrected together, with the seeds needed for the ones
+    that stay non-significant; and the pairs left untested (fewer than two shared seeds)."""
+    labels = list(samples)
+    tests, untested = [], []
+    for i, a in enumerate(labels):
+        for b in labels[i + 1:]:
+            x, y = paired_by_seed(samples[a], samples[b])
+            if x.size >= 2:
+                tests.append(paired_test(a, b, x, y))
+            else:
+                untested.append((a, b))
+    adjusted = holm([t.p_t for t in tests])
+    out = []
+    for t, p in zip(tests, adjusted):
+        effect = abs(t.diff.mean) / t.diff.std if t.diff.std > 0 else math.inf
+        needed = math.nan if p < ALPHA else (math.inf if t.diff.mean == 0 else seeds_for_power(effect))
+        out.append(replace(t, p_holm=float(p), seeds_needed=needed))
+    return out, untested
+
+
+def paired_power(effect: float, n: int, alpha: float = ALPHA) -> float:
+    """Power of the two-sided paired t-test with n pairs at standardised effect mean(d) / sd(d)."""
+    crit = sps.t.ppf(1 - alpha / 2, n - 1)
+    nc = effect * math.sqrt(n)
+    return float(sps.nct.sf(crit, n - 1, nc) + sps.nct.cdf(-crit, n - 1, nc))
+
+
+def seeds_for_power(effect: float, power: float = POWER, alpha: float = ALPHA) -> float:
+    """The fewest pairs (>= 2) that give the paired t-test `power` at this effect; inf for no effect or past
+    MAX_SEEDS. Power grows with n, so doubling then bisection finds it."""
+    if not effect > 0:
+        return math.inf
+    if math.isinf(effect) or paired_power(effect, 2, alpha) >= power:
+        return 2.0
+    lo, hi = 2, 4  # invariant: power(lo) < target
+    while paired_power(effect, hi, alpha) < power:
+        if hi >= MAX_SEEDS:
+            return math.inf
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if paired_power(effect, mid, alpha) >= power else (mid, hi)
+    return float(hi)
 
 
 def holm(pvalues: Sequence[float]) -> np.ndarray:
@@ -184,18 +266,3 @@ def holm(pvalues: Sequence[float]) -> np.ndarray:
         running = max(running, min(1.0, (m - rank) * p[i]))
         out[i] = running
     return out
-
-
-def pairwise(samples: dict[str, np.ndarray]) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Welch tests between every pair of labels, Holm-corrected over the pairs: labels, raw [L, L], adjusted
-    [L, L] (symmetric, NaN on the diagonal)."""
-    labels = list(samples)
-    pairs = [(i, j) for i in range(len(labels)) for j in range(i + 1, len(labels))]
-    raw = [welch(samples[labels[i]], samples[labels[j]]) for i, j in pairs]
-    adj = holm(raw)
-    raw_m = np.full((len(labels), len(labels)), np.nan)
-    adj_m = raw_m.copy()
-    for (i, j), r, a in zip(pairs, raw, adj):
-        raw_m[i, j] = raw_m[j, i] = r
-        adj_m[i, j] = adj_m[j, i] = a
-    return labels, raw_m, adj_m

@@ -51,8 +51,8 @@ def run_case(name: str) -> dict[str, str]:
         result = run_trial(trial, None)
     finally:
         torch.set_num_threads(threads)
-    assert result["status"] == "done", result["error"]
-    return {k: float(v).hex() for k, v in sorted(result["metrics"].items())
+    assert result.status == "done", result.error
+    return {k: float(v).hex() for k, v in sorted(result.metrics.items())
             if k.startswith(KEPT_PREFIXES) and not k.startswith(IGNORED)}
 
 

@@ -5,6 +5,7 @@ import pytest
 from learnbench import config
 from learnbench.errors import UsageError
 from learnbench.registry import discover
+from learnbench.trial import Budget
 
 REGISTRY = discover()
 
@@ -24,46 +25,46 @@ def base_suite(**changes):
 def test_trials_are_the_cross_product_with_stable_distinct_ids():
     trials = resolve(base_suite())
     assert len(trials) == 2 * 2  # 2 entries x 2 seeds
-    assert len({t["id"] for t in trials}) == 4
-    assert [t["id"] for t in resolve(base_suite())] == [t["id"] for t in trials]
-    assert {t["label"] for t in trials} == {"backprop", "sgd"}
-    sgd = next(t for t in trials if t["label"] == "sgd")
-    assert sgd["hparams"]["optimizer"] == "sgd" and sgd["hparams"]["lr"] == 0.1
-    assert sgd["hparams"]["batch_size"] == 128  # defaults are filled in, so the hash covers them
+    assert len({t.id for t in trials}) == 4
+    assert [t.id for t in resolve(base_suite())] == [t.id for t in trials]
+    assert {t.label for t in trials} == {"backprop", "sgd"}
+    sgd = next(t for t in trials if t.label == "sgd")
+    assert sgd.hparams["optimizer"] == "sgd" and sgd.hparams["lr"] == 0.1
+    assert sgd.hparams["batch_size"] == 128  # defaults are filled in, so the hash covers them
 
 
 def test_set_overrides_budget_model_and_hyperparameters():
     trials = resolve(base_suite(), sets=["budget.epochs=5", "model.hidden=[32, 8]", "sgd.lr=0.5", "seeds=1"])
-    assert {t["budget"]["epochs"] for t in trials} == {5}
-    assert {t["model_label"] for t in trials} == {"mlp-32-8"}
-    assert next(t for t in trials if t["label"] == "sgd")["hparams"]["lr"] == 0.5
+    assert {t.budget.epochs for t in trials} == {5}
+    assert {t.model_label for t in trials} == {"mlp-32-8"}
+    assert next(t for t in trials if t.label == "sgd").hparams["lr"] == 0.5
     assert len(trials) == 2
     cnn = resolve(base_suite(), sets=["model.kind=cnn"])
-    assert {t["model"]["kind"] for t in cnn} == {"cnn"}
+    assert {t.model["kind"] for t in cnn} == {"cnn"}
 
 
 def test_set_by_algorithm_id_reaches_every_entry_of_it():
     trials = resolve(base_suite(), sets=["backprop.batch_size=64"])
-    assert {t["hparams"]["batch_size"] for t in trials} == {64}
+    assert {t.hparams["batch_size"] for t in trials} == {64}
 
 
 def test_algorithms_filter_and_seeds():
     trials = resolve(base_suite(), algorithms=["sgd"], seeds=3)
-    assert {t["label"] for t in trials} == {"sgd"} and sorted(t["seed"] for t in trials) == [0, 1, 2]
+    assert {t.label for t in trials} == {"sgd"} and sorted(t.seed for t in trials) == [0, 1, 2]
 
 
 def test_horizon_filled_from_the_epoch_budget():
     trials = resolve(base_suite(algorithms=[{"id": "backprop", "schedule": "cosine", "batch_size": 100}]))
     from learnbench.datasets import info
     import math
-    assert trials[0]["hparams"]["horizon_steps"] == math.ceil(2 * info("digits").n_train / 100)
+    assert trials[0].hparams["horizon_steps"] == math.ceil(2 * info("digits").n_train / 100)
 
 
 def test_trial_id_changes_with_any_setting():
     a = resolve(base_suite())[0]
     b = resolve(base_suite(), sets=["backprop.lr=0.002"])[0]
     c = resolve(base_suite(), sets=["budget.epochs=3"])[0]
-    assert len({a["id"], b["id"], c["id"]}) == 3
+    assert len({a.id, b.id, c.id}) == 3
 
 
 def test_entry_level_budget_needs_unranked_and_model_filter():
@@ -74,11 +75,11 @@ def test_entry_level_budget_needs_unranked_and_model_filter():
         resolve(suite)
     slow["unranked"] = True
     trials = resolve(suite)
-    slow_trials = [t for t in trials if t["label"] == "slow"]
-    assert {t["model_label"] for t in slow_trials} == {"cnn"} and slow_trials[0]["budget"]["steps"] == 7
-    assert all(t["unranked"] for t in slow_trials)
-    assert not any(t["unranked"] for t in trials if t["label"] == "backprop")
-    assert len([t for t in trials if t["label"] == "backprop"]) == 4
+    slow_trials = [t for t in trials if t.label == "slow"]
+    assert {t.model_label for t in slow_trials} == {"cnn"} and slow_trials[0].budget.steps == 7
+    assert all(t.unranked for t in slow_trials)
+    assert not any(t.unranked for t in trials if t.label == "backprop")
+    assert len([t for t in trials if t.label == "backprop"]) == 4
     slow["budget"] = {"epochs": 2}  # the problem's own budget, stated again: nothing to declare
     del slow["unranked"]
     assert resolve(suite)
@@ -86,11 +87,11 @@ def test_entry_level_budget_needs_unranked_and_model_filter():
 
 def test_a_problem_budget_lives_on_the_model_and_the_command_line_replaces_every_budget():
     suite = base_suite(models=[{"kind": "mlp", "hidden": [16]}, {"kind": "cnn", "budget": {"time_s": 30}}])
-    budgets = {t["model_label"]: t["budget"] for t in resolve(suite)}
-    assert budgets["cnn"] == {"steps": None, "epochs": None, "time_s": 30, "flops": None}
-    assert budgets["mlp-16x1"]["epochs"] == 2
-    assert {t["budget"]["flops"] for t in resolve(suite, sets=["budget.flops=1e9"])} == {1e9}
-    assert {t["budget"]["time_s"] for t in resolve(suite, sets=["budget.flops=1e9"])} == {None}
+    budgets = {t.model_label: t.budget for t in resolve(suite)}
+    assert budgets["cnn"] == Budget(time_s=30)
+    assert budgets["mlp-16x1"].epochs == 2
+    assert {t.budget.flops for t in resolve(suite, sets=["budget.flops=1e9"])} == {1e9}
+    assert {t.budget.time_s for t in resolve(suite, sets=["budget.flops=1e9"])} == {None}
     no_suite_budget = {k: v for k, v in suite.items() if k != "budget"}
     with pytest.raises(UsageError, match="model mlp-16x1 has no budget"):
         resolve(no_suite_budget)
@@ -98,10 +99,10 @@ def test_a_problem_budget_lives_on_the_model_and_the_command_line_replaces_every
 
 def test_reference_is_a_suite_key_outside_the_trial_id():
     trials = resolve(base_suite())
-    assert {t["reference"] for t in trials} == {"backprop"}
+    assert {t.reference for t in trials} == {"backprop"}
     other = resolve(base_suite(reference="sgd"))
-    assert {t["reference"] for t in other} == {"sgd"}
-    assert [t["id"] for t in other] == [t["id"] for t in trials]
+    assert {t.reference for t in other} == {"sgd"}
+    assert [t.id for t in other] == [t.id for t in trials]
     with pytest.raises(UsageError, match="reference must be"):
         resolve(base_suite(reference=3))
 
@@ -110,7 +111,7 @@ def test_reference_is_a_suite_key_outside_the_trial_id():
     (base_suite(budget={"epochs": -1}), {}, "positive number"),
     (base_suite(budget={"epochs": 0}), {}, "positive number"),
     (base_suite(budget={}), {}, "at least one"),
-    (base_suite(budget={"epoch": 3}), {}, "unknown budget key"),
+    (base_suite(budget={"epoch": 3}), {}, "budget: unknown key"),
     (base_suite(seeds=0), {}, "seeds"),
     (base_suite(seeds="three"), {}, "seeds"),
     (base_suite(datasets=["imagenet"]), {}, "unknown dataset"),
@@ -130,7 +131,7 @@ def test_reference_is_a_suite_key_outside_the_trial_id():
     (base_suite(eval={"points": -1}), {}, "non-negative integer"),
     (base_suite(diagnostics={"every": 5, "probes": ["telepathy"]}), {}, "unknown diagnostics probe"),
     (base_suite(algorithms=[{"id": "backprop", "unranked": "yes"}]), {}, "unranked must be true or false"),
-    (base_suite(models=[{"kind": "mlp", "budget": {"hours": 1}}]), {}, "unknown budget key"),
+    (base_suite(models=[{"kind": "mlp", "budget": {"hours": 1}}]), {}, "budget: unknown key"),
 ])
 def test_bad_suites_are_usage_errors(suite, overrides, match):
     with pytest.raises(UsageError, match=match):
@@ -162,6 +163,6 @@ def test_malformed_toml_and_unknown_suite(tmp_path):
 
 def test_algorithms_flag_adds_an_installed_algorithm_the_suite_lacks():
     trials = resolve(base_suite(), algorithms=["sgd", "fa"], registry=REGISTRY)
-    assert {t["label"] for t in trials} == {"sgd", "fa"}
-    fa = next(t for t in trials if t["label"] == "fa")
-    assert fa["hparams"]["batch_size"] == 128  # the trainer's own defaults
+    assert {t.label for t in trials} == {"sgd", "fa"}
+    fa = next(t for t in trials if t.label == "fa")
+    assert fa.hparams["batch_size"] == 128  # the trainer's own defaults

@@ -11,7 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from helpers import make_trials
-from learnbench import cost, models, population
+from learnbench import cost, models, population, population_engines
 from learnbench.datasets import info
 from learnbench.runner import run_trial
 
@@ -19,7 +19,7 @@ POPSIZE, BATCH, STEPS = 8, 16, 4
 
 
 def generic_engine(model, x):
-    return population._Engine(model, x)  # vmap of functional_call over dense members: no shortcut
+    return population_engines.Engine(model, x)  # vmap of functional_call over dense members: no shortcut
 
 
 def mirrored_without_sharing(model, center, noise, sigma, x, y, chunk_size=None, **_):
@@ -42,20 +42,21 @@ def test_openai_es_costs_the_same_with_and_without_the_cpu_fast_paths(spec, monk
                          "algorithms": [{"id": "openai-es", "popsize": POPSIZE, "batch_size": BATCH}]})[0]
     x = torch.rand(BATCH, *info("digits").input_shape)
     x[:, :, 0, :] = 0  # a zero row of pixels: the MLP engine's CPU path drops those columns
-    assert type(population._engine(models.build(trial["model"], x.shape[1:], 10), x)) is not population._Engine
+    engine = population_engines.engine_for(models.build(trial.model, x.shape[1:], 10), x)
+    assert type(engine) is not population_engines.Engine
     results = {}
     for fast_engine, shared_first_layer in itertools.product([True, False], repeat=2):
         with monkeypatch.context() as patch:
             if not fast_engine:
-                patch.setattr(population, "_engine", generic_engine)
+                patch.setattr(population, "engine_for", generic_engine)
             if not shared_first_layer:
                 patch.setattr(population, "evaluate_mirrored", mirrored_without_sharing)
             results[fast_engine, shared_first_layer] = run_trial(trial, None)
-    flops = {key: r["metrics"]["cost/flops"] for key, r in results.items()}
+    flops = {key: r.metrics["cost/flops"] for key, r in results.items()}
     assert len(set(flops.values())) == 1, flops
-    losses = [r["metrics"]["train/loss"] for r in results.values()]
+    losses = [r.metrics["train/loss"] for r in results.values()]
     assert max(losses) - min(losses) < 1e-4  # the four paths compute the same thing to float rounding
-    m = results[True, True]["metrics"]
+    m = results[True, True].metrics
     assert m["cost/steps"] == STEPS and m["cost/extra_flops"] > 0
     assert m["cost/flops"] == STEPS * POPSIZE * BATCH * one_member_one_example(spec) + m["cost/extra_flops"]
 

@@ -216,14 +216,14 @@ def test_runner_records_the_issue_metric_names() -> None:
                          "diagnostics": {"every": 4, "probes": ["gradient-flow", "update-grad"]},
                          "algorithms": [{"id": "backprop", "batch_size": 32, "optimizer": "sgd"}]})[0]
     result = run_trial(trial, None)
-    assert result["status"] == "done", result["error"]
-    metrics = result["metrics"]
+    assert result.status == "done", result.error
+    metrics = result.metrics
     for layer in ["blocks.0.0", "blocks.1.0", "blocks.2.0", "head"]:
         assert metrics[f"grad/norm/{layer}"] > 0 and metrics[f"update/norm/{layer}"] > 0
         assert metrics[f"cos/update-grad/{layer}"] == pytest.approx(1, abs=1e-5)
     assert metrics["cos/update-grad"] == pytest.approx(1, abs=1e-5)
     assert metrics["flag/vanishing"] in (0.0, 1.0) and metrics["flag/exploding"] in (0.0, 1.0)
-    probe_steps = {row[0] for row in result["curves"] if row[4] == "cos/update-grad"}
+    probe_steps = {row[0] for row in result.curves if row[4] == "cos/update-grad"}
     assert probe_steps == {1, 5, 9}  # steps 0, 4, 8 are probed; their rows carry the count after the step
 
 

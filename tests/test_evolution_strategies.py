@@ -19,6 +19,7 @@ from learnbench.algorithms.cma_es import MAX_FULL_PARAMS, CMAES, torch_randn
 from learnbench.algorithms.openai_es import OpenAIES, gradient_estimate
 from learnbench.algorithms.snes import SNES, nes_utilities
 from learnbench.models import build
+from learnbench.noise import NoiseTable, normal
 from learnbench.spec import Batch, TaskInfo
 
 CPU = torch.device("cpu")
@@ -42,7 +43,7 @@ def test_openai_es_gradient_estimate_approaches_true_gradient_on_quadratic():
 
     def estimate(popsize, repeat):
         g = torch.Generator().manual_seed(repeat)
-        noise = population.normal(g, popsize // 2, d)
+        noise = normal(g, popsize // 2, d)
         loss = torch.cat([f(theta + 0.01 * noise), f(theta - 0.01 * noise)])
         return gradient_estimate(noise, loss, 0.01)
 
@@ -231,7 +232,7 @@ def test_same_seed_same_result(name, digits):
 
 
 def test_noise_table_rows_are_reproducible_standard_normal_windows():
-    table = population.NoiseTable(torch.Generator().manual_seed(3), 2**16, 1000, CPU)
+    table = NoiseTable(torch.Generator().manual_seed(3), 2**16, 1000, CPU)
     rows = table.sample(300)
     assert rows.shape == (300, 1000)
     # every row is a contiguous window of the table
@@ -239,9 +240,9 @@ def test_noise_table_rows_are_reproducible_standard_normal_windows():
         start = int(torch.nonzero(table.table == row[0])[0])
         torch.testing.assert_close(row, table.table[start:start + 1000])
     assert abs(rows.mean()) < 0.02 and abs(rows.std() - 1) < 0.02
-    again = population.NoiseTable(torch.Generator().manual_seed(3), 2**16, 1000, CPU).sample(300)
+    again = NoiseTable(torch.Generator().manual_seed(3), 2**16, 1000, CPU).sample(300)
     assert torch.equal(rows, again)
-    assert population.NoiseTable(torch.Generator(), 10, 1000, CPU).table.numel() == 8000  # grows to 8 windows
+    assert NoiseTable(torch.Generator(), 10, 1000, CPU).table.numel() == 8000  # grows to 8 windows
 
 
 def test_nan_members_never_drive_the_update():
@@ -294,4 +295,4 @@ def test_population_trainers_keep_the_runners_one_thread_per_worker(tiny_suite, 
     assert main(["show", str(out), "--json"]) == 0
     trials = json.loads(capsys.readouterr().out)["trials"]
     assert sorted(t["algorithm"] for t in trials) == ["cma-es", "ga", "openai-es", "snes"]
-    assert {t["metrics"]["cost/threads"] for t in trials} == {max(1, (os.cpu_count() or 1) // 2)}
+    assert {t["metrics"]["cost/threads"] for t in trials} == {max(1, len(os.sched_getaffinity(0)) // 2)}

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from learnbench import Batch, TaskInfo, models
-from learnbench.algorithms.direct_feedback_alignment import DirectFeedbackAlignment
-from learnbench.algorithms.feedback_alignment import FeedbackAlignment
+from learnbench.algorithms.direct_feedback_alignment import DirectFeedbackAlignment, DirectFeedbackAlignmentRule
+from learnbench.algorithms.feedback_alignment import FeedbackAlignment, FeedbackAlignmentRule
 from learnbench.algorithms.feedback_layers import convert, set_feedback_to_weights
-from learnbench.algorithms.kolen_pollack import KolenPollack
-from learnbench.algorithms.sign_symmetry import SignSymmetry
+from learnbench.algorithms.kolen_pollack import KolenPollack, KolenPollackRule
+from learnbench.algorithms.sign_symmetry import SignSymmetry, SignSymmetryRule
 from learnbench.diagnostics.alignment import angle
 
 
@@ -34,6 +34,8 @@ BUILT_IN = {
     "lenet": {"kind": "lenet"},
 }
 TRAINERS = [FeedbackAlignment, DirectFeedbackAlignment, SignSymmetry, KolenPollack]
+RULES = {"fa": FeedbackAlignmentRule, "kp": KolenPollackRule, "sign": SignSymmetryRule,
+         "dfa": DirectFeedbackAlignmentRule}  # test id -> rule class, built with its defaults
 
 
 class UserNet(nn.Module):
@@ -80,7 +82,7 @@ def generator(seed: int = 0) -> torch.Generator:
 def test_feedback_equal_to_weights_gives_autograd_gradients(name: str, rule: str) -> None:
     model, x_y = build(name), batch()
     reference = copy.deepcopy(model).train()
-    set_feedback_to_weights(convert(model.train(), rule, generator()))  # B = W^T in the paper's notation
+    set_feedback_to_weights(convert(model.train(), RULES[rule](), generator()))  # B = W^T in the paper's notation
     for input_grad in (True, False):  # without an input gradient the first layer takes autograd's own path
         ours, expected = gradients(model, *x_y, input_grad), gradients(reference, *x_y, input_grad)
         assert ours.keys() == expected.keys()
@@ -93,7 +95,7 @@ def test_b_equal_w_matches_autograd_under_bfloat16_autocast(name: str) -> None:
     """The backward casts saved fp32 inputs to the gradient's dtype, as autograd's graph of casts does."""
     model, (x, y) = build(name), batch()
     reference = copy.deepcopy(model)
-    set_feedback_to_weights(convert(model, "fa", generator()))
+    set_feedback_to_weights(convert(model, FeedbackAlignmentRule(), generator()))
     for net in (model, reference):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = net(x)
@@ -107,8 +109,8 @@ def test_b_equal_w_matches_autograd_under_bfloat16_autocast(name: str) -> None:
 def test_sign_rule_is_fa_with_b_set_to_scaled_sign_of_w(name: str) -> None:
     sign_model, x_y = build(name), batch()
     fa_model = copy.deepcopy(sign_model)
-    convert(sign_model, "sign", generator())
-    fa = convert(fa_model, "fa", generator())
+    convert(sign_model, SignSymmetryRule(), generator())
+    fa = convert(fa_model, FeedbackAlignmentRule(), generator())
     with torch.no_grad():
         for layer in fa.layers.values():
             fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(layer.weight)
@@ -122,8 +124,8 @@ def test_dfa_with_one_hidden_layer_equals_fa_and_with_b_equal_w2_equals_backprop
     torch.manual_seed(0)
     dfa_model = models.build({"kind": "mlp", "hidden": [20]}, SHAPE, 10)
     fa_model, bp_model = copy.deepcopy(dfa_model), copy.deepcopy(dfa_model)
-    dfa = convert(dfa_model, "dfa", generator(1), input_shape=SHAPE)
-    fa = convert(fa_model, "fa", generator(2))
+    dfa = convert(dfa_model, DirectFeedbackAlignmentRule(), generator(1), input_shape=SHAPE)
+    fa = convert(fa_model, FeedbackAlignmentRule(), generator(2))
     with torch.no_grad():  # the matrix DFA sends the output error through to the hidden layer = FA's B2
         dfa.layers["head"].weight_feedback.copy_(fa.layers["head"].weight_feedback)
     x, y = batch()
@@ -141,7 +143,7 @@ def test_dfa_matches_a_hand_written_reference_on_two_hidden_layers() -> None:
     """Nøkland's eqs: delta_l = (e B_l) * f'(a_l); every layer's update is delta_l^T h_{l-1}."""
     torch.manual_seed(0)
     model = models.build({"kind": "mlp", "hidden": [20, 16], "activation": "tanh"}, SHAPE, 10)
-    conversion = convert(model, "dfa", generator(), input_shape=SHAPE)
+    conversion = convert(model, DirectFeedbackAlignmentRule(), generator(), input_shape=SHAPE)
     x, y = batch()
     grads = gradients(model, x, y)
     w1, w2, w3 = model.blocks[0][0].weight, model.blocks[1][0].weight, model.head.weight
@@ -169,7 +171,7 @@ def test_convert_then_undo_gives_back_the_identical_model(name: str, rule: str) 
     modules_before = [id(m) for m in model.modules()]
     state_before = {k: (v.data_ptr(), v.clone()) for k, v in model.state_dict().items()}
     expected = model(x)
-    conversion = convert(model, rule, generator(), input_shape=SHAPE)
+    conversion = convert(model, RULES[rule](), generator(), input_shape=SHAPE)
     assert torch.equal(model(x), expected)  # the forward pass is bit-identical
     assert torch.equal(conversion.plain.eval()(x), expected)
     plain_ptrs = {k: v.data_ptr() for k, v in conversion.plain.state_dict().items()}
@@ -188,7 +190,7 @@ def test_convert_then_undo_gives_back_the_identical_model(name: str, rule: str) 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "lenet"])
 def test_pseudo_gradient_differs_for_fa_and_agrees_when_b_equals_w(name: str) -> None:
     model, (x, y) = build(name), batch()
-    conversion = convert(model, "fa", generator())
+    conversion = convert(model, FeedbackAlignmentRule(), generator())
     pseudo, true = gradients(model, x, y)["input"], gradients(conversion.plain, x, y)["input"]
     assert angle(pseudo, true) > 30  # random B: the input gradient is another direction
     set_feedback_to_weights(conversion)
@@ -199,25 +201,25 @@ def test_converter_refuses_layers_it_cannot_redirect() -> None:
     for model in (nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.LazyLinear(3)),
                   nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 1)), nn.Linear(3, 2)):
         with pytest.raises(ValueError):
-            convert(model, "fa", generator())
+            convert(model, FeedbackAlignmentRule(), generator())
     model = build("mlp")
-    convert(model, "fa", generator())
+    convert(model, FeedbackAlignmentRule(), generator())
     with pytest.raises(ValueError, match="already"):
-        convert(model, "fa", generator())
+        convert(model, FeedbackAlignmentRule(), generator())
     with pytest.raises(ValueError, match="rule"):
         convert(build("mlp"), "bp", generator())
 
 
 def test_feedback_weights_come_from_the_generator_with_each_init() -> None:
-    a = convert(build("mlp"), "fa", generator(5)).layers["blocks.0.0"].weight_feedback
-    b = convert(build("mlp"), "fa", generator(5)).layers["blocks.0.0"].weight_feedback
-    c = convert(build("mlp"), "fa", generator(6)).layers["blocks.0.0"].weight_feedback
+    a = convert(build("mlp"), FeedbackAlignmentRule(), generator(5)).layers["blocks.0.0"].weight_feedback
+    b = convert(build("mlp"), FeedbackAlignmentRule(), generator(5)).layers["blocks.0.0"].weight_feedback
+    c = convert(build("mlp"), FeedbackAlignmentRule(), generator(6)).layers["blocks.0.0"].weight_feedback
     assert torch.equal(a, b) and not torch.equal(a, c)
     big = torch.Generator().manual_seed(0)
     fan_in, fan_out = 300, 200
-    assert torch.var(convert(nn.Sequential(nn.Linear(fan_in, fan_out)), "fa", big).layers["0"].weight_feedback
-                     ).item() == pytest.approx(1 / (fan_in + fan_out), rel=0.05)
-    xavier = convert(nn.Sequential(nn.Linear(fan_in, fan_out)), "fa", big, init="xavier").layers["0"]
+    layer = convert(nn.Sequential(nn.Linear(fan_in, fan_out)), FeedbackAlignmentRule(), big).layers["0"]
+    assert torch.var(layer.weight_feedback).item() == pytest.approx(1 / (fan_in + fan_out), rel=0.05)
+    xavier = convert(nn.Sequential(nn.Linear(fan_in, fan_out)), FeedbackAlignmentRule("xavier"), big).layers["0"]
     assert xavier.weight_feedback.abs().max() <= math.sqrt(6 / (fan_in + fan_out))
 
 

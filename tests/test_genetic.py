@@ -227,11 +227,11 @@ def test_tiny_run_on_digits_learns_and_set_keys_work():
     suite = {"algorithms": [{"id": "ga", "batch_size": 128, "popsize": 16, "candidates": 3, "elite_batches": 2}],
              "budget": {"steps": 150}}
     trial = make_trials(suite, sets=["ga.sigma=0.01", "ga.variant=such2017", "ga.truncation=4"])[0]
-    assert trial["hparams"]["sigma"] == 0.01 and trial["hparams"]["variant"] == "such2017"
+    assert trial.hparams["sigma"] == 0.01 and trial.hparams["variant"] == "such2017"
     result = run_trial(trial, None)
-    assert result["status"] == "done", result["error"]
-    assert result["metrics"]["test/accuracy"] > 0.5  # 10 classes: chance is 0.1
-    assert result["metrics"]["cost/forward_passes"] > 150 * 16 * 128
+    assert result.status == "done", result.error
+    assert result.metrics["test/accuracy"] > 0.5  # 10 classes: chance is 0.1
+    assert result.metrics["cost/forward_passes"] > 150 * 16 * 128
 
 
 @pytest.mark.parametrize("bad", [{"variant": "nsga2"}, {"crossover": "one-point"}, {"elites": 12},

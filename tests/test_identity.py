@@ -20,12 +20,13 @@ FEEDBACK = {"fa", "dfa", "sign-symmetry", "kolen-pollack"}
 
 
 def ids() -> dict[str, str]:
-    return {t["label"]: t["id"] for t in config.resolve(config.apply_overrides(SUITE), REGISTRY, "cpu", "test")}
+    return {t.label: t.id for t in config.resolve(config.apply_overrides(SUITE), REGISTRY, "cpu", "test")}
 
 
 @pytest.mark.parametrize("module,dependents", [
     ("learnbench.population", POPULATION),  # imported by every population trainer
-    ("learnbench.models", POPULATION),  # imported by population.py, not by any gradient trainer
+    ("learnbench.noise", POPULATION),  # imported by openai-es and snes, and by population.py
+    ("learnbench.models", POPULATION),  # imported by population_engines.py, not by any gradient trainer
     ("learnbench.algorithms.feedback_layers", FEEDBACK),
     ("learnbench.algorithms.backprop", FEEDBACK | {"backprop"}),  # the FA family's class chain
     ("learnbench.algorithms.cma_es", {"cma-es"}),
@@ -45,10 +46,11 @@ def test_editing_a_copy_of_a_module_changes_exactly_the_dependent_ids(module, de
 
 def test_the_digests_name_the_class_chain_and_transitive_imports():
     fa = code_digests(REGISTRY.get("kolen-pollack").cls)
-    assert {"learnbench.algorithms.kolen_pollack", "learnbench.algorithms.feedback_alignment",
+    assert {"learnbench.algorithms.kolen_pollack", "learnbench.algorithms.feedback_training",
             "learnbench.algorithms.feedback_layers", "learnbench.algorithms.backprop", "learnbench.spec"} <= set(fa)
     es = code_digests(REGISTRY.get("openai-es").cls)
-    assert {"learnbench.algorithms.openai_es", "learnbench.population", "learnbench.models"} <= set(es)
+    assert {"learnbench.algorithms.openai_es", "learnbench.population", "learnbench.population_engines",
+            "learnbench.population_backend", "learnbench.noise", "learnbench.models"} <= set(es)
     assert "learnbench.runner" not in es and "learnbench.algorithms.backprop" not in es
 
 
@@ -60,8 +62,8 @@ def test_a_plugin_file_is_hashed_with_the_learnbench_modules_it_imports(tmp_path
     digests = code_digests(entry.cls)
     assert "learnbench.algorithms.backprop" in digests and len(digests) >= 3
     first = config.resolve(config.apply_overrides({**SUITE, "algorithms": [{"id": "my-rule"}]}),
-                           discover([plugin]), "cpu", "test")[0]["id"]
+                           discover([plugin]), "cpu", "test")[0].id
     plugin.write_text(plugin.read_text() + "# edited\n")
     second = config.resolve(config.apply_overrides({**SUITE, "algorithms": [{"id": "my-rule"}]}),
-                            discover([plugin]), "cpu", "test")[0]["id"]
+                            discover([plugin]), "cpu", "test")[0].id
     assert first != second

@@ -21,7 +21,7 @@ from learnbench.executor import ProgressView, run_local
 from learnbench.registry import discover, entry_for_class, registered
 from learnbench.runner import BATCH_CHECK_EVERY, run_trial
 from learnbench.store import Store
-from learnbench.testing import CHECKS, parametrize_with_checks
+from learnbench.testing import CHECKS, check_trainer, parametrize_with_checks
 from plugin_cases import BROKEN, DUPLICATE, FAILS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +101,7 @@ def test_installed_example_runs_in_a_suite_and_its_results_are_found(example_sit
     assert trial["metrics"]["test/accuracy"] > 0.1 and trial["metrics"]["cost/backward_passes"] == 0
     assert trial["metrics"]["cost/forward_passes"] == 30 * 2 * 256  # two forward passes of the batch per step
     store = Store.open(run_dir)
-    provenance = {t["algorithm"]: t["provenance"]["plugin"] for t in store.trials()}
+    provenance = {t.algorithm: t.provenance["plugin"] for t in store.trials()}
     store.close()
     assert provenance["random-search"] == {"distribution": "learnbench-random-search", "version": "0.1.0"}
     assert provenance["backprop"]["distribution"] == "learnbench"
@@ -252,16 +252,16 @@ def test_each_misbehaving_trainer_fails_its_own_trial_only(tmp_path):
     store = Store(tmp_path / "run")
     store.add_trials(trials)
     run_local(trials, store, str(tmp_path / "run"), None, 1, 1, ProgressView(len(trials), 0, enabled=False))
-    rows = {t["label"]: t for t in store.trials()}
+    rows = {t.label: t for t in store.trials()}
     store.close()
     for label, (status, text) in EXPECTED.items():
-        assert rows[label]["status"] == status and text in rows[label]["error"], (label, rows[label]["error"])
+        assert rows[label].status == status and text in rows[label].error, (label, rows[label].error)
     good = rows["backprop"]
-    assert good["status"] == "done" and good["error"] is None
+    assert good.status == "done" and good.error is None
     alone = run_trial(make_trials({})[0], None)  # the same backprop trial with no misbehaving neighbour
-    assert good["id"] == make_trials({})[0]["id"]
+    assert good.id == make_trials({})[0].id
     for key in ("test/accuracy", "test/loss", "val/loss", "cost/flops", "cost/steps"):
-        assert good["metrics"][key] == alone["metrics"][key], key
+        assert good.metrics[key] == alone.metrics[key], key
 
 
 def test_a_batch_written_on_a_later_checked_step_is_caught(tmp_path):
@@ -285,8 +285,8 @@ def test_a_batch_written_on_a_later_checked_step_is_caught(tmp_path):
     trial = make_trials({"algorithms": [{"id": "late", "batch_size": 32}], "budget": {"steps": BATCH_CHECK_EVERY + 5},
                          "eval": {"points": 0}}, plugin_files=[path])[0]
     result = run_trial(trial, None)
-    assert result["status"] == "failed"
-    assert f"modified its batch (batch.y) at step {BATCH_CHECK_EVERY}" in result["error"]
+    assert result.status == "failed"
+    assert f"modified its batch (batch.y) at step {BATCH_CHECK_EVERY}" in result.error
 
 
 # --- the template ----------------------------------------------------------------------------------------------
@@ -301,6 +301,15 @@ def test_new_algorithm_writes_a_template_that_passes_check_plugin(tmp_path, caps
     capsys.readouterr()
     assert main(["check-plugin", str(out)]) == 0
     assert capsys.readouterr().out.count("PASS ") == len(CHECKS)
+
+
+def test_the_template_module_itself_passes_the_kit_and_renders_to_itself():
+    from learnbench import template, trainer_template
+
+    results = check_trainer(trainer_template.MyAlgorithm)
+    assert [r.name for r in results if not r.passed] == []
+    source = Path(trainer_template.__file__).read_text()
+    assert template.render("my-algorithm") == source  # the placeholders are the template's own names
 
 
 def test_the_template_is_plain_sgd(tmp_path):
@@ -342,7 +351,7 @@ def test_registered_class_runs_through_the_runner_with_its_provenance(tmp_path):
                                             "provenance.<locals>.Local"}
     with registered(entry):
         trial = make_trials({"algorithms": [{"id": "local-backprop", "batch_size": 32}]})[0]
-        assert run_trial(trial, None)["status"] == "done"
+        assert run_trial(trial, None).status == "done"
     assert "local-backprop" not in discover().entries
     assert entry_for_class(Backprop).provenance()["distribution"] == "learnbench"
 

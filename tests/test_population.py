@@ -1,4 +1,5 @@
-"""learnbench.population against a plain per-member loop (load each row into the module, call it)."""
+"""learnbench.population against a plain per-member loop (load each row into the module, call it); the noise table
+(learnbench.noise) and what an installed backend (learnbench.population_backend) receives."""
 
 from __future__ import annotations
 
@@ -7,21 +8,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from learnbench import population
+from learnbench import population, population_backend, population_engines
 from learnbench.models import build
+from learnbench.noise import NoiseTable, drawn_from, normal
 
 SPECS = [
-    ({"kind": "mlp", "hidden": [32]}, (1, 8, 8), "_MLPEngine"),
-    ({"kind": "mlp", "hidden": []}, (1, 8, 8), "_MLPEngine"),
-    ({"kind": "mlp", "hidden": [16, 8], "activation": "tanh"}, (12,), "_MLPEngine"),
-    ({"kind": "resmlp", "hidden": [16, 16, 16], "activation": "gelu"}, (1, 8, 8), "_MLPEngine"),
-    ({"kind": "mlp", "hidden": [16], "norm": "batch"}, (1, 8, 8), "_Engine"),
-    ({"kind": "mlp", "hidden": [16], "norm": "layer"}, (1, 8, 8), "_Engine"),
-    ({"kind": "cnn"}, (1, 28, 28), "_ConvEngine"),
-    ({"kind": "cnn", "channels": [4, 6, 8], "activation": "tanh", "kernel": 3}, (2, 15, 13), "_ConvEngine"),
-    ({"kind": "cnn", "activation": "gelu"}, (1, 12, 12), "_Engine"),  # GELU is not monotone: no fused pooling
-    ({"kind": "cnn", "norm": "layer"}, (1, 12, 12), "_Engine"),
-    ({"kind": "lenet"}, (1, 28, 28), "_Engine"),
+    ({"kind": "mlp", "hidden": [32]}, (1, 8, 8), "MLPEngine"),
+    ({"kind": "mlp", "hidden": []}, (1, 8, 8), "MLPEngine"),
+    ({"kind": "mlp", "hidden": [16, 8], "activation": "tanh"}, (12,), "MLPEngine"),
+    ({"kind": "resmlp", "hidden": [16, 16, 16], "activation": "gelu"}, (1, 8, 8), "MLPEngine"),
+    ({"kind": "mlp", "hidden": [16], "norm": "batch"}, (1, 8, 8), "Engine"),
+    ({"kind": "mlp", "hidden": [16], "norm": "layer"}, (1, 8, 8), "Engine"),
+    ({"kind": "cnn"}, (1, 28, 28), "ConvEngine"),
+    ({"kind": "cnn", "channels": [4, 6, 8], "activation": "tanh", "kernel": 3}, (2, 15, 13), "ConvEngine"),
+    ({"kind": "cnn", "activation": "gelu"}, (1, 12, 12), "Engine"),  # GELU is not monotone: no fused pooling
+    ({"kind": "cnn", "norm": "layer"}, (1, 12, 12), "Engine"),
+    ({"kind": "lenet"}, (1, 28, 28), "Engine"),
 ]
 
 
@@ -50,7 +52,7 @@ def case(spec, shape, members=6, batch=24, seed=0):
 @pytest.mark.parametrize("spec,shape,engine", SPECS, ids=lambda v: str(v) if isinstance(v, str) else None)
 def test_evaluate_matches_member_loop(spec, shape, engine):
     model, _, pop, x, y = case(spec, shape)
-    assert type(population._engine(model, x)).__name__ == engine  # the path the docstring promises
+    assert type(population_engines.engine_for(model, x)).__name__ == engine  # the path the docstring promises
     loss, acc = population.evaluate(model, pop, x, y)
     ref_loss, ref_acc = loop_reference(model, pop, x, y)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
@@ -93,7 +95,7 @@ def test_inputs_zero_across_the_batch_are_skipped_exactly():
 
 def test_chunk_size_follows_memory_bound():
     model, _, _, x, _ = case({"kind": "cnn"}, (1, 28, 28), batch=256)
-    engine = population._engine(model, x)
+    engine = population_engines.engine_for(model, x)
     small, large = engine.chunk_for(256, 64 * 2**20), engine.chunk_for(256, 1024 * 2**20)
     assert 1 <= small < large
     assert small * engine.member_bytes(256) <= 64 * 2**20
@@ -163,3 +165,81 @@ def test_cuda_matches_cpu(spec, shape):
     gpu = population.evaluate(model, pop.cuda(), x.cuda(), y.cuda())
     for a, b in zip(gpu, cpu):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-4)
+
+
+def test_perturbed_matches_explicit_population():
+    model, center, _, x, y = case({"kind": "cnn"}, (1, 28, 28))
+    noise = torch.randn(5, center.numel())
+    sigma = 0.05 + 0.1 * torch.rand(center.numel())
+    for s, members in ((sigma, torch.addcmul(center, noise, sigma)), (0.1, center + 0.1 * noise)):
+        got = population.evaluate_perturbed(model, center, noise, s, x, y, chunk_size=2)
+        for a, b in zip(got, population.evaluate(model, members, x, y, chunk_size=2)):
+            assert torch.equal(a, b)  # the members `evaluate` would be given, built the same way
+
+
+def test_noise_rows_name_their_offsets_and_the_recipe_redraws_the_table():
+    generator = torch.Generator().manual_seed(5)
+    table = NoiseTable(generator, 2**12, 100, torch.device("cpu"))
+    noise = table.sample(6)  # [6, 100]
+    rows = drawn_from(noise)
+    assert rows.table is table and rows.offsets.shape == (6,)
+    assert torch.equal(rows.tensor(), noise) and torch.equal(table.rows(rows.offsets), noise)
+    again = table.recipe.build()  # what a backend's copy is: bit-identical, same windows for the same offsets
+    assert torch.equal(again.table, table.table) and torch.equal(again.rows(rows.offsets), noise)
+    assert again.recipe.key() == table.recipe.key()
+    other = NoiseTable(torch.Generator().manual_seed(6), 2**12, 100, torch.device("cpu"))
+    assert other.recipe.key() != table.recipe.key()
+    # only the tensor the table returned is named: a slice, a copy or fresh normals are not
+    for plain in (noise[1:], noise.clone(), normal(generator, 6, 100)):
+        assert drawn_from(plain) is None
+
+
+class RecordingBackend:
+    """A population_backend.Backend that records what it is given and answers with a visible signature: the table
+    offsets of rows drawn from a table, else the sum of each row."""
+
+    def __init__(self):
+        self.prepared, self.requests = [], []
+
+    def __str__(self) -> str:
+        return "the recording backend"
+
+    def prepare(self, table=None):
+        self.prepared.append(table)
+
+    def evaluate(self, request):
+        self.requests.append(request)
+        signature = request.drawn.offsets.float() if request.drawn is not None else request.rows.sum(1)
+        loss = torch.cat([signature, -signature]) if request.mirrored else signature
+        return loss, torch.zeros_like(loss)
+
+
+def test_an_installed_backend_receives_every_call_and_is_restored():
+    model, center, pop, x, y = case({"kind": "mlp", "hidden": [8]}, (1, 8, 8))
+    backend = RecordingBackend()
+    with pytest.raises(RuntimeError, match="inside"):
+        with population_backend.evaluated_by(backend):
+            population.flatten(model)  # a population method setting up: the backend may start its workers
+            table = NoiseTable(torch.Generator().manual_seed(0), 2**12, center.numel(), center.device)
+            assert backend.prepared == [None, table]  # told at once: its copies are made off the clock
+            noise = table.sample(3)
+            offsets = drawn_from(noise).offsets.float()
+            loss, _ = population.evaluate_mirrored(model, center, noise, 0.1, x, y)
+            assert torch.equal(loss, torch.cat([offsets, -offsets]))
+            loss, _ = population.evaluate_perturbed(model, center, noise, 0.1, x, y, chunk_size=2)
+            assert torch.equal(loss, offsets)
+            fresh = torch.randn(3, center.numel())  # noise_table = 0: rows not drawn from a table
+            loss, _ = population.evaluate_mirrored(model, center, fresh, 0.1, x, y)
+            assert torch.equal(loss, torch.cat([fresh.sum(1), -fresh.sum(1)]))
+            loss, _ = population.evaluate(model, pop, x, y, memory_bytes=2**20)  # a population matrix (cma-es, ga)
+            assert torch.equal(loss, pop.sum(1))
+            mirrored, perturbed, fresh_call, matrix = backend.requests
+            assert mirrored.mirrored and not perturbed.mirrored and perturbed.chunk_size == 2
+            assert mirrored.rows is noise and mirrored.drawn.table is table and mirrored.sigma == 0.1
+            assert mirrored.center is center and fresh_call.drawn is None and fresh_call.rows is fresh
+            assert matrix.rows is pop and matrix.drawn is None and matrix.center is None and matrix.sigma is None
+            assert not matrix.mirrored and matrix.memory_bytes == 2**20
+            raise RuntimeError("inside")
+    assert population_backend.installed() is None  # restored despite the error: in process again
+    loss, _ = population.evaluate_mirrored(model, center, noise, 0.1, x, y)
+    assert torch.isfinite(loss).all() and len(backend.requests) == 4

@@ -8,6 +8,8 @@ import textwrap
 import threading
 import time
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -67,13 +69,13 @@ class RecordingView:
         self.events: list[tuple[str, str]] = []
 
     def start(self, trial):
-        self.events.append(("start", trial["id"]))
+        self.events.append(("start", trial.id))
 
     def update(self, trial_id, fraction):
         self.events.append(("update", trial_id))
 
     def finish(self, trial, status):
-        self.events.append(("finish", trial["id"]))
+        self.events.append(("finish", trial.id))
 
     def close(self):
         pass
@@ -94,9 +96,9 @@ def plugin(tmp_path):
 def _comparable(store: Store) -> dict:
     out = {}
     for t in store.trials():
-        curves = [(c["step"], c["examples"], c["flops"], c["metric"], c["value"]) for c in store.curves(t["id"])]
-        metrics = {k: v for k, v in t["metrics"].items() if k not in VARY}
-        out[t["id"]] = (t["status"], metrics, sorted(curves, key=lambda c: (c[0], c[3])))
+        curves = [(c.step, c.examples, c.flops, c.metric, c.value) for c in store.curves(t.id).get(t.id, [])]
+        metrics = {k: v for k, v in t.metrics.items() if k not in VARY}
+        out[t.id] = (t.status, metrics, sorted(curves, key=lambda c: (c[0], c[3])))
     return out
 
 
@@ -122,7 +124,7 @@ def test_same_trials_metrics_and_weights_as_the_local_executor(ray_instance, tmp
     run_ray(trials, stores["ray"], str(tmp_path / "ray"), None, 1, views["ray"])
 
     local, remote = _comparable(stores["local"]), _comparable(stores["ray"])
-    assert set(local) == set(remote) == {t["id"] for t in trials}
+    assert set(local) == set(remote) == {t.id for t in trials}
     for trial_id, (status, metrics, curves) in local.items():
         r_status, r_metrics, r_curves = remote[trial_id]
         assert status == r_status == "done"
@@ -136,9 +138,9 @@ def test_same_trials_metrics_and_weights_as_the_local_executor(ray_instance, tmp
             assert torch.allclose(x, y, rtol=1e-6, atol=1e-7), name
     events = views["ray"].events
     for t in trials:
-        kinds = [k for k, i in events if i == t["id"]]
+        kinds = [k for k, i in events if i == t.id]
         assert kinds[0] == "start" and kinds[-1] == "finish" and kinds.count("start") == kinds.count("finish") == 1
-    assert {r["provenance"]["threads"] for r in stores["ray"].trials()} == {1}
+    assert {r.provenance["threads"] for r in stores["ray"].trials()} == {1}
 
 
 @needs_ray
@@ -163,16 +165,16 @@ def test_each_result_is_recorded_when_its_task_finishes(ray_instance, tmp_path, 
     driver.start()
     reader = Store.open(tmp_path)
     deadline = time.monotonic() + 60
-    while reader.statuses()[quick["id"]] != "done" and time.monotonic() < deadline:
+    while reader.statuses()[quick.id] != "done" and time.monotonic() < deadline:
         time.sleep(0.1)
     # the held trial's start reaches the driver through the progress actor, maybe after the other one finished
-    while reader.statuses()[waits["id"]] != "running" and time.monotonic() < deadline:
+    while reader.statuses()[waits.id] != "running" and time.monotonic() < deadline:
         time.sleep(0.1)
     seen = reader.statuses()
     (tmp_path / "release").touch()
     driver.join(timeout=120)
     assert not errors, errors
-    assert seen[quick["id"]] == "done" and seen[waits["id"]] == "running", seen
+    assert seen[quick.id] == "done" and seen[waits.id] == "running", seen
     assert set(reader.statuses().values()) == {"done"}
     reader.close()
 
@@ -199,22 +201,22 @@ def test_killed_worker_fails_its_trial_the_rest_finish_and_a_rerun_completes_it(
     (tmp_path / "kill").touch()
     assert main(argv) == 1, capsys.readouterr().err
     store = Store.open(out)
-    first = {t["id"]: t for t in store.trials()}
+    first = {t.id: t for t in store.trials()}
     store.close()
-    killed = [t for t in first.values() if t["algorithm"] == "kills-worker"]
+    killed = [t for t in first.values() if t.algorithm == "kills-worker"]
     assert len(first) == 2 and len(killed) == 1
-    assert all(t["status"] == "failed" and "worker process died" in t["error"] and "WorkerCrashedError" in t["error"]
+    assert all(t.status == "failed" and "worker process died" in t.error and "WorkerCrashedError" in t.error
                for t in killed)
-    assert all(t["status"] == "done" for t in first.values() if t["algorithm"] == "backprop")
+    assert all(t.status == "done" for t in first.values() if t.algorithm == "backprop")
 
     (tmp_path / "kill").unlink()  # the "fix": the same plugin file, so the same trial ids
     assert main(argv) == 0
     assert "(1 already finished)" in capsys.readouterr().err
     store = Store.open(out)
-    second = {t["id"]: t for t in store.trials()}
+    second = {t.id: t for t in store.trials()}
     store.close()
-    assert second.keys() == first.keys() and all(t["status"] == "done" for t in second.values())
-    assert all(second[i]["finished"] == t["finished"] for i, t in first.items() if t["status"] == "done")
+    assert second.keys() == first.keys() and all(t.status == "done" for t in second.values())
+    assert all(second[i].finished == t.finished for i, t in first.items() if t.status == "done")
     assert {p.name for p in (out / "models").iterdir()} == {f"{i}.{ext}" for i in first for ext in ("json", "safetensors")}
 
 
@@ -244,12 +246,15 @@ def test_address_without_ray_executor_and_unreachable_head(tmp_path, capsys):
 
 def test_resources_table_validation_and_trial_ids():
     plain = make_trials({})
-    placed = make_trials({"resources": {"cpus": 2, "gpus": 0.5}})
-    assert placed[0]["resources"] == {"cpus": 2, "gpus": 0.5} and plain[0]["resources"] == {"cpus": None, "gpus": None}
-    assert [t["id"] for t in placed] == [t["id"] for t in plain]  # where a trial runs is not what it is
-    assert make_trials({}, sets=["resources.cpus=3"])[0]["resources"]["cpus"] == 3
+    placed = make_trials({"resources": {"cpus": 2, "gpus": 0.5, "actors": 4}})
+    assert placed[0].resources == {"cpus": 2, "gpus": 0.5, "actors": 4}
+    assert plain[0].resources == {"cpus": None, "gpus": None, "actors": 0}  # 0 actors: evaluated in process
+    assert [t.id for t in placed] == [t.id for t in plain]  # where a trial runs is not what it is
+    assert make_trials({}, sets=["resources.cpus=3"])[0].resources["cpus"] == 3
+    assert make_trials({}, sets=["resources.actors=2"])[0].resources["actors"] == 2
     for bad, match in (({"threads": 2}, "unknown key"), ({"cpus": 0}, "positive"), ({"gpus": -1}, "non-negative"),
-                       ({"cpus": "two"}, "positive")):
+                       ({"cpus": "two"}, "positive"), ({"actors": -1}, "non-negative integer"),
+                       ({"actors": 1.5}, "non-negative integer")):
         with pytest.raises(UsageError, match=match):
             make_trials({"resources": bad})
     with pytest.raises(UsageError, match="unknown key"):
@@ -263,6 +268,6 @@ def test_task_resources_defaults():
     node = {"CPU": 8.0, "GPU": 2.0}
     assert task_resources(trial, 2, node) == (2.0, 0.0)  # the executor's threads per trial
     assert task_resources(trial, 32, node) == (8.0, 0.0)  # at most a whole node
-    assert task_resources({**trial, "device": "cuda"}, 16, node) == (1.0, 1.0)
-    assert task_resources({**trial, "resources": {"cpus": 0.5, "gpus": 0.25}}, 4, node) == (0.5, 0.25)
-    assert config.trial_id({**trial, "resources": {"cpus": 7, "gpus": 1}}) == trial["id"]
+    assert task_resources(replace(trial, device="cuda"), 16, node) == (1.0, 1.0)
+    assert task_resources(replace(trial, resources={"cpus": 0.5, "gpus": 0.25}), 4, node) == (0.5, 0.25)
+    assert config.trial_id({**trial.config(), "resources": {"cpus": 7, "gpus": 1, "actors": 3}}) == trial.id

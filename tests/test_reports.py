@@ -22,14 +22,17 @@ from learnbench.reports import stats
 from learnbench.reports.data import Curve, load_runs
 from learnbench.reports.document import si
 from learnbench.store import Store
-from report_fixtures import realistic_store, trial_config, write_trial
+from report_fixtures import holm_by_hand, md_row, md_rows, realistic_store, trial_config, write_trial
 
 CHROMIUM = Path("/usr/bin/chromium")
 
-# Known final accuracies per label (three seeds each) and, for label A, test-accuracy curves whose first
-# crossings of 90% / 95% the tests work out by hand.
+# Known final accuracies per label (three seeds each): test accuracies FINAL, validation accuracies VALID. For
+# label A, validation curves whose first crossings of the targets the tests work out by hand; every test curve is
+# its validation curve minus TEST_GAP, so a report that read the test curve would give other answers.
 FINAL = {"A": [0.90, 0.92, 0.94], "B": [0.80, 0.85, 0.83], "C": [0.91, 0.915, 0.925]}
-A_CURVES = [  # per seed: (seconds, examples, flops, accuracy) at each evaluation
+VALID = {"A": [0.90, 0.92, 0.94], "B": [0.82, 0.84, 0.86], "C": [0.93, 0.921, 0.925]}
+TEST_GAP = 0.1
+A_CURVES = [  # per seed: (seconds, examples, flops, validation accuracy) at each evaluation
     [(1.0, 100, 1e6, 0.50), (2.0, 200, 2e6, 0.91), (3.0, 300, 3e6, 0.96), (4.0, 400, 4e6, 0.90)],
     [(1.5, 100, 1e6, 0.60), (2.5, 200, 2e6, 0.89), (3.5, 300, 3e6, 0.93), (4.5, 400, 4e6, 0.92)],
     [(0.9, 100, 1e6, 0.70), (1.9, 200, 2e6, 0.90), (2.9, 300, 3e6, 0.95), (3.9, 400, 4e6, 0.94)],
@@ -37,18 +40,20 @@ A_CURVES = [  # per seed: (seconds, examples, flops, accuracy) at each evaluatio
 
 
 def known_store(run_dir: Path) -> None:
+    """Labels A, B, C with algorithm ids a, b, c; the suite's reference is `a` (so label A)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     store = Store(run_dir)
     store.set_run_info({"suite": "toy", "learnbench": "0.1.0", "created": 1.7e9})
     for label, accs in FINAL.items():
         for seed, acc in enumerate(accs):
-            cfg = trial_config(label, label.lower(), seed, dataset="toy", model="mlp-8", suite="toy")
-            curves = {"test/accuracy": A_CURVES[seed]} if label == "A" else {
-                "test/accuracy": [(1.0, 100, 1e6, acc / 2), (2.0, 200, 2e6, acc)]}
-            metrics = {"test/accuracy": acc, "cost/train_seconds": 10.0 + seed, "cost/flops": 1e9,
-                       "cost/examples": 400.0}
-            write_trial(store, cfg, metrics=metrics, curves=curves)
-    write_trial(store, trial_config("B", "b", 3, dataset="toy", model="mlp-8", suite="toy"), "failed",
+            trial = trial_config(label, label.lower(), seed, dataset="toy", model="mlp-8", suite="toy", reference="a")
+            val = VALID[label][seed]
+            points = A_CURVES[seed] if label == "A" else [(1.0, 100, 1e6, val / 2), (2.0, 200, 2e6, val)]
+            curves = {"val/accuracy": points, "test/accuracy": [(*p[:3], p[3] - TEST_GAP) for p in points]}
+            metrics = {"test/accuracy": acc, "val/accuracy": val, "cost/train_seconds": 10.0 + seed,
+                       "cost/flops": 1e9, "cost/examples": 400.0}
+            write_trial(store, trial, metrics=metrics, curves=curves)
+    write_trial(store, trial_config("B", "b", 3, dataset="toy", model="mlp-8", suite="toy", reference="a"), "failed",
                 error="Traceback (most recent call last):\n  File \"x.py\"\nValueError: bad <script>alert(1)</script>")
     store.close()
 
@@ -74,23 +79,6 @@ def realistic(tmp_path_factory) -> tuple[Path, dict[str, Path], float]:
     return run, written, time.perf_counter() - start
 
 
-def md_row(markdown: str, first_cell: str, after: str = "") -> list[str]:
-    """The cells of the first Markdown table row starting with first_cell (after the line containing `after`)."""
-    text = markdown[markdown.index(after):] if after else markdown
-    for line in text.splitlines():
-        cells = [_unmark(c.strip()) for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and cells[0] == first_cell:
-            return cells
-    raise AssertionError(f"no row {first_cell!r}")
-
-
-def _unmark(cell: str) -> str:
-    """A Markdown cell's text: bold markers off, backslash escapes undone."""
-    if cell.startswith("**") and cell.endswith("**") and len(cell) > 4:
-        cell = cell[2:-2]
-    return re.sub(r"\\(.)", r"\1", cell)
-
-
 # --- statistics against independent computations ------------------------------------------------------------
 def test_summary_is_the_student_t_interval():
     values = FINAL["A"]
@@ -104,13 +92,18 @@ def test_summary_is_the_student_t_interval():
 
 def test_report_table_shows_known_means_and_cis(known_md: str):
     for label, values in FINAL.items():
-        row = md_row(known_md, label, after="### Final test accuracy")
+        row = md_row(known_md, label, after="### Final accuracy")
         lo, hi = sps.t.interval(0.95, df=2, loc=np.mean(values), scale=sps.sem(values))
-        assert float(row[1]) == pytest.approx(100 * np.mean(values), abs=0.005)
-        assert float(row[2]) == pytest.approx(100 * np.std(values, ddof=1), abs=0.005)
-        assert row[3] == f"[{100 * lo:.2f}, {100 * hi:.2f}]"
-        assert row[4] == "3"
-    assert md_row(known_md, "B", after="### Final test accuracy")[5] == "3 done, 1 failed"
+        assert float(row[1]) == pytest.approx(100 * np.mean(VALID[label]), abs=0.005)
+        assert float(row[2]) == pytest.approx(100 * np.mean(values), abs=0.005)
+        assert float(row[3]) == pytest.approx(100 * np.std(values, ddof=1), abs=0.005)
+        assert row[4] == f"[{100 * lo:.2f}, {100 * hi:.2f}]"
+        assert row[5] == "3"
+    assert md_row(known_md, "B", after="### Final accuracy")[6] == "3 done, 1 failed"
+    raw = {r[0]: r for r in md_rows(known_md, "### Final accuracy", raw=True)}
+    # validation marks the best (C: 92.53 > A: 92.00); test accuracy is never marked, though A's is the highest
+    assert raw["C"][1].startswith("**") and not raw["A"][1].startswith("**")
+    assert not any(r[c].startswith("**") for r in raw.values() for c in (2, 3, 4))
     assert "`ValueError: bad <script>alert(1)</script>`" in known_md  # the failed trial, listed with its error
 
 
@@ -140,45 +133,50 @@ def test_time_to_target_matches_hand_computation(known_md: str):
     assert r95.profile_costs["seconds"] == 3.0  # median of [3.0, inf, 2.9]
     assert stats.time_to_target(curves, 0.97).reached == 0
     assert stats.time_to_target(curves[:2], 0.95).profile_costs["seconds"] == math.inf  # 1 of 2 is no majority
-    assert md_row(known_md, "≥ 90%", after="### Time to target")[1:6] == ["A", "3/3", "2", "200", "2M"]
-    assert md_row(known_md, "≥ 95%", after="### Time to target")[1:6] == ["A", "2/3", "2.95", "300", "3M"]
+    # In the report, targets are fractions of the reference A's mean final validation accuracy (92%), read off the
+    # validation curves. 90% of it = 82.8%: A's seeds cross at their 2nd evaluations (2.0, 2.5, 1.9 s -> median
+    # 2.0), B's seeds 1 and 2 at 2.0 s (0.82 < 0.828; of 4 trials, one failed); 99% = 91.08%: A's 3rd evaluations
+    # (3.0, 3.5, 2.9 s).
+    base = np.mean(VALID["A"])
+    assert "of the final validation accuracy of the reference A (suite reference 'a')" in known_md
+    rows = md_rows(known_md, "### Time to target")
+    at = [r[0] for r in rows]
+    block90 = rows[at.index(f"90% ({100 * 0.9 * base:.2f})"):at.index(f"95% ({100 * 0.95 * base:.2f})")]
+    assert [r[1:6] for r in block90] == [["A", "3/3", "2", "200", "2M"], ["B", "2/4", "2", "200", "2M"],
+                                         ["C", "3/3", "2", "200", "2M"]]
+    block99 = rows[at.index(f"99% ({100 * 0.99 * base:.2f})"):at.index(f"100% ({100 * base:.2f})")]
+    assert [r[1:6] for r in block99] == [["A", "3/3", "3", "300", "3M"], ["C", "3/3", "2", "200", "2M"],
+                                         ["not reached: B", "0", "–", "–", "–"]]
 
 
-def _welch_by_hand(a, b) -> float:
-    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
-    t = (np.mean(a) - np.mean(b)) / math.sqrt(va + vb)
-    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
-    return 2 * sps.t.sf(abs(t), df)
-
-
-def test_pairwise_welch_with_holm_matches_hand_formulas(known_md: str):
-    samples = {k: np.array(v) for k, v in FINAL.items()}
-    labels, raw, adj = stats.pairwise(samples)
-    pairs = {("A", "B"): _welch_by_hand(FINAL["A"], FINAL["B"]), ("A", "C"): _welch_by_hand(FINAL["A"], FINAL["C"]),
-             ("B", "C"): _welch_by_hand(FINAL["B"], FINAL["C"])}
-    ordered = sorted(pairs, key=pairs.get)  # Holm: k-th smallest times (m - k + 1), running maximum, capped at 1
-    expected, running = {}, 0.0
-    for k, pair in enumerate(ordered):
-        running = max(running, min(1.0, (3 - k) * pairs[pair]))
-        expected[pair] = running
-    for (x, y), p in pairs.items():
-        i, j = labels.index(x), labels.index(y)
-        assert raw[i, j] == pytest.approx(p) and raw[j, i] == pytest.approx(p)
-        assert adj[i, j] == pytest.approx(expected[(x, y)])
-    cell = md_row(known_md, "A", after="### Pairwise significance")[2]  # A (higher mean) vs B
-    p_ab = expected[("A", "B")]
-    assert cell == f"▲ {p_ab:.3f}" + ("*" if p_ab < 0.05 else "")
+def test_paired_tests_with_holm_match_scipy(known_md: str):
+    # seeds 0-2 are done for every label (B's seed 3 failed): pairs are seed s against seed s
+    raw = {(a, b): sps.ttest_rel(FINAL[a], FINAL[b]).pvalue for a, b in (("A", "B"), ("A", "C"), ("B", "C"))}
+    holm = holm_by_hand(raw)
+    tests, untested = stats.paired_tests({k: dict(enumerate(v)) for k, v in FINAL.items()})
+    assert untested == [] and [(t.a, t.b) for t in tests] == list(raw)
+    for t in tests:
+        d = np.subtract(FINAL[t.a], FINAL[t.b])
+        lo, hi = sps.t.interval(0.95, df=2, loc=d.mean(), scale=sps.sem(d))
+        assert (t.n, t.p_t, t.p_holm) == (3, pytest.approx(raw[t.a, t.b]), pytest.approx(holm[t.a, t.b]))
+        assert (t.diff.mean, t.diff.lo, t.diff.hi) == (pytest.approx(d.mean()), pytest.approx(lo), pytest.approx(hi))
+        assert math.isnan(t.p_wilcoxon)  # three pairs: too few for the signed-rank test
+    row = md_rows(known_md, "### Pairwise significance")[0]
+    d = np.subtract(FINAL["A"], FINAL["B"])
+    lo, hi = sps.t.interval(0.95, df=2, loc=d.mean(), scale=sps.sem(d))
+    assert row[:8] == ["A", "B", "3", f"{100 * d.mean():+.2f}", f"[{100 * lo:+.2f}, {100 * hi:+.2f}]",
+                       f"{raw['A', 'B']:.3f}", "–", f"{holm['A', 'B']:.3f}"]
 
 
 def test_holm_and_profiles_and_pareto_on_hand_examples():
     np.testing.assert_allclose(stats.holm([0.01, 0.04, 0.03, np.nan]), [0.03, 0.06, 0.06, np.nan])
     ratios = stats.performance_ratios({"A": np.array([1.0, 2.0, np.inf, np.inf]),
                                        "B": np.array([2.0, 1.0, 4.0, np.inf])})
-    np.testing.assert_allclose(ratios["A"], [1, 2, np.inf])  # the problem nobody solved is dropped
-    np.testing.assert_allclose(ratios["B"], [2, 1, 1])
+    np.testing.assert_allclose(ratios["A"], [1, 2, np.inf, np.inf])  # the problem nobody solved stays
+    np.testing.assert_allclose(ratios["B"], [2, 1, 1, np.inf])
     taus = np.array([1.0, 1.5, 2.0, 10.0])
-    np.testing.assert_allclose(stats.profile(ratios["A"], taus), [1 / 3, 1 / 3, 2 / 3, 2 / 3])
-    np.testing.assert_allclose(stats.profile(ratios["B"], taus), [2 / 3, 2 / 3, 1, 1])
+    np.testing.assert_allclose(stats.profile(ratios["A"], taus), [1 / 4, 1 / 4, 2 / 4, 2 / 4])
+    np.testing.assert_allclose(stats.profile(ratios["B"], taus), [2 / 4, 2 / 4, 3 / 4, 3 / 4])
     assert stats.pareto_front([1, 2, 3, 2, 4], [0.8, 0.9, 0.85, 0.7, 0.95]) == [0, 1, 4]
     assert [si(v) for v in (9.996e11, 1.234e12, 48_000, 999.6, 0.5)] == ["1T", "1.23T", "48k", "1k", "0.5"]
 
@@ -194,10 +192,10 @@ def test_merging_runs_counts_a_shared_trial_once(tmp_path: Path):
     write_trial(second, trial_config("B", "b", 0), metrics={"test/accuracy": 0.5})  # the rerun that finished
     first.close(), second.close()
     data = load_runs([tmp_path / "r1", tmp_path / "r2"])
-    assert len(data.trials) == 4 and [t["status"] for t in data.trials if t["label"] == "B"] == ["done"]
+    assert len(data.trials) == 4 and [t.status for t in data.trials if t.label == "B"] == ["done"]
     md = build_report([tmp_path / "r1", tmp_path / "r2"], tmp_path / "out")["report.md"].read_text()
-    row = md_row(md, "A", after="### Final test accuracy")
-    assert row[4] == "3" and float(row[1]) == pytest.approx(100 * np.mean(list(accs.values())), abs=0.005)
+    row = md_row(md, "A", after="### Final accuracy")
+    assert row[5] == "3" and float(row[2]) == pytest.approx(100 * np.mean(list(accs.values())), abs=0.005)
     assert (tmp_path / "out" / "report.html").is_file() and not (tmp_path / "r1" / "report.md").exists()
 
 
@@ -209,7 +207,7 @@ def _mk(path: Path) -> Path:
 def test_show_table_summarises_and_lists_failures(known_run: Path):
     text = show_table(Store.open(known_run).trials())
     half = sps.t.ppf(0.975, 2) * np.std(FINAL["A"], ddof=1) / math.sqrt(3)
-    assert re.search(rf"toy\s+mlp-8\s+A\s+92\.00 ± {100 * half:.2f}\s+3\s+3 done", text)
+    assert re.search(rf"toy\s+mlp-8\s+epochs = 20\s+A\s+92\.00\s+92\.00 ± {100 * half:.2f}\s+3\s+3 done", text)
     assert "3 done, 1 failed" in text
     assert "B seed 3 [failed]" in text and "ValueError: bad <script>alert(1)</script>" in text
 
@@ -223,7 +221,7 @@ def test_show_table_flags_and_robust_column(realistic):
 
 def test_readme_section_and_update(known_run: Path, tmp_path: Path):
     section = readme_section([known_run])
-    assert "`toy` suite" in section and md_row(section, "toy")[2] == "A"
+    assert "`toy` suite" in section and md_row(section, "toy")[2:4] == ["epochs = 20", "A"]
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\nintro\n\n<!-- results:start -->\nold table\n<!-- results:end -->\n\nmore\n")
     update_readme(readme, section)
@@ -290,9 +288,9 @@ def test_html_is_self_contained_escaped_and_has_every_figure(realistic):
 
 def test_html_escapes_config_text(tmp_path: Path):
     store = Store(_mk(tmp_path / "run"))
-    cfg = trial_config("x<i>y</i>$", "a", 0, hparams={"note": "<script>alert(2)</script>"},
-                       plugin={"distribution": "<b>plug</b>", "version": "1"})
-    write_trial(store, cfg, metrics={"test/accuracy": 0.5},
+    trial = trial_config("x<i>y</i>$", "a", 0, hparams={"note": "<script>alert(2)</script>"},
+                         plugin={"distribution": "<b>plug</b>", "version": "1"})
+    write_trial(store, trial, metrics={"test/accuracy": 0.5},
                 curves={"test/accuracy": [(1.0, 10, 1e3, 0.2), (2.0, 20, 2e3, 0.5)]})
     store.close()
     page = build_report([tmp_path / "run"])["report.html"].read_text()
@@ -304,7 +302,8 @@ def test_realistic_report_is_fast_and_complete(realistic):
     _, written, seconds = realistic
     assert seconds < 20, f"report took {seconds:.1f} s"
     md = written["report.md"].read_text()
-    for section in ("Final test accuracy", "Learning curves", "Time to target", "Cost versus accuracy",
+    for section in ("Final accuracy", "Learning curves", "Accuracy at equal cost", "Time to target",
+                    "Cost versus accuracy",
                     "Pairwise significance", "Robustness", "Alignment angles", "Diagnostics",
                     "Performance profiles", "Provenance", "Algorithms compared"):
         assert f"# {section}" in md, section
@@ -338,8 +337,8 @@ def test_readme_robustness_table_puts_pseudo_beside_true_gradient(realistic):
     cells = [c.strip() for c in header.strip("|").split("|")]
     assert cells.index("pgd-linf-pseudo ε=0.1") == cells.index("pgd-linf ε=0.1") + 1
     row = next(line for line in section.splitlines()[section.splitlines().index(header):]
-               if line.split("|")[3].strip() == "fa")
+               if line.split("|")[4].strip() == "fa")
     dataset = row.split("|")[1].strip()
-    fa = [t["metrics"]["robust/pgd-linf/0.1"] for t in Store.open(run).trials()
-          if t["label"] == "fa" and t["status"] == "done" and t["dataset"] == dataset]
-    assert fa and float(row.split("|")[4]) == pytest.approx(100 * sum(fa) / len(fa), abs=0.006)
+    fa = [t.metrics["robust/pgd-linf/0.1"] for t in Store.open(run).trials()
+          if t.label == "fa" and t.status == "done" and t.dataset == dataset]
+    assert fa and float(row.split("|")[5]) == pytest.approx(100 * sum(fa) / len(fa), abs=0.006)

@@ -14,6 +14,7 @@ from learnbench.attacks import attack_mode, evaluate, pgd_linf, resolve_settings
 from learnbench.attacks.robustness import accuracy_metrics
 from learnbench.errors import UsageError
 from learnbench.store import Store
+from learnbench.trial import Budget, Trial, TrialResult
 
 FAST = {"examples": 500, "square_queries": 200, "apgd_steps": 40}
 
@@ -192,11 +193,11 @@ def test_pseudo_gradient_attack_is_reported_for_feedback_models_and_is_weaker():
 def _add_trial(store: Store, trial_id: str, algorithm: str, seed: int, model: nn.Module, models: dict) -> None:
     _, _, x, y = digits()
     settings = resolve_settings({**FAST, "attacks": ["fgsm", "pgd-linf", "transfer"]}, "digits")
-    config = {"label": algorithm, "algorithm": algorithm, "dataset": "digits", "model": {"kind": "mlp"},
-              "model_label": "mlp-64x1", "seed": seed, "robustness": settings}
-    store.add_trials([{**config, "id": trial_id}])
+    store.add_trials([Trial(id=trial_id, label=algorithm, algorithm=algorithm, hparams={}, dataset="digits",
+                            model={"kind": "mlp"}, model_label="mlp-64x1", budget=Budget(steps=1), seed=seed,
+                            robustness=settings)])
     metrics = evaluate(model, x, y, settings, generator=torch.Generator().manual_seed(seed))
-    store.finish_trial(trial_id, "done", None, metrics, [], {})
+    store.finish_trial(TrialResult(trial_id, "done", None, metrics, (), {}))
     models[trial_id] = model
 
 
@@ -215,7 +216,7 @@ def test_post_run_transfers_from_the_backprop_sibling(tmp_path, monkeypatch):
     monkeypatch.setattr(learnbench.datasets, "load", lambda name, data_dir=None: SimpleNamespace(test_x=x, test_y=y),
                         raising=False)
     learnbench.attacks.post_run(store, tmp_path, "cpu")
-    got = {t["id"]: t["metrics"] for t in store.trials()}
+    got = {t.id: t.metrics for t in store.trials()}
     assert not any(k.startswith("robust/transfer") for k in got["bp0"]) and \
         not any(k.startswith("robust/transfer") for k in got["orphan1"])
     other, masked = got["other0"], got["masked0"]
@@ -228,7 +229,7 @@ def test_post_run_transfers_from_the_backprop_sibling(tmp_path, monkeypatch):
     assert masked["flag/masking/transfer-beats-white-box"] == 1.0
     assert other["robust/seconds/transfer"] > 0
     learnbench.attacks.post_run(store, tmp_path, "cpu")  # idempotent: the same metrics again
-    assert {t["id"]: t["metrics"]["robust/transfer/0.1"] for t in store.trials() if t["id"] in ("other0", "masked0")} \
+    assert {t.id: t.metrics["robust/transfer/0.1"] for t in store.trials() if t.id in ("other0", "masked0")} \
         == {"other0": other["robust/transfer/0.1"], "masked0": masked["robust/transfer/0.1"]}
 
 
@@ -272,12 +273,12 @@ def test_a_run_attacks_every_trial_and_transfers_after_it(tmp_path):
     assert main(["run", str(suite), "--out", str(tmp_path / "run"), "--device", "cpu", "--workers", "1",
                  "--quiet"]) == 0
     store = Store.open(tmp_path / "run")
-    trials = {t["label"]: t for t in store.trials()}
+    trials = {t.label: t for t in store.trials()}
     for t in trials.values():
-        assert t["status"] == "done"
+        assert t.status == "done"
         assert {"robust/clean", "robust/pgd-linf/0.1", "robust/square/0.3", "flag/masking/zero-gradients"} <= set(
-            t["metrics"])
-    assert not any(k.startswith("robust/transfer") for k in trials["backprop-adam"]["metrics"])
-    sgd = trials["backprop-sgd"]["metrics"]
+            t.metrics)
+    assert not any(k.startswith("robust/transfer") for k in trials["backprop-adam"].metrics)
+    sgd = trials["backprop-sgd"].metrics
     assert all(0.0 <= sgd[f"robust/transfer/{eps}"] <= sgd["robust/clean"] for eps in ("0.05", "0.1", "0.2", "0.3"))
     assert "flag/masking/transfer-beats-white-box" in sgd

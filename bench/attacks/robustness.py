@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import Tensor, nn
 
+from .. import checks
 from ..errors import UsageError
 from . import masking
 from .apgd import apgd_ce
@@ -79,6 +80,7 @@ DEFAULTS: dict[str, Any] = {
     "masking_steps_factor": 4,     # the more-iterations check: steps x this ...
     "masking_restarts": 2,         # ... and this many restarts
     "standard_eps": None,          # reports: the eps of the summary tables (a number, or a table by attack id)
+    "transfer_source": None,       # label or algorithm id of the transfer attack's source; None: the suite's reference
 }
 POSITIVE_INT = ("batch_size", "pgd_steps", "pgd_restarts", "apgd_steps", "apgd_restarts", "square_queries",
                 "square_restarts", "masking_steps_factor", "masking_restarts")
@@ -95,25 +97,23 @@ def default_grids(dataset: str) -> tuple[list[float], list[float]]:
 
 def resolve_settings(table: dict, dataset: str) -> dict:
     """Fill defaults into a suite's `[robustness]` table for one dataset; UsageError naming a bad key or value."""
-    if not isinstance(table, dict):
-        raise UsageError(f"[robustness] must be a table; got {table!r}")
-    unknown = sorted(set(table) - set(DEFAULTS))
-    if unknown:
-        raise UsageError(f"unknown robustness key(s): {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
-    out = {**DEFAULTS, **table}
+    out = {**DEFAULTS, **checks.known_keys(table, DEFAULTS, "[robustness]")}
     linf, l2 = default_grids(dataset)
     out["eps_linf"] = _eps_list(out["eps_linf"] if out["eps_linf"] is not None else linf, "eps_linf", 1.0)
     out["eps_l2"] = _eps_list(out["eps_l2"] if out["eps_l2"] is not None else l2, "eps_l2", math.inf)
     out["attacks"] = _attack_list(out["attacks"])
-    _check_int(out["examples"], "examples", minimum=0)
+    checks.integer(out["examples"], "robustness.examples")
     for key in POSITIVE_INT:
-        _check_int(out[key], key, minimum=1)
+        checks.integer(out[key], f"robustness.{key}", minimum=1)
     for key, low, high in (("pgd_step_factor", 0.0, math.inf), ("square_p_init", 0.0, 1.0),
                            ("masking_margin", 0.0, 1.0)):
-        out[key] = _check_float(out[key], key, low, high, low_inclusive=key == "masking_margin")
+        out[key] = checks.number(out[key], f"robustness.{key}", low, high, low_inclusive=key == "masking_margin")
     if not isinstance(out["pseudo_gradient"], bool):
         raise UsageError(f"robustness.pseudo_gradient must be true or false; got {out['pseudo_gradient']!r}")
     out["standard_eps"] = _standard_eps(out["standard_eps"])
+    if out["transfer_source"] is not None and (not isinstance(out["transfer_source"], str)
+                                               or not out["transfer_source"]):
+        raise UsageError(f"robustness.transfer_source must be an algorithm label or id; got {out['transfer_source']!r}")
     return out
 
 
@@ -147,7 +147,7 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, settings: dict, *, generato
 
 
 def post_run(store: Store, run_dir: str | Path, device: str | torch.device, data_dir: str | None = None) -> None:
-    """After all trials: the transfer attack from each backprop model to its siblings (see transfer.py)."""
+    """After all trials: the transfer attack from each group's source model to its siblings (see transfer.py)."""
     from .transfer import transfer_post_run
 
     transfer_post_run(store, run_dir, torch.device(device), data_dir)
@@ -264,7 +264,7 @@ def _now(device: torch.device) -> float:
 def _eps_list(value: Any, key: str, high: float) -> list[float]:
     if not isinstance(value, (list, tuple)) or not value:
         raise UsageError(f"robustness.{key} must be a non-empty list of numbers; got {value!r}")
-    out = [_check_float(v, key, 0.0, high) for v in value]
+    out = [checks.number(v, f"robustness.{key}", 0.0, high) for v in value]
     if len(set(out)) != len(out):
         raise UsageError(f"robustness.{key} has a repeated value: {value!r}")
     return sorted(out)
@@ -278,8 +278,8 @@ def _standard_eps(value: Any) -> float | dict[str, float] | None:
         bad = [k for k in value if k not in NORM]
         if bad:
             raise UsageError(f"unknown attack(s) in robustness.standard_eps: {', '.join(bad)}")
-        return {k: _check_float(v, "standard_eps", 0.0, math.inf) for k, v in value.items()}
-    return _check_float(value, "standard_eps", 0.0, math.inf)
+        return {k: checks.number(v, "robustness.standard_eps") for k, v in value.items()}
+    return checks.number(value, "robustness.standard_eps")
 
 
 def _attack_list(value: Any) -> list[str]:
@@ -289,16 +289,3 @@ def _attack_list(value: Any) -> list[str]:
     if bad:
         raise UsageError(f"unknown attack(s) in robustness.attacks: {', '.join(bad)}; known: {', '.join(ATTACKS)}")
     return [a for a in ATTACKS if a in value]  # canonical order, duplicates dropped
-
-
-def _check_int(value: Any, key: str, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UsageError(f"robustness.{key} must be an integer >= {minimum}; got {value!r}")
-
-
-def _check_float(value: Any, key: str, low: float, high: float, low_inclusive: bool = False) -> float:
-    above = (lambda v: v >= low) if low_inclusive else (lambda v: v > low)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (above(value) and value <= high):
-        bracket = "[" if low_inclusive else "("
-        raise UsageError(f"robustness.{key} must be a number in {bracket}{low:g}, {high:g}]; got {value!r}")
-    return float(value)

@@ -10,8 +10,9 @@ Per Linear/Conv2d layer (named as in the model, e.g. `blocks.0.0`, `head`), in d
 | `align/estimate-grad/<layer>`  | angle between the trainer's gradient estimate (the `.grad` its backward left)  |
 |                                | and the true gradient: the feedback pathway's share, without the optimizer's.  |
 | `align/norm-ratio/<layer>`     | norm of that estimate over the true gradient's norm (no unit).                 |
-| `align/B-W/<layer>`            | angle between the feedback matrix the backward uses and W (fa, kolen-pollack,  |
-|                                | sign-symmetry; DFA's matrices have another shape, so none).                    |
+| `align/B-W/<layer>`            | angle between the feedback matrix the backward uses and W, for every rule with |
+|                                | such a matrix (`feedback_matrix()`: fa, kolen-pollack, sign-symmetry; not DFA, |
+|                                | whose matrices map the output error).                                          |
 
 Akrout et al. (2019) report the B-W angle and the angle between hidden-layer deltas; BioTorch only B-W. Angles of
 weight updates cover all four algorithms, DFA included, and backprop as the reference (estimate-grad 0; with SGD
@@ -50,8 +51,9 @@ class AlignmentProbe(StepProbe):
                 put(values, f"align/estimate-grad/{name}", angle(estimate, true))
                 put(values, f"align/norm-ratio/{name}", _ratio(estimate, true))
         for name, layer in feedback_layers(self.training_model).items():
-            if layer.feedback_rule != "dfa":  # DFA's matrices map the output error, not this layer's
-                put(values, f"align/B-W/{name}", angle(layer.feedback_matrix(), layer.weight.detach()))
+            matrix = layer.feedback_matrix()  # None when the rule has no B shaped like W (DFA's map the output error)
+            if matrix is not None:
+                put(values, f"align/B-W/{name}", angle(matrix, layer.weight.detach()))
         return values
 
 

@@ -55,6 +55,7 @@ from torch.func import jacrev, vmap
 
 from learnbench.errors import UsageError
 from learnbench.models import MLP
+from learnbench.trial import StoredTrial
 
 KINDS = ("mlp", "resmlp")
 DEFAULT_EXAMPLES = 1000
@@ -160,29 +161,29 @@ def diagnose_run(run_dir: str | Path, trial: str | None = None, examples: int = 
         rows, data = [], {}
         with RunDirLock(Path(run_dir)):
             for t in chosen:
-                model = load_model(run_dir, t["id"])
-                if t["dataset"] not in data:
-                    data[t["dataset"]] = datasets.load(t["dataset"], data_dir)
-                metrics = influence_metrics(model, data[t["dataset"]].test_x[:examples], top)
-                store.add_metrics(t["id"], metrics)
-                rows.append({"trial": t["id"], "label": t["label"], "model": t["model"], "seed": t["seed"],
+                model = load_model(run_dir, t.id)
+                if t.dataset not in data:
+                    data[t.dataset] = datasets.load(t.dataset, data_dir)
+                metrics = influence_metrics(model, data[t.dataset].test_x[:examples], top)
+                store.add_metrics(t.id, metrics)
+                rows.append({"trial": t.id, "label": t.label, "model": t.model_label, "seed": t.seed,
                              "metrics": metrics})
     finally:
         store.close()
     return rows
 
 
-def _select(trials: list[dict[str, Any]], trial: str | None) -> list[dict[str, Any]]:
+def _select(trials: list[StoredTrial], trial: str | None) -> list[StoredTrial]:
     if trial is not None:
-        matches = [t for t in trials if t["id"].startswith(trial)]
+        matches = [t for t in trials if t.id.startswith(trial)]
         if len(matches) != 1:
             raise UsageError(f"--trial {trial!r} matches {len(matches)} trials of this run; give a longer id")
         t = matches[0]
-        if t["status"] != "done" or t["config"]["model"]["kind"] not in KINDS:
-            raise UsageError(f"trial {t['id'][:12]} is {t['status']} with a {t['config']['model']['kind']} model; "
+        if t.status != "done" or t.model["kind"] not in KINDS:
+            raise UsageError(f"trial {t.id[:12]} is {t.status} with a {t.model['kind']} model; "
                              f"influence locality needs a done trial of an mlp or resmlp")
         return matches
-    chosen = [t for t in trials if t["status"] == "done" and t["config"]["model"]["kind"] in KINDS]
+    chosen = [t for t in trials if t.status == "done" and t.model["kind"] in KINDS]
     if not chosen:
         raise UsageError("no done trial with an mlp or resmlp model in this run; influence locality needs one")
     return chosen

@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
+from learnbench.cost import model_flops
 from learnbench.models import build
 from learnbench.runner import Progress, Sampler, _generator, _train
 from learnbench.spec import Batch, TaskInfo
+from learnbench.trial import Budget, EvalSettings, Trial
 
 if TYPE_CHECKING:  # datasets are imported when a benchmark runs, not when `learnbench perf` lists them
     from learnbench.datasets import Splits
@@ -49,11 +51,14 @@ def runner_epoch(cls: type, data: Splits, init: dict, batch_size: int, device: t
     model.load_state_dict(init)
     x, y = data.train_x, data.train_y
     task = TaskInfo(tuple(data.input_shape), data.n_classes, int(x.shape[0]), device)
+    flops = model_flops(model, task.input_shape)  # of the plain model, before a trainer converts it
     trainer = cls(batch_size=batch_size, optimizer="adam", lr=1e-3)
     trainer.setup(model, task, _generator(repeat, 0, device))
     sampler = Sampler(x, y, batch_size, _generator(repeat, 1, device))
-    progress = Progress({"steps": sampler.per_epoch}, task.n_train)
-    trial = {"eval": {"points": 0, "batch_size": 2048}, "diagnostics": {"every": 0, "probes": []}}
+    budget = Budget(steps=sampler.per_epoch)
+    progress = Progress(budget, task.n_train, flops)
+    trial = Trial(id="perf", label=cls.name, algorithm=cls.name, hparams={}, dataset="perf", model=MLP_256,
+                  model_label="mlp-256x2", budget=budget, seed=repeat, eval=EvalSettings(points=0))
     sync(device)
     wall, cpu = time.perf_counter(), time.process_time()
     _train(trainer, sampler, progress, trial, data, [], [], None)

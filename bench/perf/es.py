@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from tabulate import tabulate
 
-from learnbench import population
+from learnbench.noise import NoiseTable
 from learnbench.algorithms.cma_es import CMAES
 from learnbench.algorithms.openai_es import OpenAIES, search_direction
 from learnbench.algorithms.snes import SNES
@@ -113,7 +113,7 @@ class LoopOpenAIES:
         self.mean = torch.nn.Parameter(torch.nn.utils.parameters_to_vector(model.parameters()).detach())
         self.adam = torch.optim.Adam([self.mean], lr=0.01)
         generator = torch.Generator(self.mean.device).manual_seed(0)
-        self.noise = population.NoiseTable(generator, OpenAIES.noise_table, self.mean.numel(), self.mean.device)
+        self.noise = NoiseTable(generator, OpenAIES.noise_table, self.mean.numel(), self.mean.device)
 
     @torch.no_grad()
     def __call__(self, batch: Batch) -> None:

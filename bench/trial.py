@@ -1,0 +1,166 @@
+"""The records that cross modules: a resolved trial, a trial as the store returns it, a point of a curve.
+
+`config.resolve` turns a suite into `Trial`s; executors pass them (as their JSON config) to `runner.run_trial`,
+which returns a `TrialResult`; the store keeps the config JSON and returns `StoredTrial`s: the same fields as a
+`Trial` (the config flattened, not nested), plus status, error, final metrics and provenance. Reports read those.
+
+`Trial.config()` is the JSON object stored in `trials.config`; its hash, without the keys in `NOT_HASHED`, is the
+trial id (`config.trial_id`). Old stores whose config lacks a newer key load with that key's default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping, NamedTuple
+
+NOT_HASHED = ("id", "suite", "resources", "reference", "unranked")  # keys that do not change the experiment
+STATUSES = ("pending", "running", "done", "failed", "diverged")
+CURRENCIES = ("epochs", "time_s", "flops")  # budgets that mean the same cost for every algorithm (not steps)
+DEFAULT_REFERENCE = "backprop"  # a suite's default `reference` (a setting, never a branch in the harness)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Whichever comes first; None = no limit of that kind."""
+
+    steps: int | None = None
+    epochs: float | None = None
+    time_s: float | None = None
+    flops: float | None = None
+    """Nominal FLOPs (`learnbench.cost`)."""
+
+    def limits(self) -> dict[str, float]:
+        """The limits that are set, e.g. {"time_s": 300}."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def text(self) -> str:
+        """`time_s = 300`, or `epochs = 15, time_s = 3` when several limits are set."""
+        return ", ".join(f"{k} = {v:g}" for k, v in self.limits().items()) or "no budget"
+
+    def currency(self) -> str | None:
+        """The one cost currency the budget is stated in, or None (steps, or several limits)."""
+        limits = list(self.limits())
+        return limits[0] if len(limits) == 1 and limits[0] in CURRENCIES else None
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Evaluation cadence (off the clock): `points` evaluations spread over the budget; 0 = final only."""
+
+    points: int = 20
+    batch_size: int = 2048
+
+
+@dataclass(frozen=True)
+class DiagnosticsSettings:
+    """Probes (`learnbench.diagnostics.PROBES`) run every `every` steps, off the clock; 0 = none."""
+
+    every: int = 0
+    probes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One resolved trial: everything that defines the experiment, plus where and how it is reported."""
+
+    id: str
+    label: str
+    """The suite entry's label (defaults to the algorithm id); reports group by it."""
+    algorithm: str
+    """The registry id of the trainer."""
+    hparams: Mapping[str, Any]
+    dataset: str
+    model: Mapping[str, Any]
+    """The normalised model spec (`learnbench.models.normalize_spec`)."""
+    model_label: str
+    budget: Budget
+    seed: int
+    device: str = "cpu"
+    eval: EvalSettings = EvalSettings()
+    robustness: Mapping[str, Any] = field(default_factory=dict)
+    """Resolved attack settings (`learnbench.attacks.robustness.resolve_settings`); {} = no attacks."""
+    diagnostics: DiagnosticsSettings = DiagnosticsSettings()
+    code: Mapping[str, Any] = field(default_factory=dict)
+    """`{"learnbench": version, "modules": {module: SHA-256 prefix}}` (`learnbench.identity`)."""
+    plugin: Mapping[str, Any] = field(default_factory=dict)
+    """The trainer's provenance (`registry.Entry.provenance`): distribution, version, plugin file and digest."""
+    suite: str | None = None
+    resources: Mapping[str, Any] = field(default_factory=dict)
+    reference: str = DEFAULT_REFERENCE
+    """The suite's reference algorithm (label or id): report targets, transfer-attack source."""
+    unranked: bool = False
+    """The suite gave this entry its own budget: reported beside the others, never ranked with them."""
+
+    def config(self) -> dict[str, Any]:
+        """The JSON object stored in the results store (and sent to worker processes)."""
+        out = dataclasses.asdict(self)  # nested dataclasses become dicts; tuples stay tuples (JSON lists)
+        out["diagnostics"]["probes"] = list(self.diagnostics.probes)
+        return out
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Trial:
+        """The inverse of `config()`; keys a newer version added take their defaults, unknown keys are ignored."""
+        names = {f.name for f in dataclasses.fields(Trial)}
+        values = {k: v for k, v in config.items() if k in names}
+        values["budget"] = Budget(**config["budget"])
+        values["eval"] = EvalSettings(**config.get("eval", {}))
+        diagnostics = config.get("diagnostics") or {}
+        values["diagnostics"] = DiagnosticsSettings(diagnostics.get("every", 0), tuple(diagnostics.get("probes", ())))
+        return cls(**values)
+
+    def describe(self) -> str:
+        """`backprop mnist mlp-256x2 s0`: how progress bars and messages name a trial."""
+        return f"{self.label} {self.dataset} {self.model_label} s{self.seed}"
+
+
+class CurvePoint(NamedTuple):
+    """One row of a learning curve or a probe's history: where the trial was (its costs) and what was measured."""
+
+    step: int
+    examples: int
+    flops: float
+    """Nominal FLOPs so far."""
+    train_seconds: float
+    metric: str
+    value: float
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """What `runner.run_trial` returns: JSON-able through `json_dict` / `from_json_dict` (worker pipes, Ray)."""
+
+    id: str
+    status: str
+    error: str | None
+    metrics: Mapping[str, float]
+    curves: tuple[CurvePoint, ...]
+    provenance: Mapping[str, Any]
+
+    def json_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "status": self.status, "error": self.error, "metrics": dict(self.metrics),
+                "curves": [list(point) for point in self.curves], "provenance": dict(self.provenance)}
+
+    @classmethod
+    def from_json_dict(cls, data: Mapping[str, Any]) -> TrialResult:
+        return cls(data["id"], data["status"], data["error"], data["metrics"],
+                   tuple(CurvePoint(*row) for row in data["curves"]), data["provenance"])
+
+    @classmethod
+    def lost(cls, trial_id: str, reason: str) -> TrialResult:
+        """A trial whose worker died: failed, with the reason, nothing measured."""
+        return cls(trial_id, "failed", reason, {}, (), {})
+
+
+@dataclass(frozen=True)
+class StoredTrial(Trial):
+    """A trial as the store returns it: the config's fields, its state and its final values."""
+
+    status: str = "pending"
+    error: str | None = None
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    """Final metrics by name: `test/accuracy`, `cost/flops`, `robust/pgd-linf/0.1`, ..."""
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+    created: float | None = None
+    started: float | None = None
+    finished: float | None = None
