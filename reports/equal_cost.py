@@ -2,8 +2,9 @@
 FLOPs, training seconds and examples seen), read off the validation curves, so that methods whose runs differ in
 length (an ES spends far more FLOPs than backprop in the same seconds) meet at the same cost.
 
-A trial's accuracy at level c is the value of its last evaluation at a cost <= c: the model it had at that cost,
-never an interpolation between two models. A label's cell is the mean (and Student-t 95% CI) over its done seeds,
+Besides the decades, one more level: the largest cost every run of the group reached (the end of the shortest run,
+marked "all"), where every algorithm still has a value. A trial's accuracy at level c is the value of its last
+evaluation at a cost <= c: the model it had at that cost, never an interpolation between two models. A label's cell is the mean (and Student-t 95% CI) over its done seeds,
 shown only when every done seed's run reached c (its last evaluation cost >= c); a level where no label has a value
 is not a column.
 """
@@ -57,20 +58,33 @@ def level_summary(curves: list[Curve | None], axis: str, level: float) -> stats.
     return None if any(math.isnan(v) for v in values) else stats.summarize(values)
 
 
+def common_level(curves: list[Curve], axis: str) -> float | None:
+    """The largest cost every run reached (the shortest run's last evaluation); None when some run never passed 0."""
+    ends = [float(c.x(axis)[-1]) for c in curves]
+    return min(ends) if ends and min(ends) > 0 else None
+
+
 def cost_table(labels: Groups, axis: str, metric: str = VAL) -> CostTable:
-    """The accuracy-at-cost table of one group along one cost axis, columns no label reached dropped."""
+    """The accuracy-at-cost table of one group along one cost axis: the decades and the level every run reached,
+    columns no label reached dropped."""
     curves = {k: [t.curves.get(metric) for t in done(g)] for k, g in labels.items()}
-    levels = decade_levels([c for cs in curves.values() for c in cs if c is not None and c.value.size], axis)
+    runs = [c for cs in curves.values() for c in cs if c is not None and c.value.size]
+    levels = decade_levels(runs, axis)
+    common = common_level(runs, axis)
+    if common is not None and not any(math.isclose(common, level, rel_tol=1e-9) for level in levels):
+        levels = sorted([*levels, common])
     cells = {k: [level_summary(cs, axis, level) for level in levels] for k, cs in curves.items()}
     keep = [i for i in range(len(levels)) if any(v[i] is not None for v in cells.values())]
     return CostTable(axis, [levels[i] for i in keep], {k: [v[i] for i in keep] for k, v in cells.items()})
 
 
 def level_text(axis: str, level: float) -> str:
-    """Column titles: `1e12` FLOPs, `100 s`, `10k` examples."""
+    """Column titles: `1e12` FLOPs, `100 s`, `10k` examples; a level off the decades (the common one) in full."""
+    exponent = math.log10(level)
     if axis == "flops":
-        return f"1e{round(math.log10(level))}"
-    return f"{level:g} s" if axis == "seconds" else si(level)
+        whole = math.isclose(exponent, round(exponent), abs_tol=1e-9)
+        return f"1e{round(exponent)}" if whole else f"{level:.3g}".replace("e+", "e")
+    return f"{level:.3g} s" if axis == "seconds" else si(level)
 
 
 def _cell(s: stats.Summary | None, compact: bool) -> str:
@@ -95,8 +109,9 @@ def caption(axis: str, metric: str = VAL) -> str:
     return (f"{what.capitalize()} accuracy (%) at equal {AXIS_TITLES[axis]} (decades 10^k): for each seed, the "
             f"{metric} of its last evaluation at a cost ≤ the column's level (the model it had at that cost, no "
             "interpolation); mean ± Student-t 95% half-width over done seeds, shown only when every done seed's "
-            "run reached the level ('–' otherwise); levels no algorithm reached are not shown. Bold: best per "
-            "column among ranked algorithms.")
+            "run reached the level ('–' otherwise); levels no algorithm reached are not shown. The one column off "
+            "the decades is the largest cost every run reached (the end of the shortest run), where all "
+            "algorithms meet. Bold: best per column among ranked algorithms.")
 
 
 def equal_cost_section(group: Group) -> list[Block]:

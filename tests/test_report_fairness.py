@@ -75,16 +75,18 @@ def test_budgets_written_as_int_or_float_are_one_group(tmp_path: Path):
 # --- accuracy at equal cost --------------------------------------------------------------------------------------
 # Per level, each seed's validation accuracy at its last evaluation costing no more (hand-read from FAIR_ENTRIES);
 # None: some done seed stopped short of the level.
-EQUAL_COST = {
-    "flops": (["1e10", "1e11", "1e12"], {
-        "bp": [[0.50, 0.55], [0.80, 0.78], None], "es": [[0.10, 0.11], [0.10, 0.11], [0.40, 0.45]],
-        "ga": [[0.10], [0.10], [0.30]], "bp-own": [[0.90, 0.91], [0.90, 0.91], None]}, ["bp", "bp", "es"]),
-    "seconds": (["10 s", "100 s"], {
-        "bp": [[0.50, 0.12], [0.80, 0.55]], "es": [[0.10, 0.11], [0.40, 0.45]], "ga": [[0.10], [0.30]],
-        "bp-own": [[0.90, 0.91], [0.90, 0.91]]}, ["bp", "bp"]),
-    "examples": (["10k", "100k"], {
-        "bp": [[0.50, 0.55], [0.80, 0.78]], "es": [[0.10, 0.11], [0.60, 0.62]], "ga": [[0.10], [0.30]],
-        "bp-own": [[0.90, 0.91], [0.90, 0.91]]}, ["bp", "bp"]),
+EQUAL_COST = {  # the decades, and the largest cost every run reached (the shortest run's end: 2.6e11, 290 s, 120k)
+    "flops": (["1e10", "1e11", "2.6e11", "1e12"], {
+        "bp": [[0.50, 0.55], [0.80, 0.78], [0.80, 0.88], None],
+        "es": [[0.10, 0.11], [0.10, 0.11], [0.10, 0.11], [0.40, 0.45]],
+        "ga": [[0.10], [0.10], [0.10], [0.30]],
+        "bp-own": [[0.90, 0.91], [0.90, 0.91], [0.90, 0.91], None]}, ["bp", "bp", "bp", "es"]),
+    "seconds": (["10 s", "100 s", "290 s"], {
+        "bp": [[0.50, 0.12], [0.80, 0.55], [0.80, 0.88]], "es": [[0.10, 0.11], [0.40, 0.45], [0.60, 0.62]],
+        "ga": [[0.10], [0.30], [0.30]], "bp-own": [[0.90, 0.91], [0.90, 0.91], [0.90, 0.91]]}, ["bp", "bp", "bp"]),
+    "examples": (["10k", "100k", "120k"], {
+        "bp": [[0.50, 0.55], [0.80, 0.78], [0.80, 0.78]], "es": [[0.10, 0.11], [0.60, 0.62], [0.70, 0.72]],
+        "ga": [[0.10], [0.30], [0.30]], "bp-own": [[0.90, 0.91], [0.90, 0.91], [0.90, 0.91]]}, ["bp", "bp", "bp"]),
 }
 
 
@@ -125,9 +127,13 @@ def test_equal_cost_levels_and_dropped_columns():
                     trial([(0, 0, 0, 0.1), (1, 2e3, 0, 0.4), (2, 2e4, 0, 0.7)], 1)],
               "Y": [trial([(0, 0, 0, 0.1), (1, 500, 0, 0.35), (3, 3e3, 0, 0.8)], 0)]}
     table = cost_table(labels, "examples")
-    assert table.levels == [1e3]  # from the decade of the first evaluation past 0 (500 -> 1e3)
+    # the decades from that of the first evaluation past 0 (500 -> 1e3); 1e4: no column; 3e3: where Y's run ended,
+    # the largest cost every run reached
+    assert table.levels == [1e3, 3e3]
     # at 1e3 examples: X's seed 0 has its 1e3 model (0.5), seed 1 still its initial one (0.1); Y its 500 model
     assert table.cells["X"][0].mean == pytest.approx(0.3) and table.cells["Y"][0].mean == pytest.approx(0.35)
+    # at 3e3: X's 1e3 and 2e3 models (0.5, 0.4), Y's 3e3 model
+    assert table.cells["X"][1].mean == pytest.approx(0.45) and table.cells["Y"][1].mean == pytest.approx(0.8)
 
 
 # --- targets and time to target -----------------------------------------------------------------------------------
@@ -298,8 +304,8 @@ def test_readme_leads_with_the_head_to_head_group_and_its_equal_cost_table(fair)
     assert [r[2] for r in rows if r[3] == "es-long"] == ["time_s = 900 (unranked)"]
     assert "Validation accuracy (%) at equal nominal FLOPs on toy / cnn / time\\_s = 300" in text
     rows = {r[0]: r[1:] for r in md_rows(text, "at equal nominal FLOPs", raw=True)}
-    assert rows["bp"] == ["**52.50**", "**79.00**", "–"]
-    assert rows["es"] == ["10.50", "10.50", "**42.50**"] and rows["bp-own"] == ["90.50", "90.50", "–"]
+    assert rows["bp"] == ["**52.50**", "**79.00**", "**84.00**", "–"]
+    assert rows["es"] == ["10.50", "10.50", "10.50", "**42.50**"] and rows["bp-own"] == ["90.50", "90.50", "90.50", "–"]
     assert "*toy / mlp / steps = 100: Not ranked: the budget counts steps" in text.replace("\\_", "_")
 
 
