@@ -168,7 +168,7 @@ def _run_pending(args: argparse.Namespace, store: Store, run_dir: Path, device: 
     """Run the trials not finished yet on the chosen executor, then the post-run attacks; print the summary
     table and return every trial's final status."""
     from .executor import ProgressView, default_workers, run_local
-    from .runner import default_threads, usable_cpus
+    from .machine import default_threads, usable_cpus
     from .store import FINISHED
 
     statuses = store.statuses()

@@ -182,6 +182,6 @@ class ProgressView:
 def default_workers(n_trials: int, device: str) -> int:
     if device.startswith("cuda"):
         return 1
-    from .runner import usable_cpus
+    from .machine import usable_cpus
 
     return max(1, min(usable_cpus(), n_trials))

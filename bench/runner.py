@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 import traceback
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import artifacts, cost, models, population_backend
+from . import artifacts, cost, machine, models, population_backend
 from .registry import discover
 from .spec import Batch, StepStats, TaskInfo
 from .trial import Budget, CurvePoint, Trial, TrialResult
@@ -138,7 +137,7 @@ def run_trial(trial: Trial, run_dir: str | None, data_dir: str | None = None,
     curves: list[CurvePoint] = []
     metrics: dict[str, float] = {}
     status, error = "done", None
-    _reset_peak_memory(device)
+    machine.reset_peak_memory(device)
     try:
         splits = _data(trial.dataset, data_dir, device)
         entry = discover([trial.plugin["file"]] if trial.plugin.get("file") else []).get(trial.algorithm)
@@ -346,7 +345,7 @@ def _cost_metrics(progress: Progress, device: torch.device) -> dict[str, float]:
             "cost/examples": progress.examples, "cost/steps": progress.steps,
             "cost/epochs": progress.examples / progress.n_train,
             "cost/forward_passes": progress.forward_passes, "cost/backward_passes": progress.backward_passes,
-            "cost/peak_memory_bytes": _peak_memory(device), "cost/threads": torch.get_num_threads()}
+            "cost/peak_memory_bytes": machine.peak_memory(device), "cost/threads": torch.get_num_threads()}
 
 
 def _model_flops(trial: Trial, model: nn.Module, task: TaskInfo) -> cost.ModelFlops:
@@ -383,41 +382,3 @@ def _generator(seed: int, stream: int, device: torch.device) -> torch.Generator:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        try:  # Linux: writing 5 resets the resident-set high-water mark (VmHWM) of this process
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            pass
-
-
-def _peak_memory(device: torch.device) -> float:
-    if device.type == "cuda":
-        return float(torch.cuda.max_memory_allocated(device))
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on: its affinity mask (taskset, a cluster's cgroup cpuset), else all cores."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def default_threads(workers: int) -> int:
-    return max(1, usable_cpus() // max(1, workers))
