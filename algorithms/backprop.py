@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint_sequential
 
 from learnbench.cost import optimizer_flops
+from learnbench.search_space import Dimension, LogUniform
 from learnbench.spec import Batch, StepStats, TaskInfo
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad")
@@ -73,6 +74,18 @@ class Backprop:
     checkpoint_segments: int = 0
     """Activation checkpointing (Chen et al. 2016, torch.utils.checkpoint): keep only this many segments' inputs
     and recompute the rest in the backward pass (same gradients, about one more forward); 0 keeps everything."""
+
+    # What `learnbench tune` searches. The ranges suit the default optimizer, Adam; SGD's learning rates lie higher
+    # (AlgoPerf's Nesterov baseline searches [2e-2, 5]).
+    search_space: ClassVar[dict[str, Dimension]] = {
+        # AlgoPerf's baseline spaces for Adam-type optimizers (mlcommons/algorithmic-efficiency: the NAdamW
+        # baseline and the MNIST workload): learning rate log-uniform in [1e-4, 1e-2], around Adam's default 1e-3.
+        "lr": LogUniform(1e-4, 1e-2),
+        # AlgoPerf tunes only decoupled decay (AdamW, [5e-3, 1]) and SGD's L2 ([1e-7, 5e-5]); Adam's coupled L2 has
+        # no published range: a decade either side of the usual image-classifier L2, 1e-4 (He et al. 2016, ResNet)
+        # to 5e-4 (Zagoruyko & Komodakis 2016, WRN). Log-uniform, so the default 0 is not in it.
+        "weight_decay": LogUniform(1e-5, 5e-3),
+    }
 
     def setup(self, model: nn.Module, task: TaskInfo, generator: torch.Generator) -> None:
         self.validate(task)

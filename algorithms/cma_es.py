@@ -56,6 +56,7 @@ import torch
 from torch import nn
 
 from learnbench import population
+from learnbench.search_space import Choice, Dimension, LogUniform
 from learnbench.spec import Batch, StepStats, TaskInfo
 
 MAX_FULL_PARAMS = 5_000
@@ -79,6 +80,18 @@ class CMAES:
     """full, diagonal (sep-CMA-ES), or auto: full up to MAX_FULL_PARAMS parameters, diagonal above."""
     chunk_size: int | None = None
     """Members evaluated at once; None sizes chunks to `learnbench.population.DEFAULT_MEMORY_BYTES`."""
+
+    search_space: ClassVar[dict[str, Dimension]] = {
+        # Hansen's tutorial (and pycma's docs): sigma0 such that the optimum lies within about x0 +- 3 sigma0. No
+        # published value for network weights: from 0.01 to 3x the default 0.1, EvoJAX's MNIST init_stdev 0.065
+        # (configs/CMA_ES/mnist.yaml) inside.
+        "sigma0": LogUniform(0.01, 0.3),
+        # Hansen's tutorial: the default 4 + floor(3 ln d) is small, for fast convergence; larger populations make
+        # the search more global and more robust to noise (here, minibatch fitness), and IPOP-CMA-ES (Auger & Hansen
+        # 2005) doubles lambda at each restart. Powers of two from about the default (27 for the kit's MLP 64-32-10,
+        # 31 for the 11,274-parameter cnn) to 256, past EvoJAX's MNIST pop_size 100.
+        "popsize": Choice((16, 32, 64, 128, 256)),
+    }
 
     def setup(self, model: nn.Module, task: TaskInfo, generator: torch.Generator) -> None:
         self._model, self._device = model, task.device

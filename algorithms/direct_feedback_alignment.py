@@ -33,8 +33,9 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from learnbench.algorithms.backprop import Backprop
-from learnbench.algorithms.feedback_layers import FeedbackRule, check_init, feedback_weights
+from learnbench.algorithms.feedback_layers import INITS, FeedbackRule, check_init, feedback_weights
 from learnbench.algorithms.feedback_training import train_with_rule
+from learnbench.search_space import Choice, Dimension
 from learnbench.spec import TaskInfo
 
 
@@ -109,6 +110,15 @@ class DirectFeedbackAlignment(Backprop):
 
     feedback_init: str = "normal"
     """Distribution of the matrices: normal N(0, 1/(C + input size)) (as fa), xavier, kaiming."""
+
+    # backprop's ranges for the shared optimizer (AlgoPerf's Adam learning rates; see Backprop.search_space), plus the
+    # matrices' distribution.
+    search_space: ClassVar[dict[str, Dimension]] = {
+        **Backprop.search_space,
+        # Every distribution feedback_layers offers: Akrout et al.'s normal and torch's two weight initialisations
+        # (under Adam only their shape counts, not their scale: see the module docstring of feedback_alignment).
+        "feedback_init": Choice(INITS),
+    }
 
     def validate(self, task: TaskInfo) -> None:
         super().validate(task)

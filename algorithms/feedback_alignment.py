@@ -21,8 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from learnbench.algorithms.backprop import Backprop
-from learnbench.algorithms.feedback_layers import FeedbackRule, check_init, feedback_weights
+from learnbench.algorithms.feedback_layers import INITS, FeedbackRule, check_init, feedback_weights
 from learnbench.algorithms.feedback_training import train_with_rule
+from learnbench.search_space import Choice, Dimension
 from learnbench.spec import TaskInfo
 
 
@@ -51,6 +52,15 @@ class FeedbackAlignment(Backprop):
 
     feedback_init: str = "normal"
     """Distribution of B: normal N(0, 1/(fan_in+fan_out)) (Akrout et al.'s code), xavier, kaiming (torch's W init)."""
+
+    # backprop's ranges for the shared optimizer (AlgoPerf's Adam learning rates; see Backprop.search_space), plus B's
+    # distribution.
+    search_space: ClassVar[dict[str, Dimension]] = {
+        **Backprop.search_space,
+        # Every distribution feedback_layers offers: Akrout et al.'s normal and torch's two weight initialisations
+        # (under Adam only their shape counts, not their scale: see the module docstring of feedback_alignment).
+        "feedback_init": Choice(INITS),
+    }
 
     def validate(self, task: TaskInfo) -> None:
         super().validate(task)

@@ -64,6 +64,7 @@ from deap import base, creator, tools
 from torch import Tensor, nn
 
 from learnbench import population
+from learnbench.search_space import Choice, Dimension, IntRange, LogUniform, Uniform
 from learnbench.spec import Batch, StepStats, TaskInfo
 
 VARIANTS = ("classic", "such2017")
@@ -125,6 +126,22 @@ class GeneticAlgorithm:
     """vectorised (whole-array operators) or deap (DEAP's per-individual originals: the reference, slow)."""
     chunk_size: int | None = None
     """Individuals evaluated at once; None sizes chunks to `learnbench.population.DEFAULT_MEMORY_BYTES`."""
+
+    # For the default variant, classic; every corner keeps elites <= candidates (10) and popsize >= 20 (such2017's
+    # default truncation), so no combination of the ranges contradicts validate().
+    search_space: ClassVar[dict[str, Dimension]] = {
+        # A decade either side of Such et al.'s mutation power 0.002 (DEAP's tutorial mutates a toy problem with
+        # sigma 1: no guide for network weights).
+        "sigma": LogUniform(2e-4, 2e-2),
+        # From DEAP's tutorial (mutpb 0.2, indpb 0.1) to Such et al. (every offspring, every weight): mutpb down to
+        # half the tutorial's, indpb a decade below it, log-uniform (the share of weights changed spans decades).
+        "mutpb": Uniform(0.1, 1.0),
+        "indpb": LogUniform(0.01, 1.0),
+        # DEAP's eaSimple keeps no elite, Such et al. keep 1: 0 to 3.
+        "elites": IntRange(0, 3),
+        # Powers of two from below DEAP's tutorial population (50) to Such et al.'s (1000, Atari).
+        "popsize": Choice((32, 64, 128, 256, 512, 1024)),
+    }
 
     def setup(self, model: nn.Module, task: TaskInfo, generator: torch.Generator) -> None:
         self.validate()

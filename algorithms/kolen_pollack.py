@@ -31,8 +31,9 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from learnbench.algorithms.backprop import Backprop
-from learnbench.algorithms.feedback_layers import FeedbackRule, check_init, feedback_weights
+from learnbench.algorithms.feedback_layers import INITS, FeedbackRule, check_init, feedback_weights
 from learnbench.algorithms.feedback_training import train_with_rule
+from learnbench.search_space import Choice, Dimension, LogUniform
 from learnbench.spec import TaskInfo
 
 
@@ -85,6 +86,18 @@ class KolenPollack(Backprop):
     decay: float = 0.1
     """KP weight decay on W and B, times the current lr per step. Chosen on MNIST's validation split (MLP 256x2,
     Adam, cosine, 15 epochs): 1.0 underfits, 0 to 0.5 are within 0.2 points, 0.1 with lr 2e-3 was best."""
+
+    # backprop's ranges for the shared optimizer (AlgoPerf's Adam learning rates; see Backprop.search_space), plus the
+    # rule's own parameters.
+    search_space: ClassVar[dict[str, Dimension]] = {
+        **Backprop.search_space,
+        # No published value for Adam (see `decay`): a decade either side of the default 0.1, up to the 1.0 that
+        # underfit in the sweep that chose it; log-uniform, so 0 (B - W never shrinks) is left out.
+        "decay": LogUniform(0.01, 1.0),
+        # Every distribution feedback_layers offers: Akrout et al.'s normal and torch's two weight initialisations
+        # (under Adam only their shape counts, not their scale: see the module docstring of feedback_alignment).
+        "feedback_init": Choice(INITS),
+    }
 
     def validate(self, task: TaskInfo) -> None:
         super().validate(task)

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from learnbench import cost, population
 from learnbench.noise import NoiseTable, normal
+from learnbench.search_space import Choice, Dimension, LogUniform
 from learnbench.spec import Batch, StepStats, TaskInfo
 
 OPTIMIZERS = ("adam", "sgd", "momentum")
@@ -83,6 +84,16 @@ class OpenAIES:
     fresh normals every generation."""
     chunk_size: int | None = None
     """Members evaluated at once; None sizes chunks to `learnbench.population.DEFAULT_MEMORY_BYTES`."""
+
+    search_space: ClassVar[dict[str, Dimension]] = {
+        # EvoJAX's OpenES tuning grid (github.com/google/evojax scripts/benchmarks/configs/OpenES/search.yaml):
+        # init_stdev 0.01 to 0.1 and Adam's lrate_init 0.001 to 0.1; Salimans et al.'s 0.02 and 0.01 lie inside.
+        "sigma": LogUniform(0.01, 0.1),
+        "lr": LogUniform(1e-3, 0.1),
+        # Powers of two around the default 256, from EvoJAX's MNIST population (pop_size 100, OpenES/mnist.yaml)
+        # up; all even, as mirrored pairs need.
+        "popsize": Choice((64, 128, 256, 512)),
+    }
 
     def setup(self, model: nn.Module, task: TaskInfo, generator: torch.Generator) -> None:
         self.validate()

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from learnbench.algorithms.backprop import Backprop
 from learnbench.algorithms.feedback_layers import FeedbackRule
 from learnbench.algorithms.feedback_training import train_with_rule
+from learnbench.search_space import Choice, Dimension
 from learnbench.spec import TaskInfo
 
 
@@ -50,6 +51,10 @@ class SignSymmetry(Backprop):
 
     scale: bool = True
     """Multiply sign(W) by sqrt(2/(fan_in+fan_out)) (BioTorch's scaling_factor); False is Liao et al.'s plain uSF."""
+
+    # backprop's ranges for the shared optimizer (AlgoPerf's Adam learning rates; see Backprop.search_space), plus
+    # both published variants: Xiao et al.'s scaled sign(W) and Liao et al.'s plain uSF.
+    search_space: ClassVar[dict[str, Dimension]] = {**Backprop.search_space, "scale": Choice((True, False))}
 
     def setup(self, model: nn.Module, task: TaskInfo, generator: torch.Generator) -> None:
         self.validate(task)

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from learnbench import population
 from learnbench.noise import NoiseTable, normal
+from learnbench.search_space import Choice, Dimension, LogUniform
 from learnbench.spec import Batch, StepStats, TaskInfo
 
 
@@ -72,6 +73,20 @@ class SNES:
     normals every generation."""
     chunk_size: int | None = None
     """Members evaluated at once; None sizes chunks to `learnbench.population.DEFAULT_MEMORY_BYTES`."""
+
+    # lr_sigma keeps its published formula: its scale depends on d, so no fixed range suits every model.
+    search_space: ClassVar[dict[str, Dimension]] = {
+        # Problem-specific, no published value for networks (see above): from 0.01, below EvoJAX's MNIST initial
+        # stds (0.03 OpenES, 0.039 PGPE, 0.065 CMA-ES: github.com/google/evojax scripts/benchmarks/configs/*/
+        # mnist.yaml), to 3x the default 0.1.
+        "sigma_init": LogUniform(0.01, 0.3),
+        # A decade below Wierstra et al.'s eta_mu = 1 (Table 1), the top of the range.
+        "lr_mean": LogUniform(0.1, 1.0),
+        # Powers of two from about the default 4 + floor(3 ln d) (27 for the kit's MLP 64-32-10, 31 for the
+        # 11,274-parameter cnn) past EvoJAX's MNIST populations (64 to 100); all even, so antithetic sampling accepts
+        # every one.
+        "popsize": Choice((16, 32, 64, 128, 256)),
+    }
 
     def setup(self, model: nn.Module, task: TaskInfo, generator: torch.Generator) -> None:
         self._model, self._generator = model, generator

@@ -9,6 +9,7 @@ and records everything the checks look at; runs 0 and 1 use the same seed, so th
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import time
@@ -81,6 +82,28 @@ class Context:
         if "horizon_steps" in hp and hp["horizon_steps"] is None:
             hp["horizon_steps"] = KIT_STEPS  # as config.py fills it from a step budget
         return hp
+
+    def corner_problem(self, corner: dict[str, Any], base: dict[str, Any]) -> str | None:
+        """What is wrong with one search-space corner, or None: its values through resolve_hparams (their type
+        hints), then `base` (the kit's defaults) updated with them through the constructor and the trainer's
+        optional `validate([task])`, called as the suite loader (`config._check_values`) calls it."""
+        try:
+            typed = registry.resolve_hparams(self.cls, dict(corner), "search_space")
+        except Exception as exc:  # UsageError: a value its type hint refuses
+            return str(exc)
+        try:
+            trainer = self.cls(**{**base, **{name: typed[name] for name in corner}})
+        except Exception as exc:
+            return f"__init__ raised {describe(exc)}"
+        validate = getattr(self.cls, "validate", None)
+        if not callable(validate):
+            return None
+        takes_task = len(inspect.signature(validate).parameters) > 1  # (self, task)
+        try:
+            trainer.validate(self.task) if takes_task else trainer.validate()
+        except Exception as exc:
+            return f"validate() raised {describe(exc)}"
+        return None
 
     def _note(self, text: str) -> None:
         if text not in self.notes:

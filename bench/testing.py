@@ -25,12 +25,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 
-from . import registry
+from . import registry, search_space
 from .config import ENTRY_KEYS
 from .conformance import (KIT_MODEL, KIT_SEED, KIT_STEPS, CheckFailed, Context, describe, failing, plain, shape_of,
                           single_thread)
@@ -118,6 +118,33 @@ def check_hparams_round_trip(ctx: Context) -> str:
     if changed or plain(resolved) != original:
         raise CheckFailed(f"values changed on the way through the config (given, stored): {changed or resolved}")
     return f"{len(stored)} hyper-parameter(s) survive resolve_hparams, JSON and the constructor unchanged"
+
+
+def check_search_space(ctx: Context) -> str:
+    """An optional `search_space` (learnbench.search_space) names only hyper-parameters with well-formed dimensions,
+    and every corner (the kit's defaults updated with each dimension's extremes, all combinations) passes the type
+    hints, the constructor and `validate()`: the extremes a tuner may draw are values the trainer accepts."""
+    space = getattr(ctx.cls, "search_space", None)
+    if space is None:
+        return "no search_space declared (optional)"
+    if not isinstance(space, Mapping):
+        raise CheckFailed(f"search_space must be a dict of hyper-parameter name -> LogUniform, Uniform, IntRange or "
+                          f"Choice; got {type(space).__name__}")
+    try:
+        search_space.check(space, registry.hparam_defaults(ctx.cls), ctx.cls.name)
+    except ValueError as exc:
+        raise CheckFailed(str(exc)) from None
+    with failing("resolving the default hyper-parameters"):
+        base = ctx.hparams()
+    corners = list(search_space.corners(space))
+    failed = [(corner, problem) for corner in corners if (problem := ctx.corner_problem(corner, base))]
+    if failed:
+        corner, problem = failed[0]
+        raise CheckFailed(f"{len(failed)} of {len(corners)} corner(s) of the search space fail; the first, {corner}: "
+                          f"{problem}")
+    dims = ", ".join(f"{name} {type(dim).__name__}" for name, dim in space.items())
+    checked = "validate()" if callable(getattr(ctx.cls, "validate", None)) else "the constructor (no validate())"
+    return f"{len(space)} dimension(s) ({dims}); all {len(corners)} corner(s) pass the type hints and {checked}"
 
 
 def check_init_stores_only(ctx: Context) -> str:
@@ -332,6 +359,7 @@ CHECKS: dict[str, Callable[[Context], str]] = {
     "constructible": check_constructible,
     "unique_name": check_unique_name,
     "hparams_round_trip": check_hparams_round_trip,
+    "search_space": check_search_space,
     "init_stores_only": check_init_stores_only,
     "runs": check_runs,
     "deterministic": check_deterministic,

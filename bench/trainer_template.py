@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from learnbench import Batch, StepStats, TaskInfo
+from learnbench.search_space import Dimension, LogUniform
 
 
 @dataclass(eq=False)  # the dataclass stores the hyper-parameters; eq=False keeps trainers compared by identity
@@ -43,16 +44,28 @@ class MyAlgorithm:
     lr: float = 0.1
     """Learning rate of the SGD update."""
 
+    # Optional: the ranges `learnbench tune` searches (LogUniform, Uniform, IntRange(low, high, step), Choice(options)),
+    # one entry per tuned hyper-parameter, independent of dataset and model; say where each range comes from.
+    # check-plugin runs every corner of the space through validate().
+    search_space: ClassVar[dict[str, Dimension]] = {
+        "lr": LogUniform(0.01, 1.0),  # plain SGD: a decade either side of the default 0.1
+    }
+
+    def validate(self) -> None:
+        """Raise ValueError naming a bad hyper-parameter value. Optional, and it may take the TaskInfo too:
+        `learnbench run` calls it before any trial starts, check-plugin on every corner of search_space."""
+        if self.batch_size <= 0 or self.lr <= 0:
+            raise ValueError(f"batch_size and lr must be positive; got {self.batch_size} and {self.lr}")
+
     def setup(self, model: nn.Module, task: TaskInfo, generator: torch.Generator) -> None:
-        """Validate the hyper-parameters (raise ValueError) and build every piece of state here, not in __init__.
+        """Validate the hyper-parameters and build every piece of state here, not in __init__.
 
         model: the network to train, already on task.device: [B, *task.input_shape] inputs -> [B, task.n_classes]
             logits. You may change it in place; eval_model() must return a module of the same architecture.
         task: input_shape, n_classes, n_train and device: all a trainer may know about the data.
         generator: the only source of randomness (torch.randn(shape, generator=generator, device=task.device)).
         """
-        if self.batch_size <= 0 or self.lr <= 0:
-            raise ValueError(f"batch_size and lr must be positive; got {self.batch_size} and {self.lr}")
+        self.validate()
         self._model = model.train()
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._generator = generator  # SGD draws nothing; keep it for your algorithm's noise

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from learnbench.algorithms.backprop import Backprop
+from learnbench.search_space import LogUniform
 from learnbench.spec import StepStats
 
 
@@ -157,6 +158,25 @@ class EvalOtherArchitecture(Backprop):
     def eval_model(self):
         return self._wrapped
 
+
+@dataclass(eq=False)
+class SpaceOutsideValidate(Backprop):
+    """Searches lr up to 10, which its own validate() refuses above 1."""
+    name: ClassVar[str] = "space-outside-validate"
+    search_space: ClassVar[dict] = {"lr": LogUniform(1e-3, 10.0)}
+
+    def validate(self, task):
+        super().validate(task)
+        if self.lr is not None and self.lr > 1:
+            raise ValueError(f"lr must be at most 1; got {self.lr}")
+
+
+@dataclass(eq=False)
+class SpaceUnknownName(Backprop):
+    """Searches `learning_rate`, which is not one of its hyper-parameters (lr is)."""
+    name: ClassVar[str] = "space-unknown-name"
+    search_space: ClassVar[dict] = {"learning_rate": LogUniform(1e-4, 1e-2)}
+
 '''
 
 DUPLICATE = '''
@@ -176,7 +196,9 @@ class Duplicate(Backprop):
 NEEDS_A_RUN = {"runs", "deterministic", "uses_given_generator", "loss_decreases", "batch_not_mutated",
                "step_stats_plausible", "eval_model", "init_stores_only"}
 FAILS = {
-    "required": {"constructible", "hparams_round_trip", "init_stores_only"} | NEEDS_A_RUN | {"trial_recorded"},
+    # backprop's inherited search_space cannot be checked without defaults either
+    "required": {"constructible", "hparams_round_trip", "search_space", "init_stores_only"} | NEEDS_A_RUN
+    | {"trial_recorded"},
     "alters-default": {"hparams_round_trip"},
     "init-state": {"init_stores_only"},
     "raises-in-setup": NEEDS_A_RUN | {"trial_recorded"},
@@ -190,5 +212,7 @@ FAILS = {
     "float-counts": {"step_stats_plausible"},
     "eval-not-module": {"eval_model", "trial_recorded"},
     "eval-other-architecture": {"eval_model", "trial_recorded"},
+    "space-outside-validate": {"search_space"},
+    "space-unknown-name": {"search_space"},
     "backprop": {"unique_name", "trial_recorded"},
 }
