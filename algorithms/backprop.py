@@ -17,7 +17,7 @@ and step on a converted model (`feedback_training.train_with_rule`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -75,8 +75,8 @@ class Backprop:
     """Activation checkpointing (Chen et al. 2016, torch.utils.checkpoint): keep only this many segments' inputs
     and recompute the rest in the backward pass (same gradients, about one more forward); 0 keeps everything."""
 
-    # What `learnbench tune` searches. The ranges suit the default optimizer, Adam; SGD's learning rates lie higher
-    # (AlgoPerf's Nesterov baseline searches [2e-2, 5]).
+    # What `learnbench tune` searches, as declared for the default optimizer, Adam; `adjust_search_space` moves the
+    # learning rate to the entry's optimizer (SGD's rates lie higher: AlgoPerf's Nesterov baseline searches [2e-2, 5]).
     search_space: ClassVar[dict[str, Dimension]] = {
         # AlgoPerf's baseline spaces for Adam-type optimizers (mlcommons/algorithmic-efficiency: the NAdamW
         # baseline and the MNIST workload): learning rate log-uniform in [1e-4, 1e-2], around Adam's default 1e-3.
@@ -86,6 +86,17 @@ class Backprop:
         # to 5e-4 (Zagoruyko & Komodakis 2016, WRN). Log-uniform, so the default 0 is not in it.
         "weight_decay": LogUniform(1e-5, 5e-3),
     }
+
+    @classmethod
+    def adjust_search_space(cls, space: dict[str, Dimension], hparams: Mapping[str, Any]) -> dict[str, Dimension]:
+        """The declared learning-rate range is for Adam; another optimizer's is it scaled by the ratio of the two
+        published defaults (`DEFAULT_LR`): with the declared [1e-4, 1e-2], SGD's [1e-2, 1], RMSprop's and
+        Adagrad's [1e-3, 1e-1]."""
+        scale = DEFAULT_LR.get(hparams.get("optimizer"), DEFAULT_LR["adam"]) / DEFAULT_LR["adam"]
+        lr = space.get("lr")
+        if isinstance(lr, LogUniform) and scale != 1:
+            space["lr"] = LogUniform(lr.low * scale, lr.high * scale)
+        return space
 
     def setup(self, model: nn.Module, task: TaskInfo, generator: torch.Generator) -> None:
         self.validate(task)

@@ -127,8 +127,8 @@ class GeneticAlgorithm:
     chunk_size: int | None = None
     """Individuals evaluated at once; None sizes chunks to `learnbench.population.DEFAULT_MEMORY_BYTES`."""
 
-    # For the default variant, classic; every corner keeps elites <= candidates (10) and popsize >= 20 (such2017's
-    # default truncation), so no combination of the ranges contradicts validate().
+    # For the default variant, classic; every corner keeps elites <= candidates (2 or more) and popsize >= 20
+    # (such2017's default truncation), so no combination of the ranges contradicts validate().
     search_space: ClassVar[dict[str, Dimension]] = {
         # A decade either side of Such et al.'s mutation power 0.002 (DEAP's tutorial mutates a toy problem with
         # sigma 1: no guide for network weights).
@@ -137,8 +137,9 @@ class GeneticAlgorithm:
         # half the tutorial's, indpb a decade below it, log-uniform (the share of weights changed spans decades).
         "mutpb": Uniform(0.1, 1.0),
         "indpb": LogUniform(0.01, 1.0),
-        # DEAP's eaSimple keeps no elite, Such et al. keep 1: 0 to 3.
-        "elites": IntRange(0, 3),
+        # DEAP's eaSimple keeps no elite, Such et al. keep 1: 0 to 2 (elites are picked among the `candidates`,
+        # which the built-in suites set to 2).
+        "elites": IntRange(0, 2),
         # Powers of two from below DEAP's tutorial population (50) to Such et al.'s (1000, Atari).
         "popsize": Choice((32, 64, 128, 256, 512, 1024)),
     }

@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="learnbench", description="Compare neural-network training algorithms.", epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_run_command(sub)
+    _add_tune_command(sub)
 
     show = sub.add_parser("show", help="the summary table of a run")
     show.add_argument("run_dir")
@@ -72,12 +73,35 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_run_command(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser("run", help="run a suite (default: quick)")
     run.add_argument("suite", nargs="?", default="quick", help="built-in suite name or a .toml file")
+    _add_suite_options(run, "runs/<suite>[-<hash of the overrides>]")
+
+
+def _add_tune_command(sub: argparse._SubParsersAction) -> None:
+    tune = sub.add_parser("tune", help="equal-budget hyper-parameter tuning of every algorithm of a suite",
+                          description="For every problem and algorithm of the suite: STUDIES studies of TRIALS "
+                          "configurations drawn from the trainer's search_space, scored on validation; then each "
+                          "study's best configuration and the suite's own run on the suite's seeds.")
+    tune.add_argument("suite", help="built-in suite name or a .toml file")
+    _add_suite_options(tune, "runs/<suite>-tune[-<hash of the overrides>]")
+    tune.add_argument("--trials", type=int, default=5, help="configurations per study (default 5)")
+    tune.add_argument("--studies", type=int, default=5, help="independent studies per algorithm (default 5)")
+    tune.add_argument("--sampler", default="qmc", choices=["qmc", "random", "tpe"],
+                      help="Optuna sampler: qmc = scrambled Sobol (default), random, tpe")
+    tune.add_argument("--objective", default="val-accuracy", choices=["val-accuracy", "time-to-target"],
+                      help="final validation accuracy (default), or the cost to reach --target on validation")
+    tune.add_argument("--target", type=float, help="with time-to-target: the validation accuracy to reach (0-1]")
+    tune.add_argument("--currency", choices=["flops", "seconds", "examples"],
+                      help="with time-to-target: the cost counted (nominal FLOPs, training seconds, examples)")
+
+
+def _add_suite_options(run: argparse.ArgumentParser, out_default: str) -> None:
+    """The options `run` and `tune` share: which suite trials, where they run, where results go."""
     run.add_argument("--algorithms", nargs="+", help="only these algorithm ids or labels (comma or space separated)")
     run.add_argument("--datasets", nargs="+", help="replace the suite's datasets")
     run.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
     run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                      help="override a suite value: budget.epochs=5, model.kind=cnn, backprop.lr=0.01, ...")
-    run.add_argument("--out", help="run directory (default: runs/<suite>[-<hash of the overrides>])")
+    run.add_argument("--out", help=f"run directory (default: {out_default})")
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     run.add_argument("--executor", default="local", choices=["local", "ray"],
                      help="local worker processes, or one Ray task per trial (needs learnbench[ray])")
@@ -153,14 +177,14 @@ def _resolve_run(args: argparse.Namespace, device: str) -> tuple[dict[str, Any],
     return suite, trials
 
 
-def _run_dir(args: argparse.Namespace, suite_name: str) -> Path:
-    """--out, or runs/<suite>, suffixed with a hash of the options that change the trials (so two different
-    experiments never share a store)."""
+def _run_dir(args: argparse.Namespace, suite_name: str, kind: str = "", extra: list[Any] | None = None) -> Path:
+    """--out, or runs/<suite><kind>, suffixed with a hash of the options that change the trials (so two different
+    experiments never share a store); `extra`: a command's own such options, only those not at their defaults."""
     if args.out:
         return Path(args.out)
     overridden = any([args.algorithms, args.datasets, args.seeds, _experiment_sets(args), args.plugin,
-                      args.device != "auto"])
-    return Path("runs") / (suite_name + (f"-{_short_hash(args)}" if overridden else ""))
+                      args.device != "auto", extra])
+    return Path("runs") / (suite_name + kind + (f"-{_short_hash(args, extra)}" if overridden else ""))
 
 
 def _run_pending(args: argparse.Namespace, store: Store, run_dir: Path, device: str, trials: list[Trial],
@@ -205,6 +229,16 @@ def _post_run(store: Store, run_dir: Path, device: str, trials: list[Trial], dat
         post_run(store, run_dir, device, data_dir)
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    try:
+        from .tune import cmd_tune as tune  # Optuna is imported only by this command
+    except ImportError as exc:
+        if exc.name != "optuna":
+            raise
+        raise UsageError("learnbench tune needs Optuna, which is not installed: pip install 'optuna>=3.5'") from None
+    return tune(args)
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     from .reports import show_table
     from .store import Store
@@ -223,7 +257,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 def _trial_json(trial: StoredTrial) -> dict[str, Any]:
     return {"id": trial.id, "algorithm": trial.algorithm, "label": trial.label, "dataset": trial.dataset,
             "model": trial.model_label, "seed": trial.seed, "status": trial.status, "hparams": dict(trial.hparams),
-            "error": trial.error, "metrics": dict(trial.metrics)}
+            "tuning": dict(trial.tuning) if trial.tuning else None, "error": trial.error,
+            "metrics": dict(trial.metrics)}
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -303,8 +338,9 @@ def _names(values: list[str] | None) -> list[str] | None:
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
 
 
-def _short_hash(args: argparse.Namespace) -> str:
-    key = json.dumps([args.algorithms, args.datasets, args.seeds, _experiment_sets(args), args.plugin, args.device])
+def _short_hash(args: argparse.Namespace, extra: list[Any] | None = None) -> str:
+    key = json.dumps([args.algorithms, args.datasets, args.seeds, _experiment_sets(args), args.plugin, args.device]
+                     + ([extra] if extra else []))
     return hashlib.sha256(key.encode()).hexdigest()[:6]
 
 
@@ -377,8 +413,9 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "show": cmd_show, "report": cmd_report, "list": cmd_list, "perf": cmd_perf,
-            "check-plugin": cmd_check_plugin, "new-algorithm": cmd_new_algorithm, "diagnose": cmd_diagnose}
+COMMANDS = {"run": cmd_run, "tune": cmd_tune, "show": cmd_show, "report": cmd_report, "list": cmd_list,
+            "perf": cmd_perf, "check-plugin": cmd_check_plugin, "new-algorithm": cmd_new_algorithm,
+            "diagnose": cmd_diagnose}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -328,6 +328,29 @@ def _entry(entry: Any, registry: Registry, where: str) -> dict[str, Any]:
             "code": code_digests(reg.cls), "plugin": reg.provenance()}
 
 
+def entry_values(suite: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each [[algorithms]] entry's own hyper-parameter values by label, as the suite gives them (what `resolve`
+    fills defaults into): the base a tuner's suggestions update. Call it on a suite `resolve` accepted."""
+    return {entry.get("label", entry["id"]): {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
+            for entry in suite.get("algorithms", [])}
+
+
+def with_hparams(trial: Trial, registry: Registry, given: dict[str, Any], where: str, check: bool = True,
+                 **fields: Any) -> Trial:
+    """`trial` with its hyper-parameters resolved again from `given` (as a suite entry's values: defaults, types,
+    `horizon_steps` from the trial's budget, and the trainer's `validate()` when `check`) and `fields` replaced
+    (label, seed, tuning, ...), under its new id: how `learnbench tune` makes its configurations."""
+    from .datasets import info as datasets_info
+
+    cls = registry.entries[trial.algorithm].cls
+    info = datasets_info(trial.dataset)
+    hparams = _fill_horizon(resolve_hparams(cls, given, where), trial.budget, info.n_train)
+    if check:
+        _check_values(cls, hparams, info, trial.device, where)
+    changed = dataclasses.replace(trial, **fields, hparams=hparams, id="")
+    return dataclasses.replace(changed, id=trial_id(changed.config()))
+
+
 def _fill_horizon(hparams: dict[str, Any], budget: Budget, n_train: int) -> dict[str, Any]:
     """`horizon_steps = None` -> the number of steps the step/epoch budget allows (for cosine/one-cycle)."""
     if "horizon_steps" in hparams and hparams["horizon_steps"] is None:

@@ -9,6 +9,10 @@ the device with one permutation per epoch: no DataLoader, no host-device copies.
 FLOPs are nominal (`learnbench.cost`): the plain model's dense FLOPs per example, counted once per model before
 training, times the example-passes each step reports, plus the work the trainer declares outside the model. No
 FLOP counter runs during training, so the count neither slows the timed steps nor depends on the code path.
+
+A tuning search configuration (`Trial.is_search`, made by `learnbench tune`) never reads the test split: it is
+evaluated on validation only (curve and final `val/` metrics; no `test/` point, no attack), and its weights are not
+kept (only the tuned reruns' are); see `_held_out`.
 """
 
 from __future__ import annotations
@@ -156,15 +160,14 @@ def run_trial(trial: Trial, run_dir: str | None, data_dir: str | None = None,
                 _train(trainer, sampler, progress, trial, splits, curves, probes, on_progress)
             except Diverged as exc:
                 status, error = "diverged", str(exc)
-            final = _evaluate(_eval_model(trainer), splits.test_x, splits.test_y, trial.eval.batch_size)
-            metrics.update({"test/accuracy": final[1], "test/loss": final[0]})
-            val = _evaluate(_eval_model(trainer), splits.val_x, splits.val_y, trial.eval.batch_size)
-            metrics.update({"val/accuracy": val[1], "val/loss": val[0]})
+            for split, x, y in _held_out(trial, splits):
+                loss, accuracy = _evaluate(_eval_model(trainer), x, y, trial.eval.batch_size)
+                metrics.update({f"{split}/accuracy": accuracy, f"{split}/loss": loss})
         metrics.update(_cost_metrics(progress, device))
         metrics.update(_last_values(curves, ("train/", "align/", "grad/", "update/", "cos/", "flag/")))
-        if status == "done":
+        if status == "done" and not trial.is_search:  # attacks use test points
             metrics.update(_robustness(trial, _eval_model(trainer), model, splits, device))
-        if run_dir:
+        if run_dir and not trial.is_search:
             artifacts.save_model(run_dir, trial, _eval_model(trainer), splits.input_shape, splits.n_classes)
     except Exception:  # the trainer's (or a plugin's) fault: this trial fails, the suite goes on
         status, error = "failed", traceback.format_exc(limit=20)
@@ -286,9 +289,16 @@ def _check_finite(losses: list, step: int) -> None:
         raise Diverged(f"non-finite training loss at step {step}")
 
 
+def _held_out(trial: Trial, splits) -> tuple[tuple[str, torch.Tensor, torch.Tensor], ...]:
+    """The splits a trial is evaluated on: validation, and test unless the trial is a tuning search configuration,
+    which is scored on validation alone and must never read the test split."""
+    val = ("val", splits.val_x, splits.val_y)
+    return (val,) if trial.is_search else (val, ("test", splits.test_x, splits.test_y))
+
+
 def _record_eval(trainer, splits, trial: Trial, progress: Progress, curves: list[CurvePoint], losses: list) -> None:
     model = _eval_model(trainer)
-    for split, x, y in (("val", splits.val_x, splits.val_y), ("test", splits.test_x, splits.test_y)):
+    for split, x, y in _held_out(trial, splits):
         loss, accuracy = _evaluate(model, x, y, trial.eval.batch_size)
         curves += [progress.point(f"{split}/accuracy", accuracy), progress.point(f"{split}/loss", loss)]
     if losses:

@@ -9,7 +9,8 @@ A trainer may declare a class attribute
 
 one entry per tuned hyper-parameter, independent of dataset and model (AlgoPerf's external-tuning rule: a
 submission's space is workload-independent). Every other hyper-parameter keeps its value from the suite entry.
-`suggest` draws a configuration through an Optuna trial (its samplers: scrambled Sobol, random, TPE), so the
+`space_for` gives the space for one entry (a class may adjust a range to the entry's other choices, as
+backprop scales its learning rate to the optimizer's); `suggest` draws a configuration through an Optuna trial (its samplers: scrambled Sobol, random, TPE), so the
 dimensions map one to one onto Optuna's distributions; `corners` lists the extreme configurations that
 `learnbench check-plugin` runs through the trainer's `validate()`.
 """
@@ -99,6 +100,17 @@ def _check_dimension(dim: Dimension, where: str) -> None:
         raise ValueError(f"{where} = {dim} is empty or, on a log scale, not positive")
     if isinstance(dim, IntRange) and dim.step < 1:
         raise ValueError(f"{where} needs step >= 1; got {dim.step}")
+
+
+def space_for(cls: type, hparams: Mapping[str, Any]) -> dict[str, Dimension] | None:
+    """The space a tuner searches for an entry of `cls` with these hyper-parameters: the class's `search_space`,
+    passed through its optional `adjust_search_space(space, hparams)` when a range depends on another choice of the
+    entry (backprop's learning rate on its optimizer); None when the class declares none."""
+    space = getattr(cls, "search_space", None)
+    adjust = getattr(cls, "adjust_search_space", None)
+    if isinstance(space, Mapping) and callable(adjust):
+        return adjust(dict(space), hparams)
+    return dict(space) if isinstance(space, Mapping) else space
 
 
 def corners(space: Mapping[str, Dimension]) -> Iterator[dict[str, Any]]:

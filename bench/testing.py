@@ -125,6 +125,8 @@ def check_search_space(ctx: Context) -> str:
     and every corner (the kit's defaults updated with each dimension's extremes, all combinations) passes the type
     hints, the constructor and `validate()`: the extremes a tuner may draw are values the trainer accepts."""
     space = getattr(ctx.cls, "search_space", None)
+    if isinstance(space, Mapping):  # the space for the kit's defaults (a class may adjust it to them)
+        space = search_space.space_for(ctx.cls, registry.hparam_defaults(ctx.cls))
     if space is None:
         return "no search_space declared (optional)"
     if not isinstance(space, Mapping):

@@ -6,6 +6,13 @@ which returns a `TrialResult`; the store keeps the config JSON and returns `Stor
 
 `Trial.config()` is the JSON object stored in `trials.config`; its hash, without the keys in `NOT_HASHED`, is the
 trial id (`config.trial_id`). Old stores whose config lacks a newer key load with that key's default.
+
+`Trial.tuning` marks the trials of `learnbench tune` (`learnbench.tune`): None for an ordinary trial (and then absent
+from the config, so an ordinary trial's config and id are what they were before tuning existed); for a search
+configuration `{"role": "search", "entry": LABEL, "study": s, "index": i, "sampler": "qmc", "space": {name:
+{"kind": "log-uniform", "low": ..., "high": ...}, ...}}`, which the runner evaluates on validation only (the test
+split is never read) and the reports keep out of their main sections; for a study's best configuration re-run on the
+suite's seeds `{"role": "tuned", "entry": LABEL, "study": s, "objective": ...}`.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from typing import Any, Mapping, NamedTuple
 
 NOT_HASHED = ("id", "suite", "resources", "reference", "unranked")  # keys that do not change the experiment
 STATUSES = ("pending", "running", "done", "failed", "diverged")
+SEARCH, TUNED = "search", "tuned"  # `Trial.tuning["role"]` of a tuning configuration and of a best-configuration rerun
 CURRENCIES = ("epochs", "time_s", "flops")  # budgets that mean the same cost for every algorithm (not steps)
 DEFAULT_REFERENCE = "backprop"  # a suite's default `reference` (a setting, never a branch in the harness)
 
@@ -91,12 +99,26 @@ class Trial:
     """The suite's reference algorithm (label or id): report targets, transfer-attack source."""
     unranked: bool = False
     """The suite gave this entry its own budget: reported beside the others, never ranked with them."""
+    tuning: Mapping[str, Any] | None = None
+    """`learnbench tune`'s mark (see the module docstring): None for an ordinary trial."""
 
     def config(self) -> dict[str, Any]:
         """The JSON object stored in the results store (and sent to worker processes)."""
         out = dataclasses.asdict(self)  # nested dataclasses become dicts; tuples stay tuples (JSON lists)
         out["diagnostics"]["probes"] = list(self.diagnostics.probes)
+        if self.tuning is None:  # an ordinary trial keeps the config (and so the id) it had before tuning existed
+            del out["tuning"]
         return out
+
+    @property
+    def tuning_role(self) -> str | None:
+        """`search`, `tuned`, or None for an ordinary trial."""
+        return self.tuning.get("role") if self.tuning else None
+
+    @property
+    def is_search(self) -> bool:
+        """A tuning search configuration: scored on validation only; the test split is never read for it."""
+        return self.tuning_role == SEARCH
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Trial:

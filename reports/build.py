@@ -3,8 +3,9 @@
 The report is assembled once as blocks (`document.py`) and rendered twice, so the Markdown and the HTML always
 show the same numbers. Sections, per group (a problem, dataset x model, under one budget; a problem run under
 several budgets gets one subsection per budget, never compared with each other): final accuracy, learning curves,
-accuracy at equal cost, time-to-target, cost vs accuracy, pairwise significance, robustness, alignment,
-diagnostics; then the performance profiles across the ranked groups, and the provenance of every run.
+tuning (after `learnbench tune`), accuracy at equal cost, time-to-target, cost vs accuracy, pairwise significance,
+robustness, alignment, diagnostics; then the performance profiles across the ranked groups, and the provenance of
+every run.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .html import to_html
 from .probes import alignment_section, diagnostics_section
 from .robustness import robustness_section
 from .sections import Context, accuracy_section, curves_section, pareto_section, time_to_target_section
+from .tuning import tuning_section
 
 # Provenance keys shown first, in this order (the runner's names and common spellings); the rest follow sorted.
 PROVENANCE_ORDER = ("learnbench", "version", "git_commit", "git", "commit", "python", "torch", "numpy", "deap",
@@ -87,6 +89,7 @@ def group_blocks(ctx: Context, parts: tuple[str, ...], group: Group) -> list[Blo
     out += [Text(note) for note in group.notes]
     out += accuracy_section(group)
     out += curves_section(ctx, parts, group)
+    out += tuning_section(ctx, parts, group)
     out += equal_cost_section(group)
     if group.ranked:
         out += time_to_target_section(group)
@@ -110,6 +113,10 @@ def overview(data: ReportData) -> list[Block]:
     runs = ", ".join(str(p) for p in data.run_dirs)
     text = (f"{_count(len(data.trials), 'trial')} ({status}) of {_count(len(data.labels()), 'algorithm')} from "
             f"{_count(len(data.run_dirs), 'run')}: {runs}. Datasets / models (budget): {problems}.")
+    if data.search:
+        text += (f" Tuning also ran {_count(len(data.search), 'search configuration')} "
+                 f"({', '.join(f'{v} {k}' for k, v in status_counts(data.search).items())}), scored on validation "
+                 "only; they appear only in the Tuning sections.")
     note = ("Statistics are over seeds: mean, sample standard deviation and Student-t 95% confidence intervals. "
             "Trials that appear in several runs (same config id) count once. Accuracies are in percent. Only trials "
             "of the same problem and budget are compared; validation accuracy makes every choice (best marks, "

@@ -3,7 +3,8 @@ performance profiles across groups. Only ranked labels take part (groups.py says
 
 Pairwise tests pair seeds: seed s of one algorithm against seed s of the other (same data split, same initial
 draw where the models agree), which removes the between-seed variance both share; a seed that one of them did not
-finish is left out of that pair. Profiles (Dolan & Moré 2002, as in AlgoPerf) run over (group, target) problems;
+finish is left out of that pair; a tuned label (`learnbench tune`) has one trial per study on each seed, and its
+value for the seed is their mean. Profiles (Dolan & Moré 2002, as in AlgoPerf) run over (group, target) problems;
 an algorithm's profile counts only the problems it attempted, and a problem nobody solved stays in every
 attempting algorithm's denominator (it is listed by name, never dropped).
 """
@@ -28,13 +29,14 @@ from .sections import Context, target_reaches
 
 # --- paired tests within a group --------------------------------------------------------------------------------
 def seed_values(trials: Sequence[StoredTrial], metric: str = TEST) -> dict[int, float]:
-    """seed -> the final metric of the done trials that have a finite value."""
-    out = {}
+    """seed -> the final metric of the done trials that have a finite value; the mean where a label has several
+    trials of one seed (a tuned label: one per tuning study)."""
+    values: dict[int, list[float]] = {}
     for t in done(trials):
         v = t.metrics.get(metric)
         if v is not None and math.isfinite(v):
-            out[t.seed] = float(v)
-    return out
+            values.setdefault(t.seed, []).append(float(v))
+    return {seed: sum(vs) / len(vs) for seed, vs in values.items()}
 
 
 def significance_section(group: Group) -> list[Block]:

@@ -6,11 +6,15 @@ that got furthest wins (done > diverged > failed > running > pending); a tie kee
 Each kept trial is a `ReportTrial`: the store's `StoredTrial` with the curves of the run it was kept from
 (metric -> `Curve`) beside its final metrics, so every section reads a trial's curves as `trial.curves[metric]`.
 Only `results.sqlite` is read (through `learnbench.store.Store`); nothing is retrained or re-evaluated.
+
+Trials of `learnbench tune` (`Trial.tuning`): the search configurations are set apart (`ReportData.search`, read
+only by the Tuning section, `tuning.py`), so no main table, curve, test or profile includes them; the suite's own
+trials of an entry that was tuned are shown as `LABEL (default)` beside `LABEL (tuned)` (`display_labels`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, TypeVar
 
@@ -60,6 +64,8 @@ class ReportData:
     trials: list[ReportTrial]
     runs: list[dict[str, Any]] = field(default_factory=list)
     run_dirs: list[Path] = field(default_factory=list)
+    search: list[ReportTrial] = field(default_factory=list)
+    """Tuning search configurations (`learnbench tune`): only the Tuning section reads them."""
 
     def labels(self) -> list[str]:
         """Algorithm labels in order of first appearance (suite order): fixes each label's colour."""
@@ -85,7 +91,30 @@ def load_runs(run_dirs: Iterable[str | Path], curves: bool | tuple[str, ...] = T
     finally:
         for store in stores:
             store.close()
-    return ReportData([ReportTrial.of(t, read.get(t.id)) for t, _ in kept.values()], runs, dirs)
+    trials, search = split_search(display_labels([ReportTrial.of(t, read.get(t.id)) for t, _ in kept.values()]))
+    return ReportData(trials, runs, dirs, search)
+
+
+def split_search(trials: Sequence[T]) -> tuple[list[T], list[T]]:
+    """(the trials the main sections read, the tuning search configurations)."""
+    return [t for t in trials if not t.is_search], [t for t in trials if t.is_search]
+
+
+def display_labels(trials: Sequence[T]) -> list[T]:
+    """The trials with the suite's own trials of each tuned entry (problem and label) labelled `LABEL (default)`
+    (`learnbench tune` keeps them identical to `run`'s, so their stored label is the entry's); a reference named by
+    such a label follows it."""
+    tuned = {(t.dataset, t.model_label, t.tuning.get("entry")) for t in trials if t.tuning}
+    renamed = {(t.dataset, t.model_label, t.label) for t in trials if t.tuning is None} & tuned
+    out = []
+    for t in trials:
+        changes = {}
+        if t.tuning is None and (t.dataset, t.model_label, t.label) in renamed:
+            changes["label"] = f"{t.label} (default)"
+        if (t.dataset, t.model_label, t.reference) in renamed:
+            changes["reference"] = f"{t.reference} (default)"
+        out.append(replace(t, **changes) if changes else t)
+    return out
 
 
 def _read_curves(kept: Mapping[str, tuple[StoredTrial, int]], stores: list[Store],

@@ -26,8 +26,8 @@ from learnbench.errors import UsageError
 from learnbench.trial import StoredTrial
 
 from . import stats
-from .data import (COST_METRICS, ReportData, ReportTrial, done, first_line, load_runs, metric_names, metric_values,
-                   status_counts, status_text, suite_names)
+from .data import (COST_METRICS, ReportData, ReportTrial, display_labels, done, first_line, load_runs, metric_names,
+                   metric_values, split_search, status_counts, status_text, suite_names)
 from .document import Cell, Table, mark_best, md_table, md_text, pct, secs, si
 from .equal_cost import as_table, cost_table
 from .groups import TEST, VAL, Group, all_groups, mean_final
@@ -76,9 +76,11 @@ def _budget_cell(group: Group, label: str) -> str:
 
 def show_table(trials: Sequence[StoredTrial]) -> str:
     """The summary table (tabulate 'simple') and the failed/diverged/unfinished trials below it (`store.trials()`;
-    no curve is read)."""
+    no curve is read). Tuned entries show `LABEL (default)` and `LABEL (tuned)` rows; tuning search configurations
+    are only counted, in a line below."""
+    trials, search = split_search(display_labels(trials))
     if not trials:
-        return "no trials in this run"
+        return "no trials in this run" + (f"\n{_search_line(search)}" if search else "")
     headline = headline_attack(trials)
     flag_names = metric_names(trials, "flag/")
     headers = ["dataset", "model", "budget", "algorithm", "val acc %", "test acc % (95% CI)", "n", "trials",
@@ -103,12 +105,22 @@ def show_table(trials: Sequence[StoredTrial]) -> str:
     text = tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True)
     notes = ("mean ± Student-t 95% half-width over done seeds; costs are means; only rows of one dataset, model and "
              "budget compare; (unranked): shown, never ranked")
+    tail = f"\n{_search_line(search)}" if search else ""
     bad = [t for t in trials if t.status != "done"]
     if bad:
         lines = [f"  {t.dataset}/{t.model_label} {t.label} seed {t.seed} [{t.status}] {t.id[:12]}: "
                  f"{first_line(t.error)}" for t in bad]
-        return f"{text}\n({notes})\n\nnot done ({len(bad)}):\n" + "\n".join(lines)
-    return f"{text}\n({notes})"
+        return f"{text}\n({notes}){tail}\n\nnot done ({len(bad)}):\n" + "\n".join(lines)
+    return f"{text}\n({notes}){tail}"
+
+
+def _search_line(search: Sequence[StoredTrial]) -> str:
+    """How many tuning search configurations ran (validation only; the report's Tuning section shows them)."""
+    studies = {(t.dataset, t.model_label, t.tuning.get("entry"), t.tuning.get("study")) for t in search if t.tuning}
+    entries = {study[:3] for study in studies}
+    return (f"tuning: {len(search)} search configuration(s) ({status_text(search)}) in {len(studies)} "
+            f"studies of {len(entries)} algorithm(s) x problem(s), scored on validation only; see the report's "
+            "Tuning section")
 
 
 # --- the README's results section ----------------------------------------------------------------------------------

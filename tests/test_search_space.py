@@ -183,3 +183,17 @@ def test_a_corner_its_type_hints_refuse_fails():
 def test_no_space_is_optional():
     result = _only(_NoSpace)
     assert result.passed and result.reason == "no search_space declared (optional)"
+
+
+def test_backprop_scales_its_learning_rate_range_to_the_entrys_optimizer():
+    from learnbench.algorithms.backprop import DEFAULT_LR, Backprop
+    from learnbench.algorithms.kolen_pollack import KolenPollack
+    from learnbench.search_space import space_for
+
+    declared = Backprop.search_space["lr"]
+    assert space_for(Backprop, {"optimizer": "adam"})["lr"] == declared  # the declared range is Adam's
+    for optimizer in ("momentum", "rmsprop"):
+        lr = space_for(KolenPollack, {"optimizer": optimizer, "decay": 0.1})["lr"]
+        ratio = DEFAULT_LR[optimizer] / DEFAULT_LR["adam"]
+        assert (lr.low, lr.high) == pytest.approx((declared.low * ratio, declared.high * ratio))
+    assert "decay" in space_for(KolenPollack, {"optimizer": "momentum"})  # the rest of the space is kept

@@ -179,11 +179,14 @@ def _select(trials: list[StoredTrial], trial: str | None) -> list[StoredTrial]:
         if len(matches) != 1:
             raise UsageError(f"--trial {trial!r} matches {len(matches)} trials of this run; give a longer id")
         t = matches[0]
+        if t.is_search:
+            raise UsageError(f"trial {t.id[:12]} is a tuning search configuration: it keeps no weights and never "
+                             "reads test points")
         if t.status != "done" or t.model["kind"] not in KINDS:
             raise UsageError(f"trial {t.id[:12]} is {t.status} with a {t.model['kind']} model; "
                              f"influence locality needs a done trial of an mlp or resmlp")
         return matches
-    chosen = [t for t in trials if t.status == "done" and t.model["kind"] in KINDS]
+    chosen = [t for t in trials if t.status == "done" and t.model["kind"] in KINDS and not t.is_search]
     if not chosen:
         raise UsageError("no done trial with an mlp or resmlp model in this run; influence locality needs one")
     return chosen
