@@ -182,6 +182,14 @@ def first_line(text: str | None) -> str:
     return lines[0]
 
 
+def trouble(trial: StoredTrial) -> str:
+    """What to say about a trial that is not done: its error, or why it has none (not started yet, still running)."""
+    if trial.error:
+        return first_line(trial.error)
+    return {"pending": "not started yet", "running": "still running, or interrupted (a rerun resumes it)"}.get(
+        trial.status, "(no error message)")
+
+
 def metric_names(trials: Sequence[StoredTrial], prefix: str) -> list[str]:
     """Final-metric names starting with prefix, in first-appearance order."""
     return list(dict.fromkeys(n for t in trials for n in t.metrics if n.startswith(prefix)))

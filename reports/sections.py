@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import stats
-from .data import (AXES, AXIS_TITLES, COST_METRICS, ReportData, done, first_line, metric_values, slug, status_text,
+from .data import (AXES, AXIS_TITLES, COST_METRICS, ReportData, done, metric_values, slug, status_text, trouble,
                    unsuccessful)
 from .document import Block, Cell, Figure, Heading, Items, Table, Text, ci, mark_best, pct, secs, si
 from .figures import FORMAT, Cloud, Line, Panel, lines_figure, pareto_figure
@@ -68,7 +68,7 @@ def accuracy_section(group: Group) -> list[Block]:
     bad = unsuccessful([t for g in group.labels.values() for t in g])
     if bad:
         out += [Heading(4, "Failed, diverged and unfinished trials"),
-                Items([f"{t.label} seed {t.seed} ({t.status}, trial {t.id[:12]}): {first_line(t.error)}"
+                Items([f"{t.label} seed {t.seed} ({t.status}, trial {t.id[:12]}): {trouble(t)}"
                        for t in bad], code=True)]
     return out
 

@@ -26,8 +26,8 @@ from learnbench.errors import UsageError
 from learnbench.trial import StoredTrial
 
 from . import stats
-from .data import (COST_METRICS, ReportData, ReportTrial, display_labels, done, first_line, load_runs, metric_names,
-                   metric_values, split_search, status_counts, status_text, suite_names)
+from .data import (COST_METRICS, ReportData, ReportTrial, display_labels, done, load_runs, metric_names,
+                   metric_values, split_search, status_counts, status_text, suite_names, trouble)
 from .document import Cell, Table, mark_best, md_table, md_text, pct, secs, si
 from .equal_cost import as_table, cost_table
 from .groups import TEST, VAL, Group, all_groups, mean_final
@@ -109,7 +109,7 @@ def show_table(trials: Sequence[StoredTrial]) -> str:
     bad = [t for t in trials if t.status != "done"]
     if bad:
         lines = [f"  {t.dataset}/{t.model_label} {t.label} seed {t.seed} [{t.status}] {t.id[:12]}: "
-                 f"{first_line(t.error)}" for t in bad]
+                 f"{trouble(t)}" for t in bad]
         return f"{text}\n({notes}){tail}\n\nnot done ({len(bad)}):\n" + "\n".join(lines)
     return f"{text}\n({notes}){tail}"
 
