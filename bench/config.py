@@ -328,11 +328,17 @@ def _entry(entry: Any, registry: Registry, where: str) -> dict[str, Any]:
             "code": code_digests(reg.cls), "plugin": reg.provenance()}
 
 
-def entry_values(suite: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Each [[algorithms]] entry's own hyper-parameter values by label, as the suite gives them (what `resolve`
-    fills defaults into): the base a tuner's suggestions update. Call it on a suite `resolve` accepted."""
-    return {entry.get("label", entry["id"]): {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
-            for entry in suite.get("algorithms", [])}
+def entry_values(suite: dict[str, Any], label: str, model_label: str) -> dict[str, Any]:
+    """The hyper-parameter values, as the suite gives them (what `resolve` fills defaults into), of the one
+    [[algorithms]] entry with this label that applies to this model: the base a tuner's suggestions update. Two
+    entries may share a label on different models (the mnist suite's backprop on the cnn and on the MLP). Call it on
+    a suite `resolve` accepted."""
+    matches = [entry for entry in suite.get("algorithms", []) if entry.get("label", entry["id"]) == label
+               and (entry.get("models") is None or model_label in entry["models"])]
+    if len(matches) != 1:
+        raise UsageError(f"suite {suite.get('name')!r}: {len(matches)} [[algorithms]] entries labelled {label!r} "
+                         f"apply to model {model_label}; give each its own label to tune them")
+    return {k: v for k, v in matches[0].items() if k not in ENTRY_KEYS}
 
 
 def with_hparams(trial: Trial, registry: Registry, given: dict[str, Any], where: str, check: bool = True,

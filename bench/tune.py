@@ -182,15 +182,12 @@ def _default_run_dir(args: argparse.Namespace, suite_name: str, options: Options
 def plan_searches(suite: dict[str, Any], trials: list[Trial], registry: Registry,
                   options: Options) -> list[Search]:
     """One Search per problem and entry, every search space checked (UsageError) before anything is written."""
-    values = config.entry_values(suite)
-    if len(values) != len(suite["algorithms"]):
-        raise UsageError(f"suite {suite['name']!r}: two [[algorithms]] entries share a label; give each its own "
-                         "label to tune them")
     searches: dict[tuple[str, str, str], Search] = {}
     for trial in trials:
         key = (trial.dataset, trial.model_label, trial.label)
         if key not in searches:
-            searches[key] = Search(trial.label, [], values[trial.label], _space(registry, trial))
+            searches[key] = Search(trial.label, [], config.entry_values(suite, trial.label, trial.model_label),
+                                   _space(registry, trial))
         searches[key].defaults.append(trial)
     for search in searches.values():
         _check_corners(search, registry)

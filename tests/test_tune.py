@@ -338,3 +338,19 @@ def test_sigkill_mid_study_then_rerun_continues_without_duplicates(files, tmp_pa
     assert optuna_db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     states = [s for (s,) in optuna_db.execute("SELECT state FROM trials ORDER BY number")]
     assert states == ["COMPLETE"] * 5, states
+
+
+def test_entries_sharing_a_label_on_different_models_are_tuned_from_their_own_values(mnist_dir):
+    """The mnist suite has two `kolen-pollack` entries (the cnn's lr 1e-3, the MLP's lr 2e-3 with decay 0.1):
+    each problem's search starts from its own entry, and an override to one model keeps only that one."""
+    from learnbench import tune
+
+    base = ["tune", "mnist", "--algorithms", "kolen-pollack", "--seeds", "1", "--trials", "2", "--studies", "1",
+            "--data-dir", str(mnist_dir)]
+    plan = tune.prepare(cli.build_parser().parse_args(base))
+    values = {s.defaults[0].model_label: s.values for s in plan.searches}
+    assert values["cnn"]["lr"] == 1e-3 and "decay" not in values["cnn"]
+    assert values["mlp-256x2"]["lr"] == 2e-3 and values["mlp-256x2"]["decay"] == 0.1
+    one = tune.prepare(cli.build_parser().parse_args(base + ["--set", "model.kind=mlp", "--set",
+                                                             "model.hidden=[256,256]"]))
+    assert [(s.defaults[0].model_label, s.values["lr"]) for s in one.searches] == [("mlp-256x2", 2e-3)]
