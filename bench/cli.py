@@ -168,7 +168,7 @@ def _run_pending(args: argparse.Namespace, store: Store, run_dir: Path, device: 
     """Run the trials not finished yet on the chosen executor, then the post-run attacks; print the summary
     table and return every trial's final status."""
     from .executor import ProgressView, default_workers, run_local
-    from .runner import default_threads
+    from .runner import default_threads, usable_cpus
     from .store import FINISHED
 
     statuses = store.statuses()
@@ -176,7 +176,7 @@ def _run_pending(args: argparse.Namespace, store: Store, run_dir: Path, device: 
     # backprop first: the transfer attack crafts its examples on the backprop model of the same seed
     pending.sort(key=lambda t: t["algorithm"] != "backprop")
     workers = args.workers or default_workers(len(pending), device)
-    threads = default_threads(workers) if device == "cpu" else (os.cpu_count() or 1)
+    threads = default_threads(workers) if device == "cpu" else usable_cpus()
     where = cluster if args.executor == "ray" else f"{workers} worker(s) x {threads} thread(s)"
     print(f"learnbench: {len(trials)} trials ({len(trials) - len(pending)} already finished) -> {run_dir} "
           f"[{device}, {where}]", file=sys.stderr)

@@ -178,4 +178,6 @@ class ProgressView:
 def default_workers(n_trials: int, device: str) -> int:
     if device.startswith("cuda"):
         return 1
-    return max(1, min(os.cpu_count() or 1, n_trials))
+    from .runner import usable_cpus
+
+    return max(1, min(usable_cpus(), n_trials))

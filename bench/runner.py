@@ -395,5 +395,13 @@ def _peak_memory(device: torch.device) -> float:
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (taskset, a cluster's cgroup cpuset), else all cores."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def default_threads(workers: int) -> int:
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
+    return max(1, usable_cpus() // max(1, workers))
