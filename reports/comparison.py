@@ -67,8 +67,9 @@ def _paired_table(tests: list[stats.Paired]) -> Table:
         f"two-sided paired t-test; Wilcoxon signed-rank test from {stats.WILCOXON_MIN} pairs on ('–' below); the "
         f"t-test p Holm-corrected over the {len(tests)} pair(s) of this group, bold below {stats.ALPHA:g}. For a "
         "pair that is not significant after correction, the seeds a two-sided paired t-test would need for 80% "
-        f"power at α = {stats.ALPHA:g} if the observed mean and standard deviation of the differences were the "
-        "truth (noncentral t); ∞: no observed difference (or more than 10^7 seeds)."))
+        f"power at α = {stats.ALPHA:g}/{max(len(tests), 1)} (the Bonferroni level, which stays significant after "
+        "Holm's correction over this group's pairs) if the observed mean and standard deviation of the "
+        "differences were the truth (noncentral t); ∞: no observed difference (or more than 10^7 seeds)."))
 
 
 def _pp(x: float) -> str:

@@ -7,7 +7,8 @@ Time-to-target follows AlgoPerf (Dolan & More 2002 profiles; Dahl et al. 2023, "
 Training Algorithms"): the first evaluation at which the metric reaches the target, read off the learning curve.
 Pairwise tests pair seeds (Demsar 2006; Colas et al. 2018, "How Many Random Seeds?"): a paired t-test and, from six
 pairs on, Wilcoxon's signed-rank test, Holm-corrected, with the mean difference and its t interval, and the seeds a
-two-sided paired t-test would need for 80% power at the observed effect (noncentral t).
+two-sided paired t-test would need for 80% power at the observed effect (noncentral t), at the Bonferroni level
+alpha/m of the m pairs compared together, so that the difference would survive the correction.
 """
 
 from __future__ import annotations
@@ -222,10 +223,13 @@ def paired_tests(samples: dict[str, dict[int, float]]) -> tuple[list[Paired], li
             else:
                 untested.append((a, b))
     adjusted = holm([t.p_t for t in tests])
+    # Power at the Bonferroni level ALPHA / m: a pair whose raw p falls below it stays significant after Holm
+    # whatever the other pairs give, so these are the seeds that detect the difference in this very table.
+    alpha = ALPHA / max(len(tests), 1)
     out = []
     for t, p in zip(tests, adjusted):
         effect = abs(t.diff.mean) / t.diff.std if t.diff.std > 0 else math.inf
-        needed = math.nan if p < ALPHA else (math.inf if t.diff.mean == 0 else seeds_for_power(effect))
+        needed = math.nan if p < ALPHA else (math.inf if t.diff.mean == 0 else seeds_for_power(effect, alpha=alpha))
         out.append(replace(t, p_holm=float(p), seeds_needed=needed))
     return out, untested
 
