@@ -191,7 +191,7 @@ def _run_pending(args: argparse.Namespace, store: Store, run_dir: Path, device: 
                  cluster: str | None) -> dict[str, str]:
     """Run the trials not finished yet on the chosen executor, then the post-run attacks; print the summary
     table and return every trial's final status."""
-    from .executor import ProgressView, default_workers, run_local
+    from .executor import default_workers
     from .machine import default_threads, usable_cpus
     from .store import FINISHED
 
@@ -203,7 +203,23 @@ def _run_pending(args: argparse.Namespace, store: Store, run_dir: Path, device: 
     where = cluster if args.executor == "ray" else f"{workers} worker(s) x {threads} thread(s)"
     print(f"learnbench: {len(trials)} trials ({len(trials) - len(pending)} already finished) -> {run_dir} "
           f"[{device}, {where}]", file=sys.stderr)
-    view = ProgressView(len(trials), len(trials) - len(pending), enabled=not args.quiet and sys.stderr.isatty())
+    execute_with_progress(args, store, run_dir, len(trials), pending, workers, threads)
+    _post_run(store, run_dir, device, trials, args.data_dir)
+    final = store.statuses()
+    from .reports import show_table
+
+    ids = {t.id for t in trials}
+    print(show_table([t for t in store.trials() if t.id in ids]))
+    return final
+
+
+def execute_with_progress(args: argparse.Namespace, store: Store, run_dir: Path, total: int, pending: list[Trial],
+                          workers: int, threads: int) -> None:
+    """Run `pending` (of `total` trials) on the command's executor, local worker processes or Ray, with a progress
+    bar on a terminal unless --quiet."""
+    from .executor import ProgressView, run_local
+
+    view = ProgressView(total, total - len(pending), enabled=not args.quiet and sys.stderr.isatty())
     try:
         if args.executor == "ray":
             from .executor_ray import run_ray
@@ -213,13 +229,6 @@ def _run_pending(args: argparse.Namespace, store: Store, run_dir: Path, device: 
             run_local(pending, store, str(run_dir), args.data_dir, workers, threads, view)
     finally:
         view.close()
-    _post_run(store, run_dir, device, trials, args.data_dir)
-    final = store.statuses()
-    from .reports import show_table
-
-    ids = {t.id for t in trials}
-    print(show_table([t for t in store.trials() if t.id in ids]))
-    return final
 
 
 def _post_run(store: Store, run_dir: Path, device: str, trials: list[Trial], data_dir: str | None) -> None:

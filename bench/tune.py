@@ -379,20 +379,11 @@ def _summary(plan: Plan, store: Store, final: list[Trial]) -> None:
 
 def _executor(args: argparse.Namespace, store: Store, run_dir: Path, workers: int, threads: int) -> Execute:
     """Runs trials on the command's executor, skipping those whose stored status is one of `finished`."""
-    from .executor import ProgressView, run_local
+    from .cli import execute_with_progress
 
     def execute(trials: list[Trial], finished: tuple[str, ...]) -> None:
         statuses = store.statuses()
         pending = [t for t in trials if statuses.get(t.id) not in finished]
-        view = ProgressView(len(trials), len(trials) - len(pending), enabled=not args.quiet and sys.stderr.isatty())
-        try:
-            if args.executor == "ray":
-                from .executor_ray import run_ray
-
-                run_ray(pending, store, str(run_dir), args.data_dir, threads, view)
-            else:
-                run_local(pending, store, str(run_dir), args.data_dir, workers, threads, view)
-        finally:
-            view.close()
+        execute_with_progress(args, store, run_dir, len(trials), pending, workers, threads)
 
     return execute
