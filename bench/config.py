@@ -27,6 +27,7 @@ A suite file:
     id = "backprop"                 # registry id
     label = "backprop-adam"         # optional, defaults to id; distinguishes two entries of one algorithm
     models = ["mlp-64x1"]           # optional: only these model labels
+    datasets = ["mnist"]            # optional: only these datasets
     optimizer = "adam"              # every other key is a hyper-parameter
     # budget = { time_s = 60 }      # an entry's own budget, unlike the problem's, needs `unranked = true`:
     # unranked = true               # its trials are reported beside the others, never ranked or tested with them
@@ -70,7 +71,7 @@ TOP_KEYS = {"name", "description", "datasets", "seeds", "models", "model", "budg
 BUDGET_KEYS = ("steps", "epochs", "time_s", "flops")
 EVAL_DEFAULTS = {"points": 20, "batch_size": 2048}
 DIAGNOSTICS_DEFAULTS = {"every": 0, "probes": []}
-ENTRY_KEYS = {"id", "label", "models", "budget", "unranked"}
+ENTRY_KEYS = {"id", "label", "models", "datasets", "budget", "unranked"}
 RESOURCE_KEYS = ("cpus", "gpus", "actors")  # where one trial runs, never what it is: not hashed (Trial.resources)
 
 
@@ -206,7 +207,8 @@ def resolve(suite: dict[str, Any], registry: Registry, device: str, code_version
         for spec, budget in problems:
             model_label = models_mod.label(spec)
             for resolved in entries:
-                if resolved["models"] is not None and model_label not in resolved["models"]:
+                if (resolved["models"] is not None and model_label not in resolved["models"]) or (
+                        resolved["datasets"] is not None and dataset not in resolved["datasets"]):
                     continue
                 entry_budget = _entry_budget(resolved, budget, f"{where}: {dataset} x {model_label}")
                 hparams = _fill_horizon(dict(resolved["hparams"]), entry_budget, infos[dataset].n_train)
@@ -220,7 +222,8 @@ def resolve(suite: dict[str, Any], registry: Registry, device: str, code_version
                         code={"learnbench": code_version, "modules": resolved["code"]}, plugin=resolved["plugin"])
                     trials.append(dataclasses.replace(trial, id=trial_id(trial.config())))
     if not trials:
-        raise UsageError(f"{where}: no trials (check the algorithms' `models` filters against the model labels)")
+        raise UsageError(f"{where}: no trials (check the algorithms' `models` and `datasets` filters against the "
+                         "model labels and datasets)")
     return _unique(trials)
 
 
@@ -317,13 +320,16 @@ def _entry(entry: Any, registry: Registry, where: str) -> dict[str, Any]:
     if not isinstance(label, str):
         raise UsageError(f"{where}: label must be a string; got {label!r}")
     given = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
-    models = entry.get("models")
+    models, datasets = entry.get("models"), entry.get("datasets")
     if models is not None:
         models = checks.names(models, f"{where}: {label}.models")
+    if datasets is not None:
+        datasets = checks.names(datasets, f"{where}: {label}.datasets")
     unranked = entry.get("unranked", False)
     if not isinstance(unranked, bool):
         raise UsageError(f"{where}: {label}.unranked must be true or false; got {unranked!r}")
-    return {"id": reg.name, "label": label, "models": models, "budget": entry.get("budget"), "unranked": unranked,
+    return {"id": reg.name, "label": label, "models": models, "datasets": datasets, "budget": entry.get("budget"),
+            "unranked": unranked,
             "hparams": resolve_hparams(reg.cls, given, f"{where}: [[algorithms]] {label!r}"),
             "code": code_digests(reg.cls), "plugin": reg.provenance()}
 

@@ -53,6 +53,16 @@ def test_algorithms_filter_and_seeds():
     assert {t.label for t in trials} == {"sgd"} and sorted(t.seed for t in trials) == [0, 1, 2]
 
 
+def test_entries_restricted_to_datasets():
+    suite = base_suite(datasets=["digits", "mnist1d"], seeds=1, algorithms=[
+        {"id": "backprop"}, {"id": "backprop", "label": "sgd", "optimizer": "sgd", "datasets": ["mnist1d"]}])
+    trials = resolve(suite)
+    assert sorted((t.label, t.dataset) for t in trials) == [("backprop", "digits"), ("backprop", "mnist1d"),
+                                                             ("sgd", "mnist1d")]
+    with pytest.raises(UsageError, match="datasets"):
+        resolve(base_suite(algorithms=[{"id": "backprop", "datasets": ["mnist1d"]}]))  # digits only: no trials
+
+
 def test_horizon_filled_from_the_epoch_budget():
     trials = resolve(base_suite(algorithms=[{"id": "backprop", "schedule": "cosine", "batch_size": 100}]))
     from learnbench.datasets import info

@@ -44,6 +44,18 @@ def test_defaults_and_grids_per_dataset():
         {"pgd-linf": 0.3, "pgd-l2": 2.0}
 
 
+def test_presets_and_grids_by_dataset():
+    standard = resolve_settings({"preset": "standard"}, "mnist")
+    assert standard["attacks"] == ["transfer"] and standard["square_queries"] == 5000  # AutoAttack's budget
+    assert resolve_settings({}, "mnist")["square_queries"] == 1000
+    mine = resolve_settings({"preset": "standard", "attacks": ["square"], "square_queries": 200}, "mnist")
+    assert mine["attacks"] == ["square"] and mine["square_queries"] == 200  # the suite's own values win
+    table = {"eps_linf": {"mnist": [0.1, 0.3], "fashion-mnist": [0.05, 0.2]}}
+    assert resolve_settings(table, "mnist")["eps_linf"] == [0.1, 0.3]
+    assert resolve_settings(table, "fashion-mnist")["eps_linf"] == [0.05, 0.2]
+    assert resolve_settings(table, "digits")["eps_linf"] == [0.05, 0.1, 0.2, 0.3]  # not in the table: the default
+
+
 @pytest.mark.parametrize("table, needle", [
     ({"exampels": 10}, "exampels"),
     ({"examples": -1}, "examples"),
@@ -60,6 +72,8 @@ def test_defaults_and_grids_per_dataset():
     ({"masking_margin": 2}, "masking_margin"),
     ({"standard_eps": "0.1"}, "standard_eps"),
     ({"standard_eps": {"pgd": 0.1}}, "pgd"),
+    ({"preset": "autoattack"}, "preset"),
+    ({"fab_targets": 0}, "fab_targets"),
 ])
 def test_bad_settings_are_usage_errors_naming_the_key(table, needle):
     with pytest.raises(UsageError, match=needle):
@@ -99,6 +113,34 @@ def test_a_masked_model_raises_the_masking_flags():
     assert metrics["flag/masking/zero-gradients"] == 1.0
     assert metrics["flag/masking/black-box-beats-white-box"] == 1.0
     assert metrics["flag/masking/accuracy-not-falling"] == 1.0
+
+
+STANDARD_FAST = {"preset": "standard", "examples": 300, "apgd_steps": 30, "apgd_targets": 3, "fab_steps": 30,
+                 "fab_targets": 3, "square_queries": 300, "eps_linf": [0.05, 0.1, 0.2]}
+
+
+def test_the_standard_worst_case_is_never_above_any_single_attack():
+    metrics = run(trained_mlp(), **STANDARD_FAST, attacks=["fgsm", "pgd-linf", "apgd-t", "fab-t", "square"])
+    clean = metrics["robust/clean"]
+    for eps in ("0.05", "0.1", "0.2"):
+        worst = metrics[f"robust/worst-case/linf/{eps}"]
+        singles = [metrics[f"robust/{a}/{eps}"] for a in ("fgsm", "pgd-linf", "apgd-t", "fab-t", "square")]
+        running = [metrics[f"robust/ensemble/{a}/{eps}"] for a in ("apgd-ce", "apgd-t", "fab-t", "square")]
+        assert worst <= min(singles + running) + 1e-9
+        assert running == sorted(running, reverse=True)  # each attack only sees what the earlier ones left
+        first = sum(metrics[f"robust/first-break/{a}/{eps}"] for a in ("apgd-ce", "apgd-t", "fab-t", "square"))
+        assert first == pytest.approx(clean - running[-1])  # every broken point has exactly one first breaker
+    assert metrics["robust/worst-case/linf/0.05"] < clean - 0.1  # the model is attackable at all
+    assert 0.0 <= metrics["robust/auc/worst-case/linf"] <= 1.0 and metrics["robust/seconds/standard"] > 0
+    assert not any(v for k, v in metrics.items() if k.startswith("flag/masking/")), metrics
+
+
+def test_the_masking_checks_run_on_the_ensemble():
+    metrics = run(masked_mlp(), **STANDARD_FAST, attacks=[])  # the ensemble alone: its Square is the black box
+    assert metrics["robust/ensemble/fab-t/0.2"] > 0.8  # zero gradients: the white-box attacks do nothing ...
+    assert metrics["robust/first-break/square/0.2"] > 0.3  # ... its Square breaks the points they left
+    assert metrics["flag/masking/black-box-beats-white-box"] == 1.0
+    assert metrics["flag/masking/zero-gradients"] == 1.0
 
 
 def _curve(accuracies: list[float], n: int = 1000) -> dict[float, torch.Tensor]:

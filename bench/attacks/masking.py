@@ -9,7 +9,8 @@ N points):
 
 * `black-box-beats-white-box`: at some eps, more than m N points survive every white-box attack of that threat
   model (Linf: fgsm, pgd-linf, apgd-ce; L2: pgd-l2) but fall to the black-box one (square; noise for L2).
-  AutoAttack's `check_square_sr` with a margin, per point.
+  AutoAttack's `check_square_sr` with a margin, per point. With the standard preset, also when the ensemble's
+  Square breaks more than m N of the points its APGD-CE, APGD-T and FAB-T left (ensemble.py).
 * `accuracy-not-falling`: for a gradient attack, accuracy stays within a band of width m across the whole eps grid
   while above m (a flat curve: the gradient moves nothing), or, for an iterative attack (pgd-linf, pgd-l2,
   apgd-ce), rises by more than m from one eps to the next. A rise of FGSM is not counted: its single step of length
@@ -17,7 +18,8 @@ N points):
   (measured on the MNIST-1D MLPs: 1.2% at eps 0.05, 5.1% at 0.3, PGD 0% throughout).
 * `zero-gradients`: more than m of the correctly classified points have an input gradient that is exactly zero
   or not finite (AutoAttack's `check_zero_gradients`, which warns at any such point).
-* `more-iterations-help`: at the Linf eps where PGD leaves about half the clean accuracy, PGD with
+* `more-iterations-help`: at the Linf eps where PGD leaves about half the clean accuracy (the standard preset
+  without PGD: where the worst case does, with APGD-CE), PGD with
   `masking_steps_factor` times the steps and `masking_restarts` restarts, run on the points default PGD left
   standing, breaks more than m N of them: the default attack had not converged.
 * `transfer-beats-white-box` (added by the transfer attack after the run): the backprop model's PGD examples beat
@@ -33,10 +35,12 @@ from torch import Tensor, nn
 
 from .common import loss_grad
 
-WHITE_BOX = {"linf": ("fgsm", "pgd-linf", "apgd-ce"), "l2": ("pgd-l2",)}
+WHITE_BOX = {"linf": ("fgsm", "pgd-linf", "apgd-ce", "apgd-t", "fab-t"), "l2": ("pgd-l2",)}
 BLACK_BOX = {"linf": ("square",), "l2": ("noise",)}
-GRADIENT_ATTACKS = ("fgsm", "pgd-linf", "pgd-l2", "apgd-ce")
-ITERATIVE_ATTACKS = ("pgd-linf", "pgd-l2", "apgd-ce")  # their accuracy falls with eps, up to noise
+GRADIENT_ATTACKS = ("fgsm", "pgd-linf", "pgd-l2", "apgd-ce", "apgd-t", "fab-t", "worst-case")
+ITERATIVE_ATTACKS = ("pgd-linf", "pgd-l2", "apgd-ce", "apgd-t", "fab-t", "worst-case")
+"""Their accuracy falls with eps, up to noise. `worst-case` is the standard preset's per-example worst case
+(ensemble.py), checked like an attack's curve."""
 
 Robust = dict[str, dict[float, Tensor]]
 """attack id -> eps -> [N] bool: the point is classified correctly on clean input and after the attack."""

@@ -13,8 +13,14 @@ attacked; a point is robust at eps when it is classified correctly both clean an
   robust/seconds, robust/seconds/<attack>   wall-clock seconds (CUDA-synchronised), `masking` for the checks
   flag/masking/<check>              0/1 gradient-masking checks (masking.py)
 
-Attacks (one file each): fgsm, pgd-linf, pgd-l2, apgd-ce, square, noise, transfer (after the run: transfer.py).
-Linf attacks use the `eps_linf` grid, pgd-l2 and noise the `eps_l2` grid.
+Attacks (one file each): fgsm, pgd-linf, pgd-l2, apgd-ce, apgd-t (apgd.py), fab-t (fab.py), square, noise,
+transfer (after the run: transfer.py). Linf attacks use the `eps_linf` grid, pgd-l2 and noise the `eps_l2` grid.
+
+Presets. `preset = "quick"` (the default) runs the standalone attacks fgsm, pgd-linf, pgd-l2, apgd-ce, square
+(1,000 queries), noise and transfer, each on every clean point. `preset = "standard"` runs AutoAttack's ensemble
+(APGD-CE, APGD-T, FAB-T, Square with 5,000 queries, each on the points the earlier ones left; ensemble.py) plus the
+standalone attacks the suite lists (default: transfer). Both record `robust/worst-case/linf/<eps>`, the per-example
+worst case over the Linf attacks run on the model itself; `attacks` and `square_queries` override the preset's.
 
 Default grids. Inputs are in [0, 1] for every dataset, so a Linf eps is a fraction of the pixel range and the
 MNIST grid 0.05/0.1/0.2/0.3 applies unchanged to digits (0..16 scaled by 1/16) and mnist1d. An L2 eps measures a
@@ -42,8 +48,9 @@ from torch import Tensor, nn
 
 from .. import checks
 from ..errors import UsageError
-from . import masking
-from .apgd import apgd_ce
+from . import ensemble, masking
+from .apgd import apgd_ce, apgd_t
+from .fab import fab_t
 from .common import attack_mode, chunked, predict
 from .fgsm import fgsm
 from .noise import gaussian_noise
@@ -54,17 +61,26 @@ from .square import square_linf
 if TYPE_CHECKING:
     from ..store import Store
 
-ATTACKS = ("fgsm", "pgd-linf", "pgd-l2", "apgd-ce", "square", "noise", "transfer")
-NORM = {"fgsm": "linf", "pgd-linf": "linf", "pgd-l2": "l2", "apgd-ce": "linf", "square": "linf", "noise": "l2",
-        "transfer": "linf", "pgd-linf-pseudo": "linf"}
+ATTACKS = ("fgsm", "pgd-linf", "pgd-l2", "apgd-ce", "apgd-t", "fab-t", "square", "noise", "transfer")
+NORM = {"fgsm": "linf", "pgd-linf": "linf", "pgd-l2": "l2", "apgd-ce": "linf", "apgd-t": "linf", "fab-t": "linf",
+        "square": "linf", "noise": "l2", "transfer": "linf", "pgd-linf-pseudo": "linf"}
+PRESETS: dict[str, dict[str, Any]] = {
+    # quick: one of each kind, cheap enough for every trial of every suite (the module docstring's budget)
+    "quick": {"attacks": ["fgsm", "pgd-linf", "pgd-l2", "apgd-ce", "square", "noise", "transfer"],
+              "square_queries": 1000},
+    # standard: AutoAttack's ensemble (ensemble.py) with Square at its 5,000 queries; standalone attacks on top
+    # only where the suite lists them (the transfer attack costs one crafting per group)
+    "standard": {"attacks": ["transfer"], "square_queries": 5000},
+}
 MNIST_LINF = [0.05, 0.1, 0.2, 0.3]
 MNIST_L2 = [0.5, 1.0, 2.0, 3.0]
 INPUT_DIMS = {"mnist": 784, "fashion-mnist": 784, "digits": 64, "mnist1d": 40}
 
 DEFAULTS: dict[str, Any] = {
     "examples": 1000,              # first test points attacked; 0 turns robustness off
-    "attacks": list(ATTACKS),
-    "eps_linf": None,              # None: the dataset's grid (module docstring)
+    "preset": "quick",             # quick, or standard: AutoAttack's ensemble and the worst case (ensemble.py)
+    "attacks": None,               # standalone attacks; None: the preset's list
+    "eps_linf": None,              # None: the dataset's grid (module docstring); or a table by dataset
     "eps_l2": None,
     "batch_size": 4096,            # rows (points x eps) attacked at once (bounds memory)
     "pgd_steps": 40,               # Madry et al. 2018
@@ -72,7 +88,10 @@ DEFAULTS: dict[str, Any] = {
     "pgd_restarts": 1,
     "apgd_steps": 100,             # Croce & Hein 2020
     "apgd_restarts": 1,
-    "square_queries": 1000,        # AutoAttack: 5000 (see the module docstring)
+    "apgd_targets": 9,             # APGD-T: target classes, 100 steps each (AutoAttack's standard)
+    "fab_steps": 100,              # FAB-T (Croce & Hein 2020): steps per target ...
+    "fab_targets": 9,              # ... and target classes (AutoAttack's standard)
+    "square_queries": None,        # None: the preset's (quick 1000, standard AutoAttack's 5000; module docstring)
     "square_p_init": 0.8,          # Andriushchenko et al. 2020, MNIST
     "square_restarts": 1,
     "pseudo_gradient": True,       # also attack feedback-alignment models through their own backward
@@ -82,8 +101,9 @@ DEFAULTS: dict[str, Any] = {
     "standard_eps": None,          # reports: the eps of the summary tables (a number, or a table by attack id)
     "transfer_source": None,       # label or algorithm id of the transfer attack's source; None: the suite's reference
 }
-POSITIVE_INT = ("batch_size", "pgd_steps", "pgd_restarts", "apgd_steps", "apgd_restarts", "square_queries",
-                "square_restarts", "masking_steps_factor", "masking_restarts")
+POSITIVE_INT = ("batch_size", "pgd_steps", "pgd_restarts", "apgd_steps", "apgd_restarts", "apgd_targets",
+                "fab_steps", "fab_targets", "square_queries", "square_restarts", "masking_steps_factor",
+                "masking_restarts")
 
 
 def eps_key(eps: float) -> str:
@@ -98,7 +118,13 @@ def default_grids(dataset: str) -> tuple[list[float], list[float]]:
 def resolve_settings(table: dict, dataset: str) -> dict:
     """Fill defaults into a suite's `[robustness]` table for one dataset; UsageError naming a bad key or value."""
     out = {**DEFAULTS, **checks.known_keys(table, DEFAULTS, "[robustness]")}
+    if out["preset"] not in PRESETS:
+        raise UsageError(f"robustness.preset must be one of {', '.join(PRESETS)}; got {out['preset']!r}")
+    out.update({k: v for k, v in PRESETS[out["preset"]].items() if out[k] is None})
     linf, l2 = default_grids(dataset)
+    for key in ("eps_linf", "eps_l2"):  # a table by dataset: {mnist = [...], fashion-mnist = [...]}
+        if isinstance(out[key], dict):
+            out[key] = out[key].get(dataset)
     out["eps_linf"] = _eps_list(out["eps_linf"] if out["eps_linf"] is not None else linf, "eps_linf", 1.0)
     out["eps_l2"] = _eps_list(out["eps_l2"] if out["eps_l2"] is not None else l2, "eps_l2", math.inf)
     out["attacks"] = _attack_list(out["attacks"])
@@ -137,11 +163,21 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, settings: dict, *, generato
         if pseudo:
             robust["pgd-linf-pseudo"] = _timed(metrics, "pgd-linf-pseudo", x.device, lambda: _run_attack(
                 "pgd-linf", model, x, y, clean, settings, generator, grad_model=training_model))
-        for name, by_eps in robust.items():
+        standard = None
+        if settings["preset"] == "standard":
+            def attack_masks(name: str, targets: dict[float, Tensor]) -> dict[float, Tensor]:
+                attack = attack_fn(name, model, settings, generator)
+                return robust_masks(model, attack, x, y, targets, settings["eps_linf"], "linf", settings["batch_size"])
+
+            standard = _timed(metrics, "standard", x.device, lambda: ensemble.run_ensemble(
+                attack_masks, clean, settings["eps_linf"]))
+            metrics.update(ensemble.ensemble_metrics(standard, clean))
+        worst = ensemble.worst_case(robust, standard)
+        for name, by_eps in {**robust, **({"worst-case/linf": worst} if worst else {})}.items():
             metrics.update(accuracy_metrics(name, metrics["robust/clean"],
                                             {eps: m.float().mean().item() for eps, m in by_eps.items()}))
         metrics.update(_timed(metrics, "masking", x.device, lambda: _masking_flags(
-            model, x, y, clean, robust, settings, generator)))
+            model, x, y, clean, robust, settings, generator, standard, worst)))
     metrics["robust/seconds"] = _now(x.device) - started
     return metrics
 
@@ -184,6 +220,10 @@ def attack_fn(name: str, model: nn.Module, settings: dict, generator: torch.Gene
                                            step_factor=s["pgd_step_factor"], restarts=s["pgd_restarts"]),
         "apgd-ce": lambda x, y, eps: apgd_ce(model, x, y, eps, generator=g, steps=s["apgd_steps"],
                                              restarts=s["apgd_restarts"]),
+        "apgd-t": lambda x, y, eps: apgd_t(model, x, y, eps, generator=g, steps=s["apgd_steps"],
+                                           n_targets=s["apgd_targets"]),
+        "fab-t": lambda x, y, eps: fab_t(model, x, y, eps, generator=g, steps=s["fab_steps"],
+                                         n_targets=s["fab_targets"]),
         "square": lambda x, y, eps: square_linf(model, x, y, eps, generator=g, queries=s["square_queries"],
                                                 p_init=s["square_p_init"], restarts=s["square_restarts"]),
         "noise": lambda x, y, eps: gaussian_noise(x, eps, generator=g),
@@ -192,23 +232,25 @@ def attack_fn(name: str, model: nn.Module, settings: dict, generator: torch.Gene
 
 
 def robust_masks(model: nn.Module, attack: Callable[[Tensor, Tensor, Tensor], Tensor], x: Tensor, y: Tensor,
-                 targets: Tensor, eps_grid: list[float], norm: str, chunk: int) -> dict[float, Tensor]:
-    """eps -> [N] bool: the point is among `targets` (the points to attack) and still classified correctly after
-    the attack at that eps. The whole grid is one batch (rows: eps-major copies of the targets, each with its own
-    radius). Checks that every adversarial point is in [0, 1] and inside its ball."""
-    idx = targets.nonzero().squeeze(1)  # [n]
-    out = {eps: torch.zeros_like(targets) for eps in eps_grid}
-    if idx.numel() == 0:
+                 targets: Tensor | dict[float, Tensor], eps_grid: list[float], norm: str,
+                 chunk: int) -> dict[float, Tensor]:
+    """eps -> [N] bool: the point is among `targets` (the points to attack: one [N] bool mask for every eps, or one
+    per eps) and still classified correctly after the attack at that eps. The whole grid is one batch (rows:
+    eps-major copies of each eps's targets, each with its own radius). Checks that every adversarial point is in
+    [0, 1] and inside its ball."""
+    per_eps = targets if isinstance(targets, dict) else {eps: targets for eps in eps_grid}
+    idx = {eps: per_eps[eps].nonzero().squeeze(1) for eps in eps_grid}  # eps -> [n_eps]
+    out = {eps: torch.zeros_like(per_eps[eps]) for eps in eps_grid}
+    rows = torch.cat([idx[eps] for eps in eps_grid])  # [R] point index of each row
+    if rows.numel() == 0:
         return out
-    n, reps = idx.numel(), len(eps_grid)
-    xs = x[idx].repeat(reps, *([1] * (x.dim() - 1)))  # [E n, ...]
-    ys = y[idx].repeat(reps)  # [E n]
-    radii = torch.tensor(eps_grid, dtype=x.dtype, device=x.device).repeat_interleave(n)  # [E n]
+    xs, ys = x[rows], y[rows]  # [R, ...], [R]
+    radii = torch.cat([torch.full((idx[eps].numel(),), eps, dtype=x.dtype, device=x.device) for eps in eps_grid])
     adv = chunked(attack, xs, ys, radii, chunk)
     check_constraint(adv, xs, radii, norm)
-    still = (predict(model, adv, chunk) == ys).view(reps, n)  # [E, n]
-    for row, eps in enumerate(eps_grid):
-        out[eps][idx] = still[row]
+    still = (predict(model, adv, chunk) == ys).split([idx[eps].numel() for eps in eps_grid])
+    for eps, row in zip(eps_grid, still):
+        out[eps][idx[eps]] = row
     return out
 
 
@@ -227,24 +269,33 @@ def _run_attack(name: str, model: nn.Module, x: Tensor, y: Tensor, clean: Tensor
 
 
 def _masking_flags(model: nn.Module, x: Tensor, y: Tensor, clean: Tensor, robust: masking.Robust,
-                   settings: dict, generator: torch.Generator) -> dict[str, float]:
+                   settings: dict, generator: torch.Generator, standard: masking.Robust | None = None,
+                   worst: dict[float, Tensor] | None = None) -> dict[str, float]:
+    """The masking checks (masking.py) on the standalone attacks and, when it ran, on the ensemble: its Square
+    against its white-box attacks, its worst-case curve as an iterative attack's, and the more-iterations check
+    with APGD-CE (when PGD did not run)."""
     margin, chunk = settings["masking_margin"], settings["batch_size"]
+    curves = {**robust, **({"worst-case": worst} if worst and standard else {})}
     checks = {k: v for k, v in {
         "black-box-beats-white-box": masking.black_box_beats_white_box(robust, margin),
-        "accuracy-not-falling": masking.accuracy_not_falling(robust, margin),
+        "accuracy-not-falling": masking.accuracy_not_falling(curves, margin),
     }.items() if v is not None}
+    if standard:
+        fired = ensemble.square_beats_white_box(standard, margin)
+        checks["black-box-beats-white-box"] = max(fired, checks.get("black-box-beats-white-box", 0.0))
     checks["zero-gradients"] = float(masking.zero_gradient_fraction(model, x[clean], y[clean], chunk) > margin)
-    if "pgd-linf" in robust:
+    if "pgd-linf" in robust or (standard and worst):
+        name, base = ("pgd-linf", robust["pgd-linf"]) if "pgd-linf" in robust else ("apgd-ce", worst)
         strong_settings = {**settings, "pgd_steps": settings["pgd_steps"] * settings["masking_steps_factor"],
-                           "pgd_restarts": settings["masking_restarts"]}
-        attack = attack_fn("pgd-linf", model, strong_settings, generator)
+                           "pgd_restarts": settings["masking_restarts"], **ensemble.strong_apgd_settings(settings)}
+        attack = attack_fn(name, model, strong_settings, generator)
 
         def strong(points: Tensor, eps: float) -> Tensor:
             targets = torch.zeros_like(clean)
             targets[points] = True
             return robust_masks(model, attack, x, y, targets, [eps], "linf", chunk)[eps][points]
 
-        checks["more-iterations-help"] = masking.more_iterations_help(robust["pgd-linf"], clean, strong, margin)
+        checks["more-iterations-help"] = masking.more_iterations_help(base, clean, strong, margin)
     return {f"flag/masking/{k}": v for k, v in checks.items()}
 
 

@@ -13,7 +13,15 @@ first `--examples` test images. Both sides run the same work: Madry's PGD-Linf w
 A third row times learnbench's default PGD (`early_stop=True`: a point leaves the batch once misclassified, which
 changes no result) for information; the ratio is taken on the same work. Robust accuracy counts a point when it is
 classified correctly both clean and adversarial. The first repeat of each side is a warm-up and is not counted.
-Needs ART: `pip install 'learnbench[peers]'`.
+
+Second table, the standard: learnbench's `preset = "standard"` (APGD-CE, APGD-T, FAB-T, Square with 5,000
+queries, each on the points the earlier ones left; `learnbench.attacks.ensemble`) against torchattacks'
+`AutoAttack(norm="Linf", version="standard")`, the same four attacks run the same way, on the same model and
+points at each `--standard-eps`, alternated, `--standard-repeats` times each (no warm-up: each takes seconds).
+torchattacks' class runs APGD, APGD-T and FAB for 10 iterations (its attacks' default), where the paper and
+fra31/auto-attack run 100, as learnbench does: a second row runs its same four classes at 100 iterations, the same
+work, and the speed goal is read there. The learnbench time is the ensemble's own (`robust/seconds/standard`), the
+masking checks excluded; the worst-case robust accuracy of each is printed beside it. Needs ART and torchattacks: `pip install 'learnbench[peers]'`.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from torch import nn
 
 from learnbench.algorithms.backprop import Backprop
 from learnbench.attacks import attack_mode, pgd_linf
+from learnbench.attacks.robustness import evaluate, resolve_settings
 from learnbench.errors import UsageError
 from learnbench.perf._common import MLP_256, load_data, median_ratio, seeded_model, sync
 from learnbench.spec import Batch, TaskInfo
@@ -41,16 +50,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=40, help="PGD steps (Madry et al.: 40)")
     parser.add_argument("--repeats", type=int, default=5, help="counted repeats per side (after one warm-up)")
     parser.add_argument("--epochs", type=int, default=2, help="backprop epochs to train the attacked MLP")
+    parser.add_argument("--standard-eps", type=float, nargs="*", default=[0.1, 0.3],
+                        help="eps of the standard-preset vs torchattacks AutoAttack table (none: skip it)")
+    parser.add_argument("--standard-repeats", type=int, default=2, help="alternated repeats per side")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--data-dir", default=None)
 
 
 def main(args: argparse.Namespace) -> int:
     try:
+        import torchattacks
         from art.attacks.evasion import ProjectedGradientDescentPyTorch
         from art.estimators.classification import PyTorchClassifier
     except ImportError:
-        raise UsageError("learnbench perf attacks compares against ART: pip install 'learnbench[peers]'") from None
+        raise UsageError("learnbench perf attacks compares against ART and torchattacks: "
+                         "pip install 'learnbench[peers]'") from None
     device, data = load_data(args, args.dataset)
     model = _train(data, args.epochs, device)
     x, y = data.test_x[:args.examples], data.test_y[:args.examples]
@@ -74,7 +88,55 @@ def main(args: argparse.Namespace) -> int:
                 times[name].append(seconds)
                 accs[name].append(_robust_accuracy(model, x, y, adv))
     _print(args, device, model, x, y, times, accs)
+    if args.standard_eps:
+        _standard_table(torchattacks, model, x, y, args, data.n_classes)
     return 0
+
+
+def _standard_table(torchattacks, model: nn.Module, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace,
+                    n_classes: int) -> None:
+    """learnbench's standard preset vs torchattacks' AutoAttack (standard, Linf), alternated per eps: the class as
+    shipped, whose APGD, APGD-T and FAB run 10 iterations, and the same four attacks at the paper's and the
+    reference code's 100 (the work learnbench does)."""
+    sides = {"torchattacks AutoAttack (as shipped: 10 steps)": lambda eps, seed: torchattacks.AutoAttack(
+                 model, norm="Linf", eps=eps, version="standard", n_classes=n_classes, seed=seed),
+             "torchattacks, 100 steps (same work)": lambda eps, seed: _autoattack_100(torchattacks, model, eps,
+                                                                                      n_classes, seed)}
+    rows = []
+    for eps in args.standard_eps:
+        ours_s, ours_acc = [], []
+        theirs = {name: ([], []) for name in sides}
+        for repeat in range(args.standard_repeats):
+            settings = resolve_settings({"preset": "standard", "attacks": [], "eps_linf": [eps],
+                                         "examples": x.shape[0]}, args.dataset)
+            metrics = evaluate(model, x, y, settings, generator=torch.Generator(device=x.device).manual_seed(repeat))
+            ours_s.append(metrics["robust/seconds/standard"])
+            ours_acc.append(metrics[f"robust/worst-case/linf/{eps:g}"])
+            for name, make in sides.items():
+                attack = make(eps, repeat)
+                seconds, adv = _timed(lambda _: attack(x, y), repeat, x.device)
+                theirs[name][0].append(seconds)
+                theirs[name][1].append(_robust_accuracy(model, x, y, adv))
+        rows.append((f"{eps:g}", "learnbench standard preset", statistics.median(ours_s), "",
+                     statistics.mean(ours_acc), ""))
+        for name, (seconds, accs) in theirs.items():
+            rows.append(("", name, statistics.median(seconds), median_ratio(ours_s, seconds), statistics.mean(accs),
+                         100 * (statistics.mean(ours_acc) - statistics.mean(accs))))
+    print(f"\nStandard ensemble (APGD-CE, APGD-T 9 targets, FAB-T 9 targets, Square 5000 queries, each on the points "
+          f"the earlier ones left), {x.shape[0]} points, {args.standard_repeats} alternated repeats each")
+    print(tabulate(rows, headers=["eps", "implementation", "median s", "learnbench / this (goal <= 0.5)",
+                                  "worst-case acc", "learnbench - this, pp (goal |.| <= 1)"], floatfmt=".3f"))
+
+
+def _autoattack_100(torchattacks, model: nn.Module, eps: float, n_classes: int, seed: int):
+    """torchattacks' standard AutoAttack with APGD, APGD-T and FAB at 100 iterations (fra31/auto-attack's
+    standard), built from its own classes the way its AutoAttack builds them."""
+    return torchattacks.MultiAttack([
+        torchattacks.APGD(model, norm="Linf", eps=eps, steps=100, n_restarts=1, loss="ce", seed=seed),
+        torchattacks.APGDT(model, norm="Linf", eps=eps, steps=100, n_restarts=1, n_classes=n_classes, seed=seed),
+        torchattacks.FAB(model, norm="Linf", eps=eps, steps=100, n_restarts=1, multi_targeted=True,
+                         n_classes=n_classes, seed=seed),
+        torchattacks.Square(model, norm="Linf", eps=eps, n_queries=5000, n_restarts=1, seed=seed)])
 
 
 def _train(data, epochs: int, device: torch.device) -> nn.Module:
