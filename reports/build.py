@@ -4,8 +4,8 @@ The report is assembled once as blocks (`document.py`) and rendered twice, so th
 show the same numbers. Sections, per group (a problem, dataset x model, under one budget; a problem run under
 several budgets gets one subsection per budget, never compared with each other): final accuracy, learning curves,
 tuning (after `learnbench tune`), accuracy at equal cost, time-to-target, cost vs accuracy, pairwise significance,
-robustness, alignment, diagnostics; then the performance profiles across the ranked groups, and the provenance of
-every run.
+robustness, the robustness verdict (each rule against the reference, verdict.py), alignment, diagnostics; then the
+performance profiles across the ranked groups, and the provenance of every run.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from .probes import alignment_section, diagnostics_section
 from .robustness import robustness_section
 from .sections import Context, accuracy_section, curves_section, pareto_section, time_to_target_section
 from .tuning import tuning_section
+from .verdict import verdict_section
 
 # Provenance keys shown first, in this order (the runner's names and common spellings); the rest follow sorted.
 PROVENANCE_ORDER = ("learnbench", "version", "git_commit", "git", "commit", "python", "torch", "numpy", "deap",
@@ -96,6 +97,7 @@ def group_blocks(ctx: Context, parts: tuple[str, ...], group: Group) -> list[Blo
         out += pareto_section(ctx, parts, group)
     out += significance_section(group)
     out += robustness_section(ctx, parts, group.labels)
+    out += verdict_section(group)
     out += alignment_section(ctx, parts, group.labels)
     out += diagnostics_section(ctx, parts, group.labels)
     return out

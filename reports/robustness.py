@@ -1,5 +1,7 @@
 """The robustness section: robust accuracy against epsilon per attack (from the `robust/<attack>/<eps>` final
-metrics), a table at each attack's standard epsilon, and the gradient-masking flags (`flag/masking/*`).
+metrics, and `worst-case/linf` from `robust/worst-case/linf/<eps>`, the per-example worst case over the Linf
+attacks), a table at each attack's standard epsilon, and the gradient-masking flags (`flag/masking/*`). The verdict
+that compares each rule with the reference on the worst case is verdict.py's.
 
 The pseudo-gradient attack on feedback-alignment models (`pgd-linf-pseudo`) is drawn dashed in the panel of its
 true-gradient twin (`pgd-linf`) and sits in the column beside it: a model that resists its own pseudo-gradient but
@@ -22,13 +24,18 @@ from .figures import Line, Panel, lines_figure
 from .sections import Context, Groups
 
 PSEUDO = "-pseudo"
+WORST_CASE = "worst-case/linf"  # the per-example worst case over the Linf attacks (learnbench.attacks.ensemble)
 
 
 def attack_grid(trials: Sequence[StoredTrial]) -> dict[str, list[float]]:
-    """attack -> sorted epsilons, from metric names `robust/<attack>/<eps>` (other robust/ names are skipped)."""
-    grid: dict[str, set[float]] = {}
+    """attack -> sorted epsilons, from metric names `robust/<attack>/<eps>` and the per-example worst case
+    `robust/worst-case/linf/<eps>` (attack `worst-case/linf`, first); other robust/ names (the ensemble's running
+    `robust/ensemble/<attack>/<eps>`, `robust/first-break/...`, `robust/auc/...`, seconds) are skipped."""
+    grid: dict[str, set[float]] = {WORST_CASE: set()}
     for name in metric_names(trials, "robust/"):
         parts = name.split("/")
+        if name.startswith(f"robust/{WORST_CASE}/") and len(parts) == 4:
+            parts = ["robust", WORST_CASE, parts[3]]
         if len(parts) != 3 or parts[1] == "auc":
             continue
         try:
@@ -36,7 +43,7 @@ def attack_grid(trials: Sequence[StoredTrial]) -> dict[str, list[float]]:
         except ValueError:
             continue
         grid.setdefault(parts[1], set()).add(eps)
-    return {a: sorted(grid[a]) for a in _pseudo_beside(list(grid))}
+    return {a: sorted(grid[a]) for a in _pseudo_beside([a for a in grid if grid[a]])}
 
 
 def _pseudo_beside(attacks: list[str]) -> list[str]:
@@ -66,8 +73,8 @@ def robust_values(group: Sequence[StoredTrial], attack: str, eps: float) -> np.n
     for t in done(group):
         for name, v in t.metrics.items():
             parts = name.split("/")
-            if (len(parts) == 3 and parts[0] == "robust" and parts[1] == attack and _is_eps(parts[2], eps)
-                    and v is not None and math.isfinite(v)):
+            if (len(parts) >= 3 and parts[0] == "robust" and "/".join(parts[1:-1]) == attack
+                    and _is_eps(parts[-1], eps) and v is not None and math.isfinite(v)):
                 vals.append(v)
                 break
     return np.array(vals, dtype=float)

@@ -226,3 +226,27 @@ def holm_by_hand(pvalues: dict) -> dict:
         running = max(running, min(1.0, (len(ordered) - k) * pvalues[key]))
         expected[key] = running
     return expected
+
+
+# --- robustness verdict: known robust accuracies per seed ----------------------------------------------------------
+def robustness_store(run_dir: Path, entries: dict[str, tuple[str, list[dict[str, float]]]],
+                     reference: str = "backprop", dataset: str = "mnist", model: str = "mlp-256x2") -> None:
+    """label -> (algorithm id, [final metrics of seed 0, seed 1, ...]) as done trials of suite `robust` under one
+    epoch budget (so the group is ranked), each with a test and validation accuracy of its `robust/clean`."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    store = Store(run_dir)
+    store.set_run_info({"suite": "robust", "learnbench": "0.1.0", "created": 1.7e9})
+    for label, (algorithm, seeds) in entries.items():
+        for seed, metrics in enumerate(seeds):
+            trial = trial_config(label, algorithm, seed, dataset=dataset, model=model, suite="robust",
+                                 reference=reference, budget=EPOCHS_5)
+            clean = metrics.get("robust/clean", 0.9)
+            write_trial(store, trial, metrics={"test/accuracy": clean, "val/accuracy": clean, **metrics})
+    store.close()
+
+
+def md_headers(markdown: str, after: str) -> list[str]:
+    """The header cells of the first Markdown table after the line containing `after`."""
+    lines = markdown[markdown.index(after):].splitlines()
+    header = next(line for line in lines if line.startswith("|"))
+    return [_unmark(c.strip()) for c in header.strip().strip("|").split("|")]
