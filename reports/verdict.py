@@ -150,6 +150,9 @@ def sentence(c: Comparison, reference: str, m: int) -> str:
         return (f"{c.label} is {side} robust than {reference} {where} by the 95% CI {_interval(t.diff)} but not "
                 f"after Holm's correction over the {m} comparisons (Holm {_p(t.p_holm)}): {numbers}, "
                 f"{_seeds(t.n)}.")
+    if t.diff.lo == t.diff.hi == 0.0:  # no spread, no test: e.g. both at 0% once the eps breaks every point
+        return (f"No difference between {c.label} and {reference} {where}: the same worst-case robust accuracy on "
+                f"each of the {_seeds(t.n)}.")
     return (f"No difference detectable between {c.label} and {reference} {where} with {_seeds(t.n)}: {numbers} "
             f"(95% CI {_interval(t.diff)}, Holm {_p(t.p_holm)}).")
 

@@ -185,3 +185,19 @@ def test_one_seed_gives_no_ci_and_says_so(tmp_path: Path):
     assert f"fa vs backprop at ε = 0.1: only 1 seed finished by both, so no confidence interval and no verdict " \
            f"({100 * d:+.2f} points of worst-case robust accuracy on that seed)." in items
     assert not any("95% CI [" in s or "more robust" in s or "less robust" in s for s in items)
+
+
+def test_identical_worst_cases_on_every_seed_read_as_no_difference():
+    import numpy as np
+
+    from learnbench.reports import stats
+    from learnbench.reports.verdict import Comparison, sentence
+
+    zeros = np.zeros(3)
+    test = stats.paired_test("fa", "backprop", zeros, zeros)
+    text = sentence(Comparison("fa", 0.3, 3, 0.0, test), "backprop", 4)
+    assert text == "No difference between fa and backprop at ε = 0.3: the same worst-case robust accuracy on each of " \
+                   "the 3 seeds."
+    moved = stats.paired_test("fa", "backprop", np.array([0.1, 0.2, 0.3]), np.array([0.1, 0.25, 0.3]))
+    assert sentence(Comparison("fa", 0.3, 3, moved.diff.mean, moved), "backprop", 4).startswith(
+        "No difference detectable")
