@@ -185,13 +185,7 @@ class AdversarialTraining(Backprop):
         # two forwards, not one on the concatenation: BatchNorm statistics stay per batch, as in the reference
         loss = trades_loss(self._logits(batch.x), self._logits(x_adv), batch.y, self.trades_beta,
                            self.label_smoothing)
-        self._optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self._model.parameters(), self.grad_clip, foreach=True)
-        self._optimizer.step()
-        if self._scheduler is not None:
-            self._scheduler.step()
+        self.descend(loss)
         return loss.detach(), self.attack_steps + 3, self.attack_steps + 2
 
     def _logits(self, x: Tensor) -> Tensor:

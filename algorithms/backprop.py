@@ -145,6 +145,13 @@ class Backprop:
         else:
             logits = self._forward(batch.x)  # [B, C]
         loss = F.cross_entropy(logits, batch.y, label_smoothing=self.label_smoothing)
+        self.descend(loss)
+        n = batch.y.shape[0]
+        # loss stays a tensor: reading it here would be a host sync every step on CUDA.
+        return StepStats(loss=loss.detach(), forward_passes=n, backward_passes=n, extra_flops=self._extra_flops)
+
+    def descend(self, loss: torch.Tensor) -> None:
+        """One optimizer step on `loss`: gradients, optional clipping, the update, the schedule."""
         self._optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip > 0:
@@ -152,9 +159,6 @@ class Backprop:
         self._optimizer.step()
         if self._scheduler is not None:
             self._scheduler.step()
-        n = batch.y.shape[0]
-        # loss stays a tensor: reading it here would be a host sync every step on CUDA.
-        return StepStats(loss=loss.detach(), forward_passes=n, backward_passes=n, extra_flops=self._extra_flops)
 
     def eval_model(self) -> nn.Module:
         return self._evaluated

@@ -67,3 +67,13 @@ def masked_mlp() -> nn.Module:
 def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
     with torch.no_grad():
         return (model(x).argmax(1) == y).float().mean().item()
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def robust_accuracy(model: nn.Module, adv: Tensor, x: Tensor, y: Tensor) -> float:
+    """Correct on clean and adversarial input (how learnbench scores)."""
+    with torch.no_grad():
+        return ((model(x).argmax(1) == y) & (model(adv).argmax(1) == y)).float().mean().item()

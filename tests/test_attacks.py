@@ -8,7 +8,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from attack_models import accuracy, digits, trained_mlp
+from attack_models import accuracy, digits, gen, robust_accuracy, trained_mlp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -21,16 +21,6 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def robust_accuracy(model: nn.Module, adv: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Correct on clean and adversarial input (how learnbench scores)."""
-    with torch.no_grad():
-        return ((model(x).argmax(1) == y) & (model(adv).argmax(1) == y)).float().mean().item()
 
 
 def test_fgsm_equals_closed_form_on_a_linear_model():

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from attack_models import accuracy, digits, trained_mlp
+from attack_models import accuracy, digits, gen, robust_accuracy, trained_mlp
 from torch import nn
 
 from learnbench.attacks.apgd import apgd_ce, apgd_dlr, apgd_t, dlr_loss, dlr_targeted_loss, target_classes
@@ -15,15 +15,6 @@ from learnbench.attacks.common import attack_mode
 from learnbench.attacks.fab import fab_min_norm, fab_t, project_hyperplane_box
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def robust_accuracy(model: nn.Module, adv: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return ((model(x).argmax(1) == y) & (model(adv).argmax(1) == y)).float().mean().item()
 
 
 def test_dlr_losses_by_hand():
