@@ -82,10 +82,3 @@ def square_beats_white_box(ensemble: dict[str, Masks], margin: float) -> float:
     (AutoAttack's `check_square_sr`, per point)."""
     white, black = ensemble["fab-t"], ensemble["square"]
     return float(any((white[eps] & ~black[eps]).float().mean().item() > margin for eps in white))
-
-
-def strong_apgd_settings(settings: dict) -> dict:
-    """APGD-CE with `masking_steps_factor` times the steps and `masking_restarts` restarts: the more-iterations
-    check when the trial ran the ensemble but not PGD."""
-    return {**settings, "apgd_steps": settings["apgd_steps"] * settings["masking_steps_factor"],
-            "apgd_restarts": settings["masking_restarts"]}

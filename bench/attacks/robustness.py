@@ -286,8 +286,9 @@ def _masking_flags(model: nn.Module, x: Tensor, y: Tensor, clean: Tensor, robust
     checks["zero-gradients"] = float(masking.zero_gradient_fraction(model, x[clean], y[clean], chunk) > margin)
     if "pgd-linf" in robust or (standard and worst):
         name, base = ("pgd-linf", robust["pgd-linf"]) if "pgd-linf" in robust else ("apgd-ce", worst)
-        strong_settings = {**settings, "pgd_steps": settings["pgd_steps"] * settings["masking_steps_factor"],
-                           "pgd_restarts": settings["masking_restarts"], **ensemble.strong_apgd_settings(settings)}
+        factor, restarts = settings["masking_steps_factor"], settings["masking_restarts"]
+        strong_settings = {**settings, "pgd_steps": settings["pgd_steps"] * factor, "pgd_restarts": restarts,
+                           "apgd_steps": settings["apgd_steps"] * factor, "apgd_restarts": restarts}
         attack = attack_fn(name, model, strong_settings, generator)
 
         def strong(points: Tensor, eps: float) -> Tensor:
