@@ -34,3 +34,13 @@ def make_trials(suite: dict, plugin_files=(), **overrides) -> list[dict]:
     base.update(suite)
     return config.resolve(config.apply_overrides(base, **overrides), discover(list(plugin_files)), "cpu", "test")
 
+
+
+def digits_batch(n: int):
+    """The first n scikit-learn digits as one batch: x [n, 1, 8, 8] in [0, 1], y [n]."""
+    import torch
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data[:n] / 16, dtype=torch.float32).reshape(-1, 1, 8, 8)
+    return x, torch.tensor(digits.target[:n])

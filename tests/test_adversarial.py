@@ -16,16 +16,14 @@ from learnbench.algorithms.adversarial import AdversarialTraining, epsilon_at
 from learnbench.algorithms.backprop import Backprop
 from learnbench.models import build
 from learnbench.spec import Batch, TaskInfo
+from helpers import digits_batch
 
 TASK = TaskInfo((1, 8, 8), 10, 1000, torch.device("cpu"))
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
 
 def _data(n=64):
-    from sklearn.datasets import load_digits
-    digits = load_digits()
-    x = torch.tensor(digits.data[:n] / 16, dtype=torch.float32).reshape(-1, 1, 8, 8)
-    return x, torch.tensor(digits.target[:n])
+    return digits_batch(n)
 
 
 def _dropout_mlp(seed=0):

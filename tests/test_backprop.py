@@ -7,15 +7,13 @@ import torch.nn.functional as F
 from learnbench.algorithms.backprop import OPTIMIZERS, Backprop
 from learnbench.models import build
 from learnbench.spec import Batch, TaskInfo
+from helpers import digits_batch
 
 TASK = TaskInfo((1, 8, 8), 10, 1000, torch.device("cpu"))
 
 
 def _data(n=256):
-    from sklearn.datasets import load_digits
-    digits = load_digits()
-    x = torch.tensor(digits.data[:n] / 16, dtype=torch.float32).reshape(-1, 1, 8, 8)
-    return x, torch.tensor(digits.target[:n])
+    return digits_batch(n)
 
 
 def _model(seed=0):
