@@ -208,12 +208,13 @@ class GeneticAlgorithm:
 
     def step(self, batch: Batch) -> StepStats:
         p, b = self._popsize, batch.y.shape[0]
-        loss, _ = self._toolbox.evaluate(self._genomes, batch.x, batch.y)  # [P], all on the same minibatch
+        scored, learning, learning_flops = self._scored(batch)  # [P, n_params]: what this generation is scored as
+        loss, _ = self._toolbox.evaluate(scored, batch.x, batch.y)  # [P], all on the same minibatch
         individuals = self._individuals(loss)
         with self._python_random():
             parents = self._toolbox.select(individuals, p - self.elites)  # DEAP's own selection
         record = self._stats.compile(individuals)  # before the candidates' fitness is replaced by the pool's
-        pool_evals = self._choose_elites(individuals)  # refills the hall of fame (fitness on the pool)
+        pool_evals = self._choose_elites(individuals, scored)  # refills the hall of fame (fitness on the pool)
         offspring, flops = self._vary(self._genomes.index_select(0, torch.tensor(parents, device=self._device)))
         elites = [ind.genome for ind in self._hof[:self.elites]]
         self._genomes = torch.cat([torch.stack(elites), offspring]) if elites else offspring  # [P, n_params]
@@ -227,7 +228,13 @@ class GeneticAlgorithm:
         # The loss reported is row 0's: the current elite (the model `eval_model()` returned before this step),
         # re-measured on this fresh batch, so it is an unbiased training loss; generation 0: the given model.
         aspirants = len(parents) * (self.tournsize if self.variant == "classic" else 1)  # one draw each
-        return StepStats(loss=loss[0], forward_passes=p * b + pool_evals[1], extra_flops=float(aspirants + flops))
+        return StepStats(loss=loss[0], forward_passes=p * b + pool_evals[1] + learning, backward_passes=learning,
+                         extra_flops=float(aspirants + flops + learning_flops))
+
+    def _scored(self, batch: Batch) -> tuple[Tensor, int, float]:
+        """The population as this generation scores it `[P, n_params]`, with the example-passes (each way) and
+        FLOPs spent making it: the genomes themselves here; `memetic` scores them after their local learning."""
+        return self._genomes, 0, 0.0
 
     def eval_model(self) -> nn.Module:
         if len(self._hof):
@@ -245,16 +252,17 @@ class GeneticAlgorithm:
             individuals.append(ind)
         return individuals
 
-    def _choose_elites(self, individuals: list) -> tuple[list, int]:
+    def _choose_elites(self, individuals: list, scored: Tensor) -> tuple[list, int]:
         """Score the candidates (the generation's best and the current elites, rows 0..elites-1) by their mean
-        loss on the held-back pool and refill the hall of fame with the best; returns (candidates, passes)."""
+        loss on the held-back pool (their rows of `scored`, as this generation ranked them) and refill the hall of
+        fame with the best (their genomes); returns (candidates, passes)."""
         chosen = {int(ind): ind for ind in self._toolbox.candidates(individuals)}
         chosen.update({int(ind): ind for ind in individuals[:self.elites] if self._generation})
         candidates, passes = list(chosen.values()), 0
         if self._pool:
             x, y = (torch.cat(parts) for parts in zip(*self._pool))
             rows = torch.tensor(list(chosen), device=self._device)
-            pooled, _ = self._toolbox.evaluate(self._genomes.index_select(0, rows), x, y)  # [C]
+            pooled, _ = self._toolbox.evaluate(scored.index_select(0, rows), x, y)  # [C]
             for ind, value in zip(candidates, torch.nan_to_num(pooled, nan=math.inf).tolist()):
                 ind.fitness.values = (value,)
             passes = len(candidates) * y.shape[0]

@@ -104,6 +104,7 @@ class OpenAIES:
         self._scheduler = torch.optim.lr_scheduler.LambdaLR(
             self._optimizer, lambda t: max(self.lr_decay**t, floor))
         self._sigma = self.sigma
+        self.update_parts: dict[str, Tensor] = {}  # the last step's descent direction before the optimizer
         n = self._mean.numel()
         self._table = (NoiseTable(generator, self.noise_table, n, self._mean.device)
                        if self.noise_table else None)
@@ -140,6 +141,7 @@ class OpenAIES:
         """Update the mean from the members' losses `[popsize]` (ordered as `ask` describes): the optimizer steps
         on `-g + weight_decay * mean` (Salimans et al.'s `optimizer.update(-g + l2coeff * theta)`)."""
         g = search_direction(noise, loss)  # [n_params]
+        self.update_parts = {"es-estimate": g / self._sigma}  # the search gradient, for the update-grad probe
         self._mean.grad = self.weight_decay * self._mean.detach() - g if self.weight_decay else -g
         self._optimizer.step()
         self._scheduler.step()

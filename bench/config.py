@@ -212,8 +212,9 @@ def resolve(suite: dict[str, Any], registry: Registry, device: str, code_version
                     continue
                 entry_budget = _entry_budget(resolved, budget, f"{where}: {dataset} x {model_label}")
                 hparams = _fill_horizon(dict(resolved["hparams"]), entry_budget, infos[dataset].n_train)
-                _check_values(registry.entries[resolved["id"]].cls, hparams, infos[dataset], device,
-                              f"{where}: [[algorithms]] {resolved['label']!r}")
+                cls, entry_where = registry.entries[resolved["id"]].cls, f"{where}: [[algorithms]] {resolved['label']!r}"
+                _check_model(cls, spec, model_label, entry_where)
+                _check_values(cls, hparams, infos[dataset], device, entry_where)
                 for seed in seeds:
                     trial = Trial(
                         **shared, id="", label=resolved["label"], algorithm=resolved["id"], hparams=hparams,
@@ -258,6 +259,15 @@ def _reference(suite: dict[str, Any], where: str) -> str:
     if not isinstance(reference, str) or not reference:
         raise UsageError(f"{where}: reference must be an algorithm label or id; got {reference!r}")
     return reference
+
+
+def _check_model(cls: type, spec: dict[str, Any], model_label: str, where: str) -> None:
+    """A usage error before anything runs when the trainer declares `supported_models` (model kinds) and this
+    problem's model is not one of them (a rule defined for MLPs only, say); trainers without it take any model."""
+    supported = getattr(cls, "supported_models", None)
+    if supported is not None and spec.get("kind") not in supported:
+        raise UsageError(f"{where}: {cls.name} trains {', '.join(map(repr, supported))} models only, not "
+                         f"{model_label} (kind {spec.get('kind')!r}); restrict the entry with `models = [...]`")
 
 
 def _check_values(cls: type, hparams: dict[str, Any], info: Any, device: str, where: str) -> None:

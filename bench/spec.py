@@ -59,6 +59,8 @@ class Trainer(Protocol):
     Optionally, a `validate()` or `validate(task)` method that raises ValueError for a bad value: learnbench calls it
     while resolving a suite, so the mistake is one usage error before anything runs (the built-ins all have one).
     Every trainer has a `batch_size` hyper-parameter; population trainers name their population size `popsize`.
+    A trainer defined for some model kinds only declares them as a class attribute `supported_models` (e.g.
+    `("mlp",)`): a suite pairing it with another kind is a usage error before anything runs.
     """
 
     name: ClassVar[str]

@@ -45,6 +45,8 @@ DIAGNOSTICS = (  # prefix, title, y label, caption, log y
         "coordinate scaling lowers it; 0: no better than a random direction."), False),
 )
 FLAGS = ("flag/vanishing", "flag/exploding")
+UPDATE, PARTS = "cos/update-grad", "cos/part-grad/"
+PART_STYLES = ("--", "-.", ":")  # the parts of one algorithm's update; its update itself is drawn solid
 
 
 def family_blocks(ctx: Context, problem: tuple[str, ...], groups: Groups, prefix: str, ylabel: str,
@@ -127,6 +129,8 @@ def diagnostics_section(ctx: Context, problem: tuple[str, ...], groups: Groups) 
         blocks = family_blocks(ctx, problem, groups, prefix, ylabel, caption, logy, clip)
         if prefix == "grad/":
             blocks = _profile_blocks(ctx, problem, groups) + blocks
+        if prefix == "cos/":
+            blocks += hybrid_alignment_blocks(ctx, problem, groups)
         if blocks:
             out += [Heading(4, title)] + blocks
     out += influence_blocks(ctx, problem, groups)
@@ -134,6 +138,33 @@ def diagnostics_section(ctx: Context, problem: tuple[str, ...], groups: Groups) 
     if flags:
         out += [Heading(4, "Vanishing and exploding gradients"), flags]
     return [Heading(3, "Diagnostics")] + out if out else []
+
+
+def hybrid_alignment_blocks(ctx: Context, problem: tuple[str, ...], groups: Groups) -> list[Block]:
+    """One panel per algorithm whose update combines parts (`cos/part-grad/<part>`: guided-es's surrogate and ES
+    estimate, openai-es's estimate before Adam): its parts and its update against the true gradient, beside every
+    algorithm's update on the problem, so a reader sees whether the combination beats either part."""
+    updates = curve_lines(groups, UPDATE, "examples", clip=(-1.0, 1.0))[0]  # every algorithm's, solid
+    panels = []
+    for label, group in groups.items():
+        parts = sorted({name for t in done(group) for name in t.curves if name.startswith(PARTS)})
+        if not parts:
+            continue
+        lines, logx = [], False
+        for name, style in zip(parts, PART_STYLES):
+            part_lines, logx = curve_lines({label: group}, name, "examples", clip=(-1.0, 1.0))
+            lines += [replace(line, style=style, name=f"{label}: {name.removeprefix(PARTS)}") for line in part_lines]
+        lines += [replace(line, name=f"{line.label}: update") for line in updates]
+        panels.append(Panel(label, "examples seen", "cosine to -grad", lines, logx))
+    if not panels:
+        return []
+    path = lines_figure(panels, ctx.colours, ctx.figure_path(*problem, "hybrid-alignment"))
+    ctx.figures.append(path)
+    return [Figure(path, (
+        "Hybrid alignment: per algorithm that builds its update from parts, the cosine of each part (dashed: the "
+        "surrogate gradient or the ES estimate, as a descent direction) and of every algorithm's applied update "
+        "(solid) to the negative true gradient on the probed step's batch, against examples seen. Mean over seeds."),
+        alt=f"hybrid alignment curves, {' '.join(problem)}")]
 
 
 # --- depth profiles ----------------------------------------------------------------------------------------------

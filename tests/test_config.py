@@ -176,3 +176,27 @@ def test_algorithms_flag_adds_an_installed_algorithm_the_suite_lacks():
     assert {t.label for t in trials} == {"sgd", "fa"}
     fa = next(t for t in trials if t.label == "fa")
     assert fa.hparams["batch_size"] == 128  # the trainer's own defaults
+
+
+def test_a_trainer_declaring_its_models_refuses_others_before_anything_runs(tmp_path):
+    """`supported_models`: an mlp-only trainer paired with the cnn is one usage error naming both; on mlp it runs."""
+    import textwrap
+
+    from helpers import make_trials
+
+    plugin = tmp_path / "mlp_only.py"
+    plugin.write_text(textwrap.dedent('''
+        from dataclasses import dataclass
+        from typing import ClassVar
+        from learnbench.algorithms.backprop import Backprop
+
+        @dataclass(eq=False)
+        class MlpOnly(Backprop):
+            name: ClassVar[str] = "mlp-only"
+            supported_models: ClassVar[tuple[str, ...]] = ("mlp", "resmlp")
+    '''))
+    algorithms = [{"id": "mlp-only", "batch_size": 32}]
+    assert make_trials({"algorithms": algorithms}, [plugin])
+    with pytest.raises(UsageError, match=r"mlp-only trains 'mlp', 'resmlp' models only, not cnn \(kind 'cnn'\)"):
+        make_trials({"algorithms": algorithms, "models": [{"kind": "mlp", "hidden": [16]}, {"kind": "cnn"}]},
+                    [plugin])

@@ -386,3 +386,21 @@ def test_deep_model_specs() -> None:
     assert spec["hidden"] == [128] * 12 and models.label(spec) == "mlp-128x12-sigmoid"
     model = models.build({"kind": "resmlp", "width": 128, "depth": 20, "activation": "tanh"}, (1, 28, 28), 10)
     assert len(model.blocks) == 20 and math.isfinite(float(model(torch.rand(2, 1, 28, 28)).detach().sum()))
+
+
+def test_update_grad_reports_each_part_of_a_hybrid_update() -> None:
+    """guided-es with the true gradient as surrogate: its surrogate part is -grad exactly (cosine 1); its ES estimate
+    lies close to it; fa's surrogate is not the gradient (cosine < 1). openai-es reports its estimate too."""
+    from learnbench.algorithms.guided_es import GuidedES
+    from learnbench.algorithms.openai_es import OpenAIES
+
+    values = {}
+    for name, trainer in (("backprop", GuidedES(surrogate="backprop", popsize=64)), ("fa", GuidedES(surrogate="fa")),
+                          ("openai-es", OpenAIES(popsize=64, noise_table=0))):
+        model = built(trainer, {"kind": "mlp", "hidden": [16, 16]})
+        values[name] = probed([UpdateGradProbe(model, trainer, TASK)], trainer, batches()[0])
+    assert values["backprop"]["cos/part-grad/surrogate"] == pytest.approx(1, abs=1e-5)
+    assert 0.5 < values["backprop"]["cos/part-grad/es-estimate"] < 1
+    assert values["fa"]["cos/part-grad/surrogate"] < 0.99
+    assert set(values["openai-es"]) >= {"cos/update-grad", "cos/part-grad/es-estimate"}
+    assert "cos/part-grad/surrogate" not in values["openai-es"]

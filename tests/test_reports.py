@@ -342,3 +342,29 @@ def test_readme_robustness_table_puts_pseudo_beside_true_gradient(realistic):
     fa = [t.metrics["robust/pgd-linf/0.1"] for t in Store.open(run).trials()
           if t.label == "fa" and t.status == "done" and t.dataset == dataset]
     assert fa and float(row.split("|")[5]) == pytest.approx(100 * sum(fa) / len(fa), abs=0.006)
+
+
+def test_hybrid_alignment_figure_draws_each_part_and_every_update(tmp_path: Path):
+    """guided-es's parts (surrogate, es-estimate) and every algorithm's update, one panel per algorithm with parts;
+    the figure's data are the stored curves (an SVG path per line, the legend naming each)."""
+    store = Store(_mk(tmp_path / "run"))
+    curves = {"guided-es": {"cos/update-grad": 0.3, "cos/part-grad/surrogate": 0.2, "cos/part-grad/es-estimate": 0.4},
+              "fa": {"cos/update-grad": 0.25}}
+    for label, metrics in curves.items():
+        for seed in range(2):
+            trial = trial_config(label, label, seed, suite="hybrids")
+            rows = {name: [(float(i), 100.0 * i, 1e6 * i, value + 0.01 * i) for i in range(1, 6)]
+                    for name, value in metrics.items()}
+            rows["test/accuracy"] = [(float(i), 100.0 * i, 1e6 * i, 0.5) for i in range(1, 6)]
+            write_trial(store, trial, metrics={"test/accuracy": 0.5, **{m: v for m, v in metrics.items()}},
+                        curves=rows)
+    store.close()
+    written = build_report([tmp_path / "run"])
+    md = written["report.md"].read_text()
+    assert "Hybrid alignment" in md
+    [figure] = [path for name, path in written.items() if "hybrid-alignment" in str(name)] or \
+        list((tmp_path / "run").rglob("*hybrid-alignment*"))
+    svg = Path(figure).read_text()
+    for entry in ("guided-es: surrogate", "guided-es: es-estimate", "guided-es: update", "fa: update"):
+        assert entry in svg, entry
+    assert "fa: surrogate" not in svg  # fa's update has no parts: no panel of its own
