@@ -156,15 +156,21 @@ def hybrid_alignment_blocks(ctx: Context, problem: tuple[str, ...], groups: Grou
             lines += [replace(line, style=style, name=f"{label}: {name.removeprefix(PARTS)}") for line in part_lines]
         lines += [replace(line, name=f"{line.label}: update") for line in updates]
         panels.append(Panel(label, "examples seen", "cosine to -grad", lines, logx))
-    if not panels:
-        return []
-    path = lines_figure(panels, ctx.colours, ctx.figure_path(*problem, "hybrid-alignment"))
-    ctx.figures.append(path)
-    return [Figure(path, (
+    return _figure_blocks(ctx, problem, "hybrid-alignment", panels, (
         "Hybrid alignment: per algorithm that builds its update from parts, the cosine of each part (dashed: the "
         "surrogate gradient or the ES estimate, as a descent direction) and of every algorithm's applied update "
         "(solid) to the negative true gradient on the probed step's batch, against examples seen. Mean over seeds."),
-        alt=f"hybrid alignment curves, {' '.join(problem)}")]
+        "hybrid alignment curves")
+
+
+def _figure_blocks(ctx: Context, problem: tuple[str, ...], name: str, panels: list[Panel], caption: str,
+                   alt: str, ncols: int = 3) -> list[Block]:
+    """The panels drawn as one figure of the problem named `name`, with its caption; [] without panels."""
+    if not panels:
+        return []
+    path = lines_figure(panels, ctx.colours, ctx.figure_path(*problem, name), ncols=ncols)
+    ctx.figures.append(path)
+    return [Figure(path, caption, alt=f"{alt}, {' '.join(problem)}")]
 
 
 # --- depth profiles ----------------------------------------------------------------------------------------------
@@ -221,15 +227,10 @@ def _profile_blocks(ctx: Context, problem: tuple[str, ...], groups: Groups) -> l
             if lines:
                 panels.append(Panel(f"{what}, {when}", "layer (input side first)", "norm", lines,
                                     logy=True, xticks=ticks))
-    if not panels:
-        return []
-    path = lines_figure(panels, ctx.colours, ctx.figure_path(*problem, "gradient-profile"), ncols=2)
-    ctx.figures.append(path)
-    return [Figure(path, (
+    return _figure_blocks(ctx, problem, "gradient-profile", panels, (
         "Depth profile: per layer, the norm of the true loss gradient and of the update each algorithm applied, at "
         "the first and the last probe reading; log scale, geometric mean over seeds with a 95% band. A profile "
-        "falling towards the input (left) is a vanishing gradient."),
-        alt=f"gradient and update norms by layer, {' '.join(problem)}")]
+        "falling towards the input (left) is a vanishing gradient."), "gradient and update norms by layer", ncols=2)
 
 
 # --- influence locality ------------------------------------------------------------------------------------------

@@ -44,3 +44,14 @@ def digits_batch(n: int):
     digits = load_digits()
     x = torch.tensor(digits.data[:n] / 16, dtype=torch.float32).reshape(-1, 1, 8, 8)
     return x, torch.tensor(digits.target[:n])
+
+
+def random_batches(n: int, d: int = 6, size: int = 64, seed: int = 1, classes: int = 3) -> list:
+    """n batches of uniform inputs [size, d] and uniform labels in 0..classes-1, from one seeded generator."""
+    import torch
+
+    from learnbench.spec import Batch
+
+    g = torch.Generator().manual_seed(seed)
+    return [Batch(torch.rand(size, d, generator=g), torch.randint(0, classes, (size,), generator=g))
+            for _ in range(n)]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from deap import tools
 from scipy import stats
 
-from helpers import make_trials
+from helpers import make_trials, random_batches
 from learnbench import population
 from learnbench.algorithms.genetic import GeneticAlgorithm, cx_blend, cx_two_point, cx_uniform, mut_gaussian
 from learnbench.models import build
@@ -31,9 +31,7 @@ def make(model_seed: int = 0, seed: int = 0, d: int = 6, hidden=(8,), **hparams)
     return trainer
 
 
-def batches(n: int, d: int = 6, size: int = 64, seed: int = 1) -> list[Batch]:
-    g = torch.Generator().manual_seed(seed)
-    return [Batch(torch.rand(size, d, generator=g), torch.randint(0, 3, (size,), generator=g)) for _ in range(n)]
+batches = random_batches
 
 
 def flat(model: torch.nn.Module) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import make_trials
+from helpers import make_trials, random_batches
 from learnbench import population
 from learnbench.algorithms.feedback_alignment import FeedbackAlignmentRule
 from learnbench.algorithms.feedback_layers import convert
@@ -37,9 +37,7 @@ def make(cls=Memetic, model_seed: int = 0, seed: int = 0, d: int = 6, hidden=(8,
     return trainer
 
 
-def batches(n: int, d: int = 6, size: int = 64, seed: int = 1) -> list[Batch]:
-    g = torch.Generator().manual_seed(seed)
-    return [Batch(torch.rand(size, d, generator=g), torch.randint(0, 3, (size,), generator=g)) for _ in range(n)]
+batches = random_batches
 
 
 def teacher_batches(n: int, d: int = 10, size: int = 128, seed: int = 3) -> list[Batch]:
