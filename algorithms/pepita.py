@@ -36,9 +36,9 @@ epochs (44 s) and 97.89 % after 100 (641 s), near the paper's 98.01 %.
 Defaults are the paper's (the CIFAR-10 notebook): batch 64, SGD with momentum 0.9, lr 0.01 divided by 10 at
 epochs 60 and 90 (of 100); `decay_epochs` are turned into steps with the training-set size (steps = epochs *
 n_train / batch_size), so a budget under 60 epochs sees only the constant phase. The reference code's MNIST
-command uses lr 0.1 (`main.py --eta 0.1`). Weights He-uniform, U(+-sqrt(6 / fan_in)), biases 0 (`init = "he_uniform"`, drawn from
-the run's generator; `init = "model"` keeps the model's own initialisation); F uniform in +-f_scale sqrt(6 / D),
-f_scale = 0.05 (both reference codes: He-uniform scaled by 0.05).
+command uses lr 0.1 (`main.py --eta 0.1`). Weights He-uniform, U(+-sqrt(6 / fan_in)), biases 0
+(`init = "he_uniform"`, drawn from the run's generator; `init = "model"` keeps the model's own initialisation);
+F uniform in +-f_scale sqrt(6 / D), f_scale = 0.05 (both reference codes: He-uniform scaled by 0.05).
 
 Cost per step (B examples, layer widths n_0 = D, n_1, ..., n_L = C, P trained parameters): forward_passes = 2B,
 backward_passes = 0. extra_flops, by `learnbench.cost`'s rule (an elementwise operation 1 FLOP, a multiply-add 2):
