@@ -47,7 +47,9 @@ more matrix product per input that carries a tangent. Per step, B examples, K ta
 * weights: `forward_passes = B` (the primal, computed once for all K tangents) and `backward_passes = K B`: a
   tangent pass multiplies W' x + W x' in every layer (x' = 0 at the input), the matrix products a backward pass
   makes (dL/dW and, past the first layer, dL/dx), so each is charged as one backward. `extra_flops`:
-  K n normals + 2 K n (g = 1/K sum_k d_k v_k) + the optimizer step (`learnbench.cost.optimizer_flops`).
+  K n normals + 2 K n (g = 1/K sum_k d_k v_k) + the optimizer step (`learnbench.cost.optimizer_flops`). A model
+  with BatchNorm pays B more forward passes: a transform may not write running statistics, so a plain forward
+  updates them and the jvp normalises by the batch's statistics alone (`batch_statistics_only`).
 * activations: `forward_passes = B` (the model's primal forward, head included), `backward_passes = 0`: no layer
   is differentiated backwards. The rest is declared in `extra_flops` (`activity_flops`), per hidden block of
   D inputs, H units, t modules after its Linear, C classes: K B H normals; K B (t H + 2 H C + 2 C) for the tangent

@@ -245,9 +245,13 @@ def test_weight_perturbation_trains_any_model(spec):
     trainer = ForwardGradient(perturb="weights", directions=2)
     trainer.setup(net, task, torch.Generator().manual_seed(0))
     before = [p.detach().clone() for p in net.parameters()]
-    losses = [float(trainer.step(batch).loss) for _ in range(3)]
-    assert all(math.isfinite(v) for v in losses)
+    stats_before = [b.clone() for name, b in net.named_buffers() if name.endswith("running_mean")]
+    steps = [trainer.step(batch) for _ in range(3)]
+    assert all(math.isfinite(float(s.loss)) for s in steps)
     assert all(not torch.equal(p, q) for p, q in zip(net.parameters(), before))
+    running = [b for name, b in net.named_buffers() if name.endswith("running_mean")]
+    assert all(not torch.equal(b, c) for b, c in zip(running, stats_before))  # BatchNorm's statistics still move
+    assert steps[0].forward_passes == (2 if running else 1) * 64
 
 
 # --- the kit and a short run ----------------------------------------------------------------------------------------
