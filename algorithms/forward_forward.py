@@ -115,6 +115,10 @@ class GoodnessClassifier(nn.Module):
         self.blocks, self.head = model.blocks, model.head
         self.n_classes, self.first = n_classes, first
 
+    def wrapper_args(self) -> dict[str, int]:
+        """What `ForwardForward.wrap_eval_model` needs to rebuild this module around a saved model."""
+        return {"n_classes": self.n_classes, "first": self.first}
+
     def forward(self, x: Tensor) -> Tensor:
         per_layer = candidate_goodness(self.blocks, x.flatten(1), self.n_classes)[self.first:]
         return torch.stack(per_layer).sum(0)  # [B, C]
@@ -235,6 +239,11 @@ class ForwardForward:
 
     def eval_model(self) -> nn.Module:
         return self._classifier
+
+    @classmethod
+    def wrap_eval_model(cls, model: nn.Module, n_classes: int, first: int) -> nn.Module:
+        """The goodness classifier around a rebuilt mlp: how `learnbench.load_model` restores a saved trial."""
+        return GoodnessClassifier(model, n_classes, first)
 
     def _learn(self, index: int, h: Tensor) -> Tensor:
         """One optimizer step of layer `index` on its local loss from its activities h [2B, H]; the loss, detached."""

@@ -117,6 +117,12 @@ class ForwardGradient:
         "directions": Choice((1, 4, 16)),
     }
 
+    @property
+    def supported_models(self) -> tuple[str, ...] | None:
+        """Model kinds this rule trains (checked before a suite runs): activity perturbation needs the built-in
+        mlp or resmlp (Linear blocks it can perturb after); weight perturbation takes any model (None)."""
+        return ("mlp", "resmlp") if self.perturb == "activations" else None
+
     @classmethod
     def adjust_search_space(cls, space: dict[str, Dimension], hparams: Mapping[str, Any]) -> dict[str, Dimension]:
         """The declared learning-rate range is for Adam; another optimizer's is scaled by the ratio of defaults."""

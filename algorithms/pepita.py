@@ -40,6 +40,14 @@ command uses lr 0.1 (`main.py --eta 0.1`). Weights He-uniform, U(+-sqrt(6 / fan_
 (`init = "he_uniform"`, drawn from the run's generator; `init = "model"` keeps the model's own initialisation);
 F uniform in +-f_scale sqrt(6 / D), f_scale = 0.05 (both reference codes: He-uniform scaled by 0.05).
 
+Pseudo-gradient (for the attacks). PEPITA's only route from the error to the input is F: the modulated pass moves
+the input by e F^T, and the first layer learns to answer x as it answered x + e F^T (h_1 moves toward h_1^mod), so
+the rule treats e F^T as the loss-lowering input change. `pseudo_gradient_model()` is the trained model with that
+view as its input gradient: dL/dx := -(dL/dz) F^T, which is -e F^T for the cross-entropy loss (dL/dz = e). It is to
+PEPITA what the feedback weights' backward is to FA: the gradient an attacker who trusts the rule would follow
+(`robustness.pseudo_gradient`). Measured on MNIST (784-256-256-10, the defaults): the median cosine between e F^T
+and the true dL/dx goes from 0.00 at initialisation to -0.10, -0.13, -0.16 after epochs 1, 2, 3.
+
 Cost per step (B examples, layer widths n_0 = D, n_1, ..., n_L = C, P trained parameters): forward_passes = 2B,
 backward_passes = 0. extra_flops, by `learnbench.cost`'s rule (an elementwise operation 1 FLOP, a multiply-add 2):
   B C                               the error e = softmax(z) - onehot (softmax's elementwise work is not counted,
@@ -151,6 +159,35 @@ def pepita_flops(widths: list[int], batch: int, dropout: bool) -> float:
     return float(total)
 
 
+class _ErrorToInput(torch.autograd.Function):
+    """Identity on the logits z [B, C]; the gradient it sends to the input x is -(dL/dz) F^T, reshaped to x."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, logits: Tensor, projection: Tensor) -> Tensor:
+        ctx.save_for_backward(projection)
+        ctx.input_shape = x.shape
+        return logits.clone()
+
+    @staticmethod
+    def backward(ctx, grad_logits: Tensor) -> tuple[Tensor, None, None]:
+        (projection,) = ctx.saved_tensors
+        return -(grad_logits @ projection.T).reshape(ctx.input_shape), None, None  # [B, D] -> x's shape
+
+
+class ErrorProjectionGradient(nn.Module):
+    """The trained model seen through PEPITA's feedback F: logits = model(x); input gradient -(dL/dz) F^T."""
+
+    uses_feedback_weights = True  # F plays the feedback weights' part (the pseudo-gradient attacks look for this)
+
+    def __init__(self, model: nn.Module, projection: Tensor):
+        super().__init__()
+        self.model = model
+        self.register_buffer("projection", projection)  # F [D, C]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _ErrorToInput.apply(x, self.model(x.detach()), self.projection)
+
+
 # --- the trainer ---------------------------------------------------------------------------------------------------
 
 @dataclass(eq=False)
@@ -251,3 +288,7 @@ class Pepita:
 
     def eval_model(self) -> nn.Module:
         return self._model
+
+    def pseudo_gradient_model(self) -> nn.Module:
+        """The model whose input gradient is PEPITA's own, -e F^T (module docstring), for pseudo-gradient attacks."""
+        return ErrorProjectionGradient(self._model, self._projection)

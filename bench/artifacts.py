@@ -2,6 +2,12 @@
 
 `RUN_DIR/models/<trial>.safetensors` holds the state dict; `RUN_DIR/models/<trial>.json` the model spec, input
 shape and classes, so `load_model` rebuilds the module with `learnbench.models.build`. Nothing is pickled.
+
+A trainer whose `eval_model()` wraps the trained model in a module of its own (Forward-Forward's goodness
+classifier: the same weights, another forward) makes the wrapper JSON-describable: the wrapper has a method
+`wrapper_args()` (a dict of JSON values), the trainer class a classmethod `wrap_eval_model(model, **args)` that
+rebuilds it. The description then records the trainer's id and the arguments, and `load_model` rebuilds the model,
+wraps it through the registered trainer class and loads the saved weights into the wrapper.
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ def save_model(run_dir: str | Path, trial: Trial, model: nn.Module, input_shape:
     description = {"trial": trial.id, "model": dict(trial.model), "model_label": trial.model_label,
                    "input_shape": list(input_shape), "n_classes": int(n_classes), "algorithm": trial.algorithm,
                    "dataset": trial.dataset, "seed": trial.seed}
+    wrapper_args = getattr(model, "wrapper_args", None)
+    if callable(wrapper_args):
+        description["eval_wrapper"] = {"trainer": trial.algorithm, "args": wrapper_args()}
     tmp_json = folder / f"{trial.id}.json.tmp"
     tmp_json.write_text(json.dumps(description, indent=1))
     os.replace(tmp_json, folder / f"{trial.id}.json")
@@ -53,8 +62,22 @@ def load_model(run_dir: str | Path, trial_id: str, device: str | torch.device = 
         raise UsageError(f"no saved model for trial {trial_id!r} in {folder}")
     desc = json.loads(desc_path.read_text())
     model = models.build(desc["model"], tuple(desc["input_shape"]), desc["n_classes"])
+    if "eval_wrapper" in desc:
+        model = _wrap(model, desc["eval_wrapper"], trial_id)
     model.load_state_dict(load_file(str(weights), device=str(device)))
     return model.to(device).eval()
+
+
+def _wrap(model: nn.Module, wrapper: dict[str, Any], trial_id: str) -> nn.Module:
+    """The trainer's own evaluation module around `model` (module docstring), the trainer found in the registry."""
+    from .registry import discover
+
+    entry = discover().entries.get(wrapper["trainer"])
+    rebuild = getattr(entry.cls, "wrap_eval_model", None) if entry is not None else None
+    if rebuild is None:
+        raise UsageError(f"trial {trial_id!r}'s model is evaluated through {wrapper['trainer']!r}'s own module, and "
+                         f"no installed trainer of that name rebuilds it (install the plugin that provides it)")
+    return rebuild(model, **wrapper["args"])
 
 
 def provenance(trial: Trial, device: torch.device) -> dict[str, Any]:

@@ -213,7 +213,7 @@ def resolve(suite: dict[str, Any], registry: Registry, device: str, code_version
                 entry_budget = _entry_budget(resolved, budget, f"{where}: {dataset} x {model_label}")
                 hparams = _fill_horizon(dict(resolved["hparams"]), entry_budget, infos[dataset].n_train)
                 cls, entry_where = registry.entries[resolved["id"]].cls, f"{where}: [[algorithms]] {resolved['label']!r}"
-                _check_model(cls, spec, model_label, entry_where)
+                _check_model(cls, hparams, spec, model_label, entry_where)
                 _check_values(cls, hparams, infos[dataset], device, entry_where)
                 for seed in seeds:
                     trial = Trial(
@@ -261,10 +261,15 @@ def _reference(suite: dict[str, Any], where: str) -> str:
     return reference
 
 
-def _check_model(cls: type, spec: dict[str, Any], model_label: str, where: str) -> None:
+def _check_model(cls: type, hparams: dict[str, Any], spec: dict[str, Any], model_label: str, where: str) -> None:
     """A usage error before anything runs when the trainer declares `supported_models` (model kinds) and this
-    problem's model is not one of them (a rule defined for MLPs only, say); trainers without it take any model."""
-    supported = getattr(cls, "supported_models", None)
+    problem's model is not one of them (a rule defined for MLPs only, say); trainers without it take any model.
+    Read from the trainer built with the entry's hyper-parameters, so it may depend on them (a property: e.g.
+    forward-gradient's activity perturbation needs an mlp, its weight perturbation takes any model)."""
+    try:
+        supported = getattr(cls(**hparams), "supported_models", None)
+    except Exception:  # noqa: BLE001 - a constructor that refuses its hyper-parameters fails its own trial
+        supported = getattr(cls, "supported_models", None)
     if supported is not None and spec.get("kind") not in supported:
         raise UsageError(f"{where}: {cls.name} trains {', '.join(map(repr, supported))} models only, not "
                          f"{model_label} (kind {spec.get('kind')!r}); restrict the entry with `models = [...]`")

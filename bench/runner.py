@@ -166,7 +166,8 @@ def run_trial(trial: Trial, run_dir: str | None, data_dir: str | None = None,
         metrics.update(_cost_metrics(progress, device))
         metrics.update(_last_values(curves, ("train/", "align/", "grad/", "update/", "cos/", "flag/")))
         if status == "done" and not trial.is_search:  # attacks use test points
-            metrics.update(_robustness(trial, _eval_model(trainer), model, splits, device))
+            metrics.update(_robustness(trial, _eval_model(trainer), _pseudo_gradient_model(trainer, model), splits,
+                                       device))
         if run_dir and not trial.is_search:
             artifacts.save_model(run_dir, trial, _eval_model(trainer), splits.input_shape, splits.n_classes)
     except Exception:  # the trainer's (or a plugin's) fault: this trial fails, the suite goes on
@@ -326,6 +327,14 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: in
 
 def _describe_output(value: Any) -> str:
     return f"a tensor of shape {list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def _pseudo_gradient_model(trainer, model: nn.Module) -> nn.Module:
+    """The module whose input gradient is the rule's own, for the pseudo-gradient attacks: the trainer's
+    `pseudo_gradient_model()` when it has one (PEPITA's error projection), else the training model (the FA
+    family's feedback layers; attacks/robustness.py uses it only when it has them)."""
+    own = getattr(trainer, "pseudo_gradient_model", None)
+    return own() if callable(own) else model
 
 
 def _robustness(trial: Trial, model: nn.Module, training_model: nn.Module, splits, device) -> dict[str, float]:

@@ -60,7 +60,13 @@ class Trainer(Protocol):
     while resolving a suite, so the mistake is one usage error before anything runs (the built-ins all have one).
     Every trainer has a `batch_size` hyper-parameter; population trainers name their population size `popsize`.
     A trainer defined for some model kinds only declares them as a class attribute `supported_models` (e.g.
-    `("mlp",)`): a suite pairing it with another kind is a usage error before anything runs.
+    `("mlp",)`), or as a property when they depend on its hyper-parameters (None: any model): a suite pairing it
+    with another kind is a usage error before anything runs.
+    An `eval_model()` that wraps the trained model in a module of its own (same weights, another forward) gives the
+    wrapper a `wrapper_args()` method and the trainer a classmethod `wrap_eval_model(model, **args)`, so the saved
+    weights reload as that module (`learnbench.artifacts`). A rule with its own route from the error to the input
+    (feedback weights) may offer `pseudo_gradient_model()`: a module with eval_model's logits whose input gradient
+    is the rule's, a class attribute `uses_feedback_weights = True`; `robustness.pseudo_gradient` attacks through it.
     """
 
     name: ClassVar[str]

@@ -304,7 +304,9 @@ def check_trial_recorded(ctx: Context) -> str:
         if problems:
             raise CheckFailed("; ".join(problems))
         test = load("digits")
-        with torch.no_grad(), failing("reloading the saved weights into the model spec"):
+        # registered: a trainer whose evaluation module wraps the model is found by name to rebuild it
+        with torch.no_grad(), registry.registered(ctx.entry), \
+                failing("reloading the saved weights into the model spec"):
             logits = load_model(tmp, trial.id, ctx.device)(test.test_x.to(ctx.device))  # [n_test, C]
         accuracy = float((logits.argmax(1).cpu() == test.test_y).sum()) / test.test_y.shape[0]
     if not math.isclose(accuracy, row.metrics["test/accuracy"], abs_tol=1e-9):

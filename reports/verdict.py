@@ -171,7 +171,8 @@ def pseudo_sentences(group: Group, grid: list[float]) -> list[str]:
                     gaps.append(f"ε = {eps:g} ({pct(p)}% against {pct(w)}%, {_points(p - w)} points)")
         if gaps:
             out.append(
-                f"{label} looks robust under its own pseudo-gradient (PGD through its training backward pass) at "
+                f"{label} looks robust under its own pseudo-gradient (PGD through its training signal's route to the "
+                "input) at "
                 + _join(gaps) + ", well above its worst case through the true gradient: that apparent robustness "
                 "is the attack's choice of gradient, not the model's (Akrout et al. 2019 report 98% adversarial "
                 "accuracy for feedback alignment against 0.03% for backprop on MNIST when each model is attacked "
@@ -242,8 +243,9 @@ def verdict_section(group: Group) -> list[Block]:
         f"Worst-case robust accuracy: a test point counts as robust at ε only if no Linf attack run on the model "
         "itself broke it (AutoAttack's standard ensemble APGD-CE, APGD-T, FAB-T, Square, and every standalone Linf "
         "attack through the true gradient or black box), so it is the strictest figure and the one compared. "
-        "Beside it: pseudo-gradient, PGD through the rule's own training backward pass (only rules with feedback "
-        "weights, i.e. without weight transport, record it; not part of the worst case); Square alone, a black-box "
+        "Beside it: pseudo-gradient, PGD through the input gradient the rule's own training signal implies (its "
+        "feedback weights' backward pass; PEPITA's error projection F): only rules with feedback weights, i.e. "
+        "without weight transport, record it; not part of the worst case. Square alone, a black-box "
         f"attack that needs no gradient; transfer, PGD examples crafted on {title} of the same seed. Cells: mean ± "
         "Student-t 95% half-width over seeds, in percent of the attacked points (clean: accuracy on those points "
         f"without attack). Δ: rule − {title} in worst-case robust accuracy, paired by seed (percentage points), "

@@ -178,6 +178,18 @@ def test_algorithms_flag_adds_an_installed_algorithm_the_suite_lacks():
     assert fa.hparams["batch_size"] == 128  # the trainer's own defaults
 
 
+def test_supported_models_may_depend_on_the_hyper_parameters():
+    """forward-gradient's `supported_models` is a property: activity perturbation (mlp/resmlp only) paired with the
+    cnn is a usage error before anything runs; weight perturbation on the cnn resolves."""
+    from helpers import make_trials
+
+    cnn = {"models": [{"kind": "cnn"}]}
+    with pytest.raises(UsageError, match=r"forward-gradient trains 'mlp', 'resmlp' models only, not cnn"):
+        make_trials({**cnn, "algorithms": [{"id": "forward-gradient", "perturb": "activations"}]})
+    trials = make_trials({**cnn, "algorithms": [{"id": "forward-gradient", "perturb": "weights"}]})
+    assert [t.hparams["perturb"] for t in trials] == ["weights"]
+
+
 def test_a_trainer_declaring_its_models_refuses_others_before_anything_runs(tmp_path):
     """`supported_models`: an mlp-only trainer paired with the cnn is one usage error naming both; on mlp it runs."""
     import textwrap

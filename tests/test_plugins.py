@@ -359,9 +359,5 @@ def test_registered_class_runs_through_the_runner_with_its_provenance(tmp_path):
 # --- every built-in trainer passes the kit (trainers added later are picked up here) -----------------------------
 
 @parametrize_with_checks([e for e in discover().entries.values() if e.distribution == "learnbench"])
-def test_builtin_trainers_pass_the_conformance_kit(trainer, check, request):
-    if trainer.name == "forward-forward" and "trial_recorded" in request.node.name:
-        # Known gap: learnbench.load_model rebuilds the plain mlp from saved weights, not FF's goodness classifier
-        # (the fix belongs in bench/artifacts.py); strict, so the fix turns this into a failure to remove.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="saved FF models reload as the plain mlp"))
+def test_builtin_trainers_pass_the_conformance_kit(trainer, check):
     check(trainer)

@@ -8,8 +8,9 @@ attacked; a point is robust at eps when it is classified correctly both clean an
   robust/<attack>/<eps>             robust accuracy (attack ids below; eps written with `%g`)
   robust/auc/<attack>               area under accuracy-vs-eps from (0, clean) to the largest eps, divided by that
                                     eps: 1 = perfectly accurate and robust, clean accuracy = no loss at any eps
-  robust/pgd-linf-pseudo/<eps>      feedback-alignment models only: PGD-Linf crafted through the training model's
-                                    own backward (the feedback weights), scored on the plain model
+  robust/pgd-linf-pseudo/<eps>      rules with feedback weights only: PGD-Linf crafted through the rule's own
+                                    backward (the FA family's feedback weights, PEPITA's error projection F: the
+                                    trainer's `pseudo_gradient_model()`), scored on the plain model
   robust/seconds, robust/seconds/<attack>   wall-clock seconds (CUDA-synchronised), `masking` for the checks
   flag/masking/<check>              0/1 gradient-masking checks (masking.py)
 
