@@ -153,6 +153,7 @@ class AdversarialTraining(Backprop):
         self._model.train()  # the runner may have left eval mode; attack_mode restores train mode for the update
         eps = epsilon_at(self._steps_done, self.epsilon, self._ramp_steps)
         self._steps_done += 1
+        metrics = {"lr": self.current_lr(), "epsilon": eps}  # this step's learning rate and (ramped) attack radius
         if self.method == "pgd":
             loss, forward, backward = self._pgd_step(batch, eps)
         else:
@@ -161,7 +162,7 @@ class AdversarialTraining(Backprop):
         once, per_step = ATTACK_ELEMENT_FLOPS[self.method]
         attack_flops = (once + per_step * self.attack_steps) * n * self._input_size
         return StepStats(loss=loss, forward_passes=forward * n, backward_passes=backward * n,
-                         extra_flops=self._extra_flops + attack_flops)
+                         extra_flops=self._extra_flops + attack_flops, metrics=metrics)
 
     def _step_size(self, eps: float) -> float:
         return STEP_FACTOR * eps / self.attack_steps if self.step_size is None else self.step_size

@@ -104,11 +104,12 @@ class Backprop:
 
     def build_state(self, model: nn.Module, task: TaskInfo, *, evaluated: nn.Module | None = None,
                     after_optimizer_step: Callable[[torch.optim.Optimizer], None] | None = None,
-                    extra_flops: float = 0.0) -> None:
+                    extra_flops: float = 0.0, metrics: Callable[[], dict[str, Any]] | None = None) -> None:
         """Optimizer, schedule, checkpoint stages and declared FLOPs for training `model`, the hyper-parameters
         already validated. A trainer that transforms the model first (the feedback-alignment family, through
         `feedback_training.train_with_rule`) passes the plain module `eval_model()` returns (`evaluated`), work to
-        run after every optimizer step, and that work's FLOPs per step."""
+        run after every optimizer step, that work's FLOPs per step, and values of its own to report each step
+        (`StepStats.metrics`, e.g. Kolen-Pollack's B-W distance)."""
         self._model = model.train()
         self._evaluated = model if evaluated is None else evaluated
         self._device_type = task.device.type
@@ -116,6 +117,7 @@ class Backprop:
         if after_optimizer_step is not None:
             self._optimizer.register_step_post_hook(lambda optimizer, args, kwargs: after_optimizer_step(optimizer))
         self._scheduler = make_scheduler(self, self._optimizer)
+        self._metrics = metrics or dict
         self._stages = checkpoint_stages(model, self.checkpoint_segments) if self.checkpoint_segments else None
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self._extra_flops = (optimizer_flops(self._optimizer) + (3 * trained if self.grad_clip > 0 else 0)
@@ -145,10 +147,16 @@ class Backprop:
         else:
             logits = self._forward(batch.x)  # [B, C]
         loss = F.cross_entropy(logits, batch.y, label_smoothing=self.label_smoothing)
+        lr = self.current_lr()
         self.descend(loss)
         n = batch.y.shape[0]
         # loss stays a tensor: reading it here would be a host sync every step on CUDA.
-        return StepStats(loss=loss.detach(), forward_passes=n, backward_passes=n, extra_flops=self._extra_flops)
+        return StepStats(loss=loss.detach(), forward_passes=n, backward_passes=n, extra_flops=self._extra_flops,
+                         metrics={"lr": lr, **self._metrics()})
+
+    def current_lr(self) -> float:
+        """The learning rate the next optimizer step applies (the schedule's current value; a Python float)."""
+        return float(self._optimizer.param_groups[0]["lr"])
 
     def descend(self, loss: torch.Tensor) -> None:
         """One optimizer step on `loss`: gradients, optional clipping, the update, the schedule."""

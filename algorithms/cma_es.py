@@ -124,6 +124,7 @@ class CMAES:
 
     def _generation(self, batch: Batch) -> StepStats:
         decompositions = eigendecompositions(self._es)
+        sigma = float(self._es.sigma)  # pycma's step size this generation samples with (tell adapts it)
         candidates = self._es.ask()  # list of popsize float64 arrays [d]; may decompose C first (lazily)
         members = torch.from_numpy(np.stack(candidates)).to(self._device, torch.float32)  # [P, d]
         loss, _ = population.evaluate(self._model, members, batch.x, batch.y, chunk_size=self.chunk_size)
@@ -132,7 +133,7 @@ class CMAES:
         self._es.tell(candidates, torch.nan_to_num(values, nan=math.inf).tolist())
         extra = generation_flops(self._es, len(candidates), eigendecompositions(self._es) - decompositions)
         return StepStats(loss=values.nanmean().item(), forward_passes=len(candidates) * batch.y.shape[0],
-                         extra_flops=extra)
+                         extra_flops=extra, metrics={"sigma": sigma})
 
     def eval_model(self) -> nn.Module:
         mean = torch.from_numpy(self._es.mean).to(self._device, torch.float32)

@@ -59,10 +59,11 @@ class FeedbackRule(ABC):
 
     Order of the calls: `convert` calls `prepare` once, `make_feedback` per layer in module order and `attach`
     once after the swap; every backward pass calls `backward_matrix` (then, if it gave None, `input_error`) per
-    layer; `feedback_training.train_with_rule` runs `after_optimizer_step` after every optimizer step and declares
-    `step_flops()` per step. One rule object serves one conversion: it may keep state for it (DFA's output error,
-    Kolen-Pollack's mismatch scale). A `layer` argument is a feedback layer: the original's `weight`, `bias` and attributes, plus
-    `feedback_rule` (this object) and the buffer `weight_feedback` that `make_feedback` made."""
+    layer; `feedback_training.train_with_rule` runs `after_optimizer_step` after every optimizer step, declares
+    `step_flops()` and reports `metrics()` per step. One rule object serves one conversion: it may keep state for
+    it (DFA's output error, Kolen-Pollack's mismatch scale). A `layer` argument is a feedback layer: the original's
+    `weight`, `bias` and attributes, plus `feedback_rule` (this object) and the buffer `weight_feedback` that
+    `make_feedback` made."""
 
     def prepare(self, model: nn.Module, layers: dict[str, nn.Module], input_shape: tuple[int, ...] | None) -> None:
         """Before any feedback is made: look at the unconverted model. `layers` maps qualified names to its
@@ -95,6 +96,11 @@ class FeedbackRule(ABC):
     def step_flops(self) -> int:
         """FLOPs per step of the work `after_optimizer_step` does (outside the model, `learnbench.cost`)."""
         return 0
+
+    def metrics(self) -> dict[str, float | Tensor]:
+        """Named values the trainer reports after every step (`StepStats.metrics`, recorded as `train/<name>`):
+        floats or 0-d tensors left on the device (Kolen-Pollack's B-W distance); none by default."""
+        return {}
 
     def set_to_weights(self, layer: nn.Module) -> None:
         """Make the layer's B equal W so that its backward is backprop's: the reference the tests compare with."""

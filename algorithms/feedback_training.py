@@ -12,7 +12,8 @@ family subclasses `Backprop` (its hyper-parameters and step) and, in `setup`, ha
 * converts the model in place with the rule (`feedback_layers.convert`: the converter knows no rule by name);
 * builds backprop's optimizer and schedule on it (`Backprop.build_state`: the converted layers hold the very same
   Parameters), with the rule's `after_optimizer_step` as an optimizer post-hook, so feedback that learns
-  (Kolen-Pollack) moves right after W does, and the rule's `step_flops()` declared per step;
+  (Kolen-Pollack) moves right after W does, the rule's `step_flops()` declared per step and its `metrics()`
+  reported with backprop's learning rate in every step's `StepStats.metrics`;
 * makes `eval_model()` return the conversion's plain view: the same Parameters and buffers, true gradients, so
   evaluation and the attacks never see the feedback pathway (the runner's pseudo-gradient attack reads the
   training model).
@@ -38,5 +39,5 @@ def train_with_rule(trainer: Backprop, rule: FeedbackRule, model: nn.Module, tas
     and build `trainer`'s backprop state on it; returns the conversion (layers by name, rule, plain view, undo)."""
     conversion = convert(model, rule, generator, input_shape=task.input_shape)
     trainer.build_state(model, task, evaluated=conversion.plain, after_optimizer_step=rule.after_optimizer_step,
-                        extra_flops=rule.step_flops())
+                        extra_flops=rule.step_flops(), metrics=rule.metrics)
     return conversion

@@ -222,6 +222,7 @@ class ForwardForward:
     def step(self, batch: Batch) -> StepStats:
         x, y = batch.x.flatten(1), batch.y  # [B, D], [B]
         n = y.shape[0]
+        lr = self._optimizers[0].param_groups[0]["lr"]  # this step's rate, every layer's (cooldown schedule)
         first, act = self._layers[0]
         image = image_part(first, x, self._classes)  # [B, H], shared by the positive and negative passes
         columns = label_columns(first, self._classes)  # [C, H]
@@ -235,7 +236,7 @@ class ForwardForward:
             losses.append(self._learn(index, h))
         forward = (2 + self._classes * (self.negatives == "hard")) * n
         return StepStats(loss=torch.stack(losses).sum(), forward_passes=forward, backward_passes=2 * n,
-                         extra_flops=self._extra_flops[0] + n * self._extra_flops[1])
+                         extra_flops=self._extra_flops[0] + n * self._extra_flops[1], metrics={"lr": lr})
 
     def eval_model(self) -> nn.Module:
         return self._classifier

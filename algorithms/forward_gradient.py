@@ -187,10 +187,12 @@ class ForwardGradient:
             loss = self._estimate_activations(batch)
             passes = {"backward_passes": 0}
             extra = activity_flops(self._model, self._heads[0][0].shape[0], n, self.directions)
+        lr = self._optimizer.param_groups[0]["lr"]  # the rate this update applies: lr * exp(-lr_decay * t) at step t
         self._optimizer.step()
         if self._scheduler is not None:
             self._scheduler.step()
-        return StepStats(loss=loss, forward_passes=forward, extra_flops=float(extra + self._optimizer_flops), **passes)
+        return StepStats(loss=loss, forward_passes=forward, extra_flops=float(extra + self._optimizer_flops),
+                         metrics={"lr": lr}, **passes)
 
     def _estimate_weights(self, batch: Batch) -> Tensor:
         """g = 1/K sum_k (grad f . v_k) v_k into every parameter's .grad; returns the minibatch loss."""

@@ -228,8 +228,11 @@ class GeneticAlgorithm:
         # The loss reported is row 0's: the current elite (the model `eval_model()` returned before this step),
         # re-measured on this fresh batch, so it is an unbiased training loss; generation 0: the given model.
         aspirants = len(parents) * (self.tournsize if self.variant == "classic" else 1)  # one draw each
+        # The logbook's record of this generation: min/median/max minibatch loss of the population (a NaN member
+        # counts as +inf) and the elite's loss on the held-back pool; already host floats.
+        metrics = {f"fitness/{key}": float(self.logbook[-1][key]) for key in ("min", "median", "max", "elite")}
         return StepStats(loss=loss[0], forward_passes=p * b + pool_evals[1] + learning, backward_passes=learning,
-                         extra_flops=float(aspirants + flops + learning_flops))
+                         extra_flops=float(aspirants + flops + learning_flops), metrics=metrics)
 
     def _scored(self, batch: Batch) -> tuple[Tensor, int, float]:
         """The population as this generation scores it `[P, n_params]`, with the example-passes (each way) and

@@ -48,6 +48,7 @@ class KolenPollackRule(FeedbackRule):
     mismatch_scale: float = field(default=1.0, init=False)
     """c in B = W + c (B0 - W0): the product of the decay factors k so far (the same for every layer)."""
     _weights: list[Tensor] = field(default_factory=list, init=False, repr=False)
+    _mismatch: list[Tensor] = field(default_factory=list, init=False, repr=False)  # each layer's B0 - W0
 
     def make_feedback(self, name: str, layer: nn.Module, generator: torch.Generator) -> Tensor:
         b0 = feedback_weights(tuple(layer.weight.shape), self.init, generator).to(layer.weight)
@@ -55,6 +56,7 @@ class KolenPollackRule(FeedbackRule):
 
     def attach(self, model: nn.Module, layers: dict[str, nn.Module]) -> list[RemovableHandle]:
         self._weights = [layer.weight for layer in layers.values()]
+        self._mismatch = [layer.weight_feedback for layer in layers.values()]
         return []
 
     def backward_matrix(self, layer: nn.Module, weight: Tensor) -> Tensor:
@@ -70,6 +72,13 @@ class KolenPollackRule(FeedbackRule):
 
     def step_flops(self) -> int:
         return sum(w.numel() for w in self._weights) if self.decay else 0
+
+    @torch.no_grad()
+    def metrics(self) -> dict[str, Tensor]:
+        """`bw_distance`: ||B - W|| / ||W|| (Frobenius) averaged over the layers, B - W = c (B0 - W0); 0 once B has
+        converged to W. A 0-d tensor, left on the device (two fused norms per step, a measurement: not declared)."""
+        gaps, norms = torch._foreach_norm(self._mismatch), torch._foreach_norm(self._weights)
+        return {"bw_distance": (torch.stack(gaps) / torch.stack(norms)).mean() * abs(self.mismatch_scale)}
 
     def set_to_weights(self, layer: nn.Module) -> None:
         layer.weight_feedback.zero_()  # B0 - W0 = 0: B = W from now on

@@ -150,12 +150,15 @@ class OpenAIES:
     def step(self, batch: Batch) -> StepStats:
         # Rows of the table stay named by their offsets, so wherever the run evaluates members, only those travel.
         noise = self.ask()  # [popsize/2, n_params]
+        # This generation's sigma and learning rate (both decay in `tell`): sigma * sigma_decay^t, lr * lr_decay^t,
+        # floored, at generation t.
+        metrics = {"sigma": self._sigma, "lr": self._optimizer.param_groups[0]["lr"]}
         loss, _ = population.evaluate_mirrored(self._model, self._mean.detach(), noise, self._sigma,
                                                batch.x, batch.y, chunk_size=self.chunk_size)  # [popsize]
         self.tell(noise, loss)
         # The reported loss is the population's mean (the center is not evaluated: that would cost B more passes).
         return StepStats(loss=loss.nanmean(), forward_passes=self.popsize * batch.y.shape[0],
-                         extra_flops=self._extra_flops)
+                         extra_flops=self._extra_flops, metrics=metrics)
 
     def eval_model(self) -> nn.Module:
         return population.load(self._model, self._mean.detach())

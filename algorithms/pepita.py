@@ -274,11 +274,12 @@ class Pepita:
         updates, logits = pepita_updates(self._layers, x, batch.y, self._projection, masks)
         for (linear, _), (dw, db) in zip(self._layers, updates):
             linear.weight.grad, linear.bias.grad = dw, db
+        lr = self._optimizer.param_groups[0]["lr"]  # this update's rate: lr * decay_gamma^(milestones passed)
         self._optimizer.step()
         self._scheduler.step()
         loss = F.cross_entropy(logits, batch.y)  # the standard pass's, for monitoring only
         extra = pepita_flops(self._widths, n, self.dropout > 0) + self._optimizer_flops
-        return StepStats(loss=loss, forward_passes=2 * n, backward_passes=0, extra_flops=extra)
+        return StepStats(loss=loss, forward_passes=2 * n, backward_passes=0, extra_flops=extra, metrics={"lr": lr})
 
     def _dropout_masks(self, n: int, device: torch.device, dtype: torch.dtype) -> list[Tensor]:
         """One inverted-dropout mask [B, n_l] per hidden layer, drawn in layer order from the run's generator."""

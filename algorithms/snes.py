@@ -147,10 +147,14 @@ class SNES:
 
     def step(self, batch: Batch) -> StepStats:
         noise = self.ask()  # table rows stay named by their offsets: all a run's actors receive
+        # This generation's per-parameter standard deviations [d], summarised as 0-d tensors (no host sync): their
+        # mean, smallest and largest; lr_sigma is the resolved learning rate of the stds ((3 + ln d) / (5 sqrt d)).
+        metrics = {"sigma": self._sigma.mean(), "sigma/min": self._sigma.min(), "sigma/max": self._sigma.max(),
+                   "lr_sigma": self._lr_sigma}
         loss = self.evaluate(noise, batch)  # [popsize]
         self.tell(noise, loss)
         return StepStats(loss=loss.nanmean(), forward_passes=self._popsize * batch.y.shape[0],
-                         extra_flops=self._extra_flops)
+                         extra_flops=self._extra_flops, metrics=metrics)
 
     def eval_model(self) -> nn.Module:
         return population.load(self._model, self._mean)

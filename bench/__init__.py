@@ -1,7 +1,8 @@
 """learnbench: a comparative benchmark of neural-network training algorithms.
 
-Public API: the trainer contract (`Trainer`, `Batch`, `StepStats`, `TaskInfo`) and `load_model`. They are
-imported on first use, so `learnbench show` and `learnbench list` do not pay for importing torch.
+Public API: the trainer contract (`Trainer`, `Batch`, `StepStats`, `TaskInfo`), `load_model` and `load_results`
+(a run's tables as pandas DataFrames). They are imported on first use, so `learnbench show` and `learnbench list` do
+not pay for importing torch or pandas.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -11,7 +12,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["Batch", "StepStats", "TaskInfo", "Trainer", "load_model", "__version__"]
+__all__ = ["Batch", "StepStats", "TaskInfo", "Trainer", "load_model", "load_results", "__version__"]
 
 
 def __getattr__(name: str):
@@ -23,4 +24,8 @@ def __getattr__(name: str):
         from .artifacts import load_model
 
         return load_model
+    if name == "load_results":
+        from .export import load_results
+
+        return load_results
     raise AttributeError(f"module 'learnbench' has no attribute {name!r}")

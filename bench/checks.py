@@ -13,7 +13,7 @@ import math
 from functools import lru_cache
 from typing import Any
 
-from .errors import UsageError
+from .errors import UsageError, did_you_mean
 
 
 def known_keys(table: Any, known: Any, where: str) -> dict[str, Any]:
@@ -22,7 +22,8 @@ def known_keys(table: Any, known: Any, where: str) -> dict[str, Any]:
         raise UsageError(f"{where} must be a table; got {table!r}")
     unknown = sorted(set(table) - set(known))
     if unknown:
-        raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)}{did_you_mean(unknown, known)}; "
+                         f"known: {', '.join(known)}")
     return table
 
 

@@ -7,6 +7,7 @@ import argparse
 import hashlib
 import importlib
 import json
+import os
 import pkgutil
 import sys
 import time
@@ -38,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="the summary table of a run")
     show.add_argument("run_dir")
     show.add_argument("--json", action="store_true", help="machine-readable results")
+    show.add_argument("--curves", action="store_true", help="with --json: also every trial's curves")
+
+    export = sub.add_parser("export", help="write runs' trials, metrics and curves as tidy Parquet or CSV tables")
+    export.add_argument("run_dirs", nargs="+")
+    export.add_argument("--format", default="parquet", choices=["parquet", "csv"],
+                        help="parquet (default; needs pyarrow) or csv")
+    export.add_argument("--out", help="output folder (default: RUN_DIR/export; required for several runs)")
 
     report = sub.add_parser("report", help="write report.md, report.html and figures/ for one or more runs")
     report.add_argument("run_dirs", nargs="+")
@@ -110,19 +118,39 @@ def _add_suite_options(run: argparse.ArgumentParser, out_default: str) -> None:
     run.add_argument("--workers", type=int, help="parallel worker processes (default: cores on CPU, 1 on CUDA)")
     run.add_argument("--plugin", action="append", default=[], metavar="FILE.py", help="load a trainer from a file")
     run.add_argument("--data-dir", help="first folder searched for dataset files")
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--quiet", action="store_true",
+                     help="no progress bars (on a terminal) or per-trial lines (stderr not a terminal)")
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # here, not at exit: a reader that left (`show RUN | head -1`) raises below
+        return code
+    except BrokenPipeError:
+        if not _reader_left():
+            raise  # a worker's pipe, not our stdout
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit-time flush goes nowhere
+        return 0
     except UsageError as exc:
         print(f"learnbench: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("learnbench: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+
+
+def _reader_left() -> bool:
+    """Whether stdout is a pipe whose reader has gone (`| head -1`): poll reports an error on its write end."""
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), no real stdout: assume it was stdout
+        return True
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -203,6 +231,10 @@ def _run_pending(args: argparse.Namespace, store: Store, run_dir: Path, device: 
     where = cluster if args.executor == "ray" else f"{workers} worker(s) x {threads} thread(s)"
     print(f"learnbench: {len(trials)} trials ({len(trials) - len(pending)} already finished) -> {run_dir} "
           f"[{device}, {where}]", file=sys.stderr)
+    from .config import budget_lines
+
+    for line in budget_lines(trials):  # what each trial gets once `--set budget.*` and the suite are combined
+        print(f"learnbench: budget {line}", file=sys.stderr)
     execute_with_progress(args, store, run_dir, len(trials), pending, workers, threads)
     _post_run(store, run_dir, device, trials, args.data_dir)
     final = store.statuses()
@@ -215,11 +247,13 @@ def _run_pending(args: argparse.Namespace, store: Store, run_dir: Path, device: 
 
 def execute_with_progress(args: argparse.Namespace, store: Store, run_dir: Path, total: int, pending: list[Trial],
                           workers: int, threads: int) -> None:
-    """Run `pending` (of `total` trials) on the command's executor, local worker processes or Ray, with a progress
-    bar on a terminal unless --quiet."""
+    """Run `pending` (of `total` trials) on the command's executor, local worker processes or Ray, with progress
+    bars on a terminal, else one line per finished trial, unless --quiet."""
     from .executor import ProgressView, run_local
 
-    view = ProgressView(total, total - len(pending), enabled=not args.quiet and sys.stderr.isatty())
+    # a terminal gets bars; a log file (nohup, a cluster job) one line per finished trial
+    view = ProgressView(total, total - len(pending), enabled=not args.quiet and sys.stderr.isatty(),
+                        lines=not args.quiet)
     try:
         if args.executor == "ray":
             from .executor_ray import run_ray
@@ -252,22 +286,41 @@ def cmd_show(args: argparse.Namespace) -> int:
     from .reports import show_table
     from .store import Store
 
+    if args.curves and not args.json:
+        raise UsageError("--curves needs --json")
     store = Store.open(args.run_dir)
     trials = store.trials()
     if args.json:
+        curves = store.curves() if args.curves else None
         print(json.dumps({"run": {"dir": str(args.run_dir), **store.run_info()},
-                          "trials": [_trial_json(t) for t in trials]}, indent=1, default=str))
+                          "trials": [_trial_json(t, curves) for t in trials]}, indent=1, default=str))
     else:
         print(show_table(trials))
     store.close()
     return 0
 
 
-def _trial_json(trial: StoredTrial) -> dict[str, Any]:
-    return {"id": trial.id, "algorithm": trial.algorithm, "label": trial.label, "dataset": trial.dataset,
-            "model": trial.model_label, "seed": trial.seed, "status": trial.status, "hparams": dict(trial.hparams),
-            "tuning": dict(trial.tuning) if trial.tuning else None, "error": trial.error,
-            "metrics": dict(trial.metrics)}
+def _trial_json(trial: StoredTrial, curves: dict[str, list] | None = None) -> dict[str, Any]:
+    """A trial in `show --json`: its summary keys, full config and provenance, and with `curves` (the store's,
+    by trial id) its curves by metric."""
+    from .export import curves_json, trial_config
+
+    out = {"id": trial.id, "algorithm": trial.algorithm, "label": trial.label, "dataset": trial.dataset,
+           "model": trial.model_label, "seed": trial.seed, "status": trial.status, "hparams": dict(trial.hparams),
+           "tuning": dict(trial.tuning) if trial.tuning else None, "error": trial.error,
+           "metrics": dict(trial.metrics), "config": trial_config(trial), "provenance": dict(trial.provenance)}
+    if curves is not None:
+        out["curves"] = curves_json(curves.get(trial.id, ()))
+    return out
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Tidy tables for your own analysis (learnbench.export); prints the files written."""
+    from .export import export
+
+    for path in export(args.run_dirs, args.format, args.out):
+        print(path)
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -424,7 +477,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
 COMMANDS = {"run": cmd_run, "tune": cmd_tune, "show": cmd_show, "report": cmd_report, "list": cmd_list,
             "perf": cmd_perf, "check-plugin": cmd_check_plugin, "new-algorithm": cmd_new_algorithm,
-            "diagnose": cmd_diagnose}
+            "diagnose": cmd_diagnose, "export": cmd_export}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -35,8 +35,9 @@ A suite file:
 A problem (dataset x model) has one budget that every algorithm on it shares: the model's `budget`, else the
 suite's. An entry may deviate only by saying so (`unranked = true`).
 
-`--set key=value` edits the resolved suite before validation: `budget.epochs=5` (replaces every budget),
-`model.kind=cnn` (any `model.*` key replaces the models with one), `robustness.examples=0`, `eval.points=10`,
+`--set key=value` edits the resolved suite before validation: `budget.epochs=5` (the `budget.*` items
+together replace every budget, the suite's, each model's and each entry's: `budget.time_s=900` alone is 900 s for
+every trial, with no epoch limit left from the suite), `model.kind=cnn` (any `model.*` key replaces the models with one), `robustness.examples=0`, `eval.points=10`,
 `diagnostics.every=50`, `resources.cpus=2`, `resources.gpus=1`, `resources.actors=4`,
 `<label or id>.<hyper-parameter>=value`. An unknown key is an error.
 """
@@ -56,7 +57,7 @@ from typing import Any
 
 from . import checks
 from . import models as models_mod
-from .errors import UsageError
+from .errors import UsageError, did_you_mean
 from .identity import code_digests
 from .registry import Registry, resolve_hparams
 from .trial import DEFAULT_REFERENCE, NOT_HASHED, Budget, DiagnosticsSettings, EvalSettings, Trial
@@ -72,6 +73,7 @@ BUDGET_KEYS = ("steps", "epochs", "time_s", "flops")
 EVAL_DEFAULTS = {"points": 20, "batch_size": 2048}
 DIAGNOSTICS_DEFAULTS = {"every": 0, "probes": []}
 ENTRY_KEYS = {"id", "label", "models", "datasets", "budget", "unranked"}
+SET_HEADS = ("budget", "model", "eval", "robustness", "diagnostics", "resources", "seeds", "datasets")
 RESOURCE_KEYS = ("cpus", "gpus", "actors")  # where one trial runs, never what it is: not hashed (Trial.resources)
 
 
@@ -92,7 +94,8 @@ def load_suite(name_or_path: str) -> tuple[dict[str, Any], str]:
         text = resources.files("learnbench.suites").joinpath(f"{name_or_path}.toml").read_text(encoding="utf-8")
         source = f"built-in suite {name_or_path!r}"
     else:
-        raise UsageError(f"unknown suite {name_or_path!r}; built-in suites: {', '.join(builtin_suites())} "
+        raise UsageError(f"unknown suite {name_or_path!r}{did_you_mean(name_or_path, builtin_suites())}; "
+                         f"built-in suites: {', '.join(builtin_suites())} "
                          "(or give a path to a .toml file)")
     try:
         raw = tomllib.loads(text)
@@ -125,6 +128,8 @@ def apply_overrides(raw: dict[str, Any], algorithms: list[str] | None = None, da
         suite["seeds"] = seeds
     if algorithms:
         _select_algorithms(suite, algorithms, registry)
+    if any(item.partition("=")[0].strip().startswith("budget.") for item in sets):
+        _clear_budgets(suite)
     model_sets: dict[str, Any] = {}
     for item in sets:
         _apply_set(suite, item, model_sets)
@@ -144,10 +149,21 @@ def _select_algorithms(suite: dict[str, Any], algorithms: list[str], registry: R
     installed = set(registry.names()) if registry is not None else set()
     missing = [a for a in algorithms if a not in known and a not in installed]
     if missing:
-        raise UsageError(f"algorithm(s) {', '.join(missing)} neither in suite {suite['name']!r} nor installed; "
+        raise UsageError(f"algorithm(s) {', '.join(missing)}{did_you_mean(missing, (known | installed) - {None})} "
+                         f"neither in suite {suite['name']!r} nor installed; "
                          f"the suite has: {', '.join(sorted(k for k in known if k))}")
     suite["algorithms"] = [e for e in entries if e.get("id") in algorithms or e.get("label") in algorithms]
     suite["algorithms"] += [{"id": a} for a in algorithms if a not in known]
+
+
+def _clear_budgets(suite: dict[str, Any]) -> None:
+    """A budget on the command line replaces every budget the suite gives (its [budget], each model's, each
+    entry's): the `--set budget.*` items together are the whole budget of every trial, never merged into the suite's
+    (`budget.time_s=900` on a suite of `epochs = 15` would otherwise stop at 15 epochs, whichever came first)."""
+    suite["budget"] = {}
+    for table in (*suite.get("algorithms", []), *suite.get("models", []), suite.get("model", {})):
+        if isinstance(table, dict):
+            table.pop("budget", None)
 
 
 def _apply_set(suite: dict[str, Any], item: str, model_sets: dict[str, Any]) -> None:
@@ -162,15 +178,13 @@ def _apply_set(suite: dict[str, Any], item: str, model_sets: dict[str, Any]) -> 
     elif head == "model" and rest:
         model_sets[rest] = value
     elif head in ("budget", "eval", "robustness", "diagnostics", "resources") and rest:
-        suite.setdefault(head, {})[rest] = value
-        if head == "budget":  # an explicit budget on the command line wins over every model's and entry's own
-            for table in (*suite.get("algorithms", []), *suite.get("models", []), suite.get("model", {})):
-                if isinstance(table, dict):
-                    table.pop("budget", None)
+        suite.setdefault(head, {})[rest] = value  # budget: emptied first by `_clear_budgets`
     else:
         matched = [e for e in suite.get("algorithms", []) if head in (e.get("id"), e.get("label"))]
         if not matched or not rest:
-            raise UsageError(f"unknown --set key {key!r}: use budget.*, model.*, eval.*, robustness.*, "
+            heads = [*SET_HEADS, *(e.get(k) for e in suite.get("algorithms", []) for k in ("id", "label"))]
+            hint = did_you_mean(key.strip(), [f"{h}.{rest}" if rest else h for h in heads if isinstance(h, str)])
+            raise UsageError(f"unknown --set key {key.strip()!r}{hint}: use budget.*, model.*, eval.*, robustness.*, "
                              "diagnostics.*, resources.*, seeds, datasets or <algorithm>.<hyper-parameter>")
         for entry in matched:
             if rest in ENTRY_KEYS:
@@ -188,7 +202,8 @@ def resolve(suite: dict[str, Any], registry: Registry, device: str, code_version
     where = f"suite {suite.get('name')!r}"
     unknown = set(suite) - TOP_KEYS
     if unknown:
-        raise UsageError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(TOP_KEYS))}")
+        raise UsageError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}"
+                         f"{did_you_mean(sorted(unknown), TOP_KEYS)}; known: {', '.join(sorted(TOP_KEYS))}")
     dataset_names = checks.names(suite.get("datasets", ["digits"]), f"{where}: datasets")
     infos = {name: datasets_info(name) for name in dataset_names}
     seeds = _seeds(suite.get("seeds", 1), where)
@@ -239,6 +254,24 @@ def _problems(suite: dict[str, Any], where: str) -> list[tuple[dict[str, Any], B
                              "model a budget = {...}")
         problems.append((spec, suite_budget if budget is None else _budget(budget, f"{where}: {label}.budget")))
     return problems
+
+
+def budget_lines(trials: list[Trial]) -> list[str]:
+    """One line per problem (dataset x model): the budget its ranked trials share, then each entry whose own budget
+    differs (unranked), e.g. `mnist x mlp-32x1: time_s = 900; ga-short: time_s = 60 (own budget, unranked)`."""
+    problems: dict[tuple[str, str], list[Trial]] = {}
+    for trial in trials:
+        problems.setdefault((trial.dataset, trial.model_label), []).append(trial)
+    lines = []
+    for (dataset, model_label), group in problems.items():
+        shared = next((t.budget for t in group if not t.unranked), None)  # `resolve` made them all equal
+        text = "no ranked entry" if shared is None else shared.text()
+        if shared is not None and len(shared.limits()) > 1:
+            text += " (whichever comes first)"
+        own = {t.label: t.budget for t in group if t.budget != shared}
+        lines.append(f"{dataset} x {model_label}: {text}"
+                     + "".join(f"; {label}: {budget.text()} (own budget, unranked)" for label, budget in own.items()))
+    return lines
 
 
 def _entry_budget(resolved: dict[str, Any], problem_budget: Budget, where: str) -> Budget:

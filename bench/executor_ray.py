@@ -187,7 +187,7 @@ def run_ray(trials: list[Trial], store: Store, run_dir: str, data_dir: str | Non
                 if ref in groups:  # its actors are gone with the task: free the reservation
                     ray.util.remove_placement_group(groups.pop(ref))
                 store.finish_trial(result)
-                progress.finish(trial, result.status)
+                progress.finish(trial, result.status, result)
     finally:
         for ref in in_flight:  # interrupted: leave nothing running on the cluster for a dead run
             ray.cancel(ref, force=True)
@@ -276,7 +276,7 @@ def run_task(trial_json: str, data_dir: str | None, threads: int,
     tracker.report.remote(trial.id, 0.0)
     last = [time.monotonic()]
 
-    def report(fraction: float) -> None:
+    def report(fraction: float, loss: float | None) -> None:  # the tracker keeps fractions only: no loss in bars
         if time.monotonic() - last[0] > PROGRESS_INTERVAL_S or fraction >= 1.0:
             last[0] = time.monotonic()
             tracker.report.remote(trial.id, fraction)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from . import checks
-from .errors import UsageError
+from .errors import UsageError, did_you_mean
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
@@ -59,7 +59,7 @@ def normalize_spec(spec: dict[str, Any]) -> dict[str, Any]:
             raise UsageError("model kind 'factory' needs factory = \"package.module:function\"")
         return dict(spec)
     if kind not in DEFAULTS:
-        raise UsageError(f"unknown model kind {kind!r}; known: {', '.join(KINDS)}")
+        raise UsageError(f"unknown model kind {kind!r}{did_you_mean(str(kind), KINDS)}; known: {', '.join(KINDS)}")
     checks.known_keys(spec, ("kind", *DEFAULTS[kind]), f"model {kind!r}")
     out = {"kind": kind, **DEFAULTS[kind], **spec}
     if kind in ("mlp", "resmlp"):

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from . import checks
-from .errors import UsageError
+from .errors import UsageError, did_you_mean
 
 GROUP = "learnbench.algorithms"
 DISABLE_ENV = "LEARNBENCH_DISABLE_PLUGIN_AUTOLOAD"
@@ -64,7 +64,8 @@ class Registry:
         for entry in self.broken:
             if entry.name == name:
                 raise UsageError(f"algorithm {name!r} failed to load ({entry.distribution}): {entry.error}")
-        raise UsageError(f"unknown algorithm {name!r}; installed: {', '.join(sorted(self.entries))}")
+        raise UsageError(f"unknown algorithm {name!r}{did_you_mean(name, self.entries)}; "
+                         f"installed: {', '.join(sorted(self.entries))}")
 
     def names(self) -> list[str]:
         return sorted(self.entries)
@@ -210,7 +211,8 @@ def resolve_hparams(cls: type, given: dict[str, Any], where: str) -> dict[str, A
     defaults = hparam_defaults(cls)
     unknown = sorted(set(given) - set(defaults))
     if unknown:
-        raise UsageError(f"{where}: unknown hyper-parameter(s) {', '.join(unknown)} for {cls.name!r}; "
+        raise UsageError(f"{where}: unknown hyper-parameter(s) {', '.join(unknown)} for {cls.name!r}"
+                         f"{did_you_mean(unknown, defaults)}; "
                          f"known: {', '.join(defaults)}")
     hints = _type_hints(cls)
     out = {}

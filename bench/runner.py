@@ -20,10 +20,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import time
 import traceback
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,8 @@ from .trial import Budget, CurvePoint, Trial, TrialResult
 BATCH_CHECK_EVERY = 100  # the batch is compared with a copy after step 0, 1 and every BATCH_CHECK_EVERY-th
 _DATA_CACHE: dict[tuple, Any] = {}  # per process: (dataset, data_dir, device) -> Splits on the device
 _FLOPS_CACHE: dict[str, cost.ModelFlops] = {}  # per process: model spec and shapes -> FLOPs per example
+METRIC_NAME = re.compile(r"[a-z0-9_-]+(/[a-z0-9_-]+)*")  # a trainer's own metric: `sigma`, `fitness/min`
+RESERVED_METRICS = ("loss",)  # train/loss is the runner's mean of the reported losses
 
 
 class Sampler:
@@ -76,6 +79,9 @@ class Progress:
     backward_passes: int = 0
     extra_flops: float = 0.0
     train_seconds: float = 0.0
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    """The latest step's `StepStats.metrics`, unread (tensors stay on the device) until an evaluation point."""
+    metric_names: frozenset[str] = frozenset()  # the names last validated (`_trainer_metrics`)
 
     @property
     def flops(self) -> float:
@@ -89,6 +95,7 @@ class Progress:
         self.forward_passes += int(stats.forward_passes)
         self.backward_passes += int(stats.backward_passes)
         self.extra_flops += float(stats.extra_flops)
+        self.metrics = stats.metrics  # a reference: read only at the next evaluation point
 
     @property
     def fraction(self) -> float:
@@ -134,9 +141,11 @@ class _BatchWatch:
 
 
 def run_trial(trial: Trial, run_dir: str | None, data_dir: str | None = None,
-              on_progress: Callable[[float], None] | None = None) -> TrialResult:
+              on_progress: Callable[[float, float | None], None] | None = None) -> TrialResult:
     """Run one resolved trial in this process; never raises for a trainer's fault. Returns a JSON-able result:
-    its status, error, final metrics, curves and provenance; weights go to RUN_DIR/models/ (if run_dir)."""
+    its status, error, final metrics, curves and provenance; weights go to RUN_DIR/models/ (if run_dir).
+    `on_progress(fraction, train_loss)` is called at every evaluation point: the budget fraction used and the mean
+    training loss since the previous point (None at the first)."""
     device = torch.device(trial.device)
     curves: list[CurvePoint] = []
     metrics: dict[str, float] = {}
@@ -217,10 +226,11 @@ def _train(trainer, sampler: Sampler, progress: Progress, trial: Trial, splits, 
     while True:
         if n_points and (progress.fraction >= next_eval or progress.fraction >= 1.0):
             _record_eval(trainer, splits, trial, progress, curves, losses)
-            losses = []
             next_eval = (math.floor(progress.fraction * n_points) + 1) / n_points
-            if on_progress:
-                on_progress(min(1.0, progress.fraction))
+            if on_progress:  # the train/loss point just recorded (none before the first step) for progress bars
+                loss = next((p.value for p in reversed(curves) if p.metric == "train/loss"), None) if losses else None
+                on_progress(min(1.0, progress.fraction), loss)
+            losses = []
         if progress.fraction >= 1.0:
             return
         if every and progress.steps % every == 0:
@@ -305,6 +315,37 @@ def _record_eval(trainer, splits, trial: Trial, progress: Progress, curves: list
     if losses:
         mean = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in losses]).mean()
         curves.append(progress.point("train/loss", float(mean)))
+    curves += [progress.point(f"train/{name}", value) for name, value in _trainer_metrics(trainer, progress).items()]
+
+
+def _trainer_metrics(trainer, progress: Progress) -> dict[str, float]:
+    """The latest step's own values (`StepStats.metrics`) as floats: read here, at an evaluation point, the only
+    host sync they cost. Names are validated when their set first appears or changes."""
+    values = progress.metrics
+    if not isinstance(values, Mapping):
+        raise TypeError(f"{type(trainer).__name__}.step returned StepStats.metrics of type "
+                        f"{type(values).__name__}, not a dict of name -> float")
+    names = frozenset(values)
+    if names != progress.metric_names:
+        bad = [name for name in sorted(names, key=str) if metric_name_problem(name)]
+        if bad:
+            raise ValueError(f"{type(trainer).__name__}.step reported metric name(s) {bad}: "
+                             f"{metric_name_problem(bad[0])}")
+        progress.metric_names = names
+    try:
+        return {name: float(value) for name, value in values.items()}
+    except (TypeError, ValueError, RuntimeError) as exc:  # e.g. a tensor of several elements
+        raise TypeError(f"{type(trainer).__name__}.step's metrics must be floats or 0-d tensors: {exc}") from None
+
+
+def metric_name_problem(name: Any) -> str | None:
+    """What is wrong with a trainer's metric name (`StepStats.metrics`), or None."""
+    if not isinstance(name, str) or not METRIC_NAME.fullmatch(name):
+        return (f"{name!r} is not lowercase segments of [a-z0-9_-] joined by '/' (it is recorded as "
+                "train/<name>)")
+    if name in RESERVED_METRICS:
+        return f"{name!r} is reserved (train/{name} is the runner's)"
+    return None
 
 
 @torch.no_grad()

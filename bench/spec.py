@@ -6,7 +6,7 @@ is the built-in to read, and `learnbench new-algorithm NAME` writes a file to st
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
@@ -39,6 +39,11 @@ class StepStats:
     mean update, CMA-ES's covariance update and eigendecomposition), by a formula the trainer documents in its
     file. The runner charges `cost/flops` = the plain model's dense FLOPs per example times the passes above, plus
     this: a nominal figure that does not depend on the implementation's shortcuts or the device."""
+    metrics: dict[str, float | Tensor] = field(default_factory=dict)
+    """A few named values of the trainer's own, e.g. `{"sigma": 0.02, "lr": 1e-3}`: Python floats or 0-d tensors
+    (left on the device: the runner reads only the latest step's, at evaluation points, so no step waits for a host
+    sync). They are recorded as curve metrics `train/<name>` and their last values as final metrics. Names are
+    lowercase segments of `[a-z0-9_-]` joined by `/` (`fitness/min`), not `loss`, and the same set every step."""
 
 
 @dataclass(frozen=True)

@@ -259,6 +259,44 @@ def _stats_problem(stats: Any, batch: int) -> str | None:
     return None
 
 
+def check_step_metrics(ctx: Context) -> str:
+    """The optional `StepStats.metrics`: a dict of valid names (lowercase `[a-z0-9_-]` segments joined by `/`, not
+    `loss`) to finite floats or 0-d tensors, with the same names at every step (each is a `train/<name>` curve)."""
+    from .runner import metric_name_problem
+
+    run = ctx.run(0).require()
+    names = None
+    for step, stats in enumerate(run.stats):
+        metrics = getattr(stats, "metrics", {})
+        if not isinstance(metrics, Mapping):
+            raise CheckFailed(f"step {step}: metrics is {type(metrics).__name__}, not a dict of name -> float")
+        if names is None:
+            names = set(metrics)
+            bad = [name for name in sorted(names, key=str) if metric_name_problem(name)]
+            if bad:
+                raise CheckFailed(f"step {step}: {metric_name_problem(bad[0])}")
+        elif set(metrics) != names:
+            raise CheckFailed(f"step {step} reported metrics {sorted(metrics, key=str)}, step 0 "
+                              f"{sorted(names, key=str)}: report the same names every step")
+        for name, value in metrics.items():
+            problem = _metric_value_problem(value)
+            if problem:
+                raise CheckFailed(f"step {step}: metric {name!r} {problem}")
+    if not names:
+        return "no metrics reported (optional)"
+    return f"{len(names)} metric(s), the same at each of {len(run.stats)} steps, finite: {', '.join(sorted(names))}"
+
+
+def _metric_value_problem(value: Any) -> str | None:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex():
+            return f"is a tensor of shape {list(value.shape)} and dtype {value.dtype}, not a real 0-d tensor"
+        value = float(value)
+    elif not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return f"is {type(value).__name__} {value!r}, not a float or 0-d tensor"
+    return None if math.isfinite(float(value)) else f"is {float(value)}, not finite"
+
+
 def check_eval_model(ctx: Context) -> str:
     """eval_model() is an nn.Module of the model's architecture (its weights reload into the model spec) giving
     finite [B, n_classes] logits, with a finite gradient with respect to the input (the attacks need it)."""
@@ -371,6 +409,7 @@ CHECKS: dict[str, Callable[[Context], str]] = {
     "loss_decreases": check_loss_decreases,
     "batch_not_mutated": check_batch_not_mutated,
     "step_stats_plausible": check_step_stats_plausible,
+    "step_metrics": check_step_metrics,
     "eval_model": check_eval_model,
     "trial_recorded": check_trial_recorded,
 }

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from learnbench.errors import UsageError
+from learnbench.errors import UsageError, did_you_mean
 
 NAMES: tuple[str, ...] = ("digits", "mnist1d", "mnist", "fashion-mnist")
 _MODULES = {"digits": "digits", "mnist1d": "mnist1d", "mnist": "mnist", "fashion-mnist": "fashion_mnist"}
@@ -73,7 +73,7 @@ class Splits:
 
 def _module(name: str):
     if name not in _MODULES:
-        raise UsageError(f"unknown dataset {name!r} (known: {', '.join(NAMES)})")
+        raise UsageError(f"unknown dataset {name!r}{did_you_mean(name, NAMES)} (known: {', '.join(NAMES)})")
     return importlib.import_module(f".{_MODULES[name]}", __name__)
 
 

@@ -104,7 +104,8 @@ class NanAfter(Backprop):
     def step(self, batch):
         stats = super().step(batch)
         self._count = getattr(self, "_count", 0) + 1
-        return StepStats(float("nan"), stats.forward_passes) if self._count > self.after else stats
+        nan = StepStats(float("nan"), stats.forward_passes, metrics=stats.metrics)  # only the loss breaks a rule
+        return nan if self._count > self.after else stats
 
 
 @dataclass(eq=False)
@@ -135,6 +136,42 @@ class FloatCounts(Backprop):
     def step(self, batch):
         stats = super().step(batch)
         return StepStats(stats.loss, float(stats.forward_passes), -1)
+
+
+@dataclass(eq=False)
+class NanMetric(Backprop):
+    """Reports a metric that is NaN at step 7."""
+    name: ClassVar[str] = "nan-metric"
+
+    def step(self, batch):
+        stats = super().step(batch)
+        self._count = getattr(self, "_count", 0) + 1
+        stats.metrics["noise"] = float("nan") if self._count == 7 else 1.0
+        return stats
+
+
+@dataclass(eq=False)
+class ChangingMetrics(Backprop):
+    """Adds a metric on every other step only."""
+    name: ClassVar[str] = "changing-metrics"
+
+    def step(self, batch):
+        stats = super().step(batch)
+        self._count = getattr(self, "_count", 0) + 1
+        if self._count % 2 == 0:
+            stats.metrics["momentum"] = 0.9
+        return stats
+
+
+@dataclass(eq=False)
+class BadMetricName(Backprop):
+    """Names a metric with capitals and a space (not a valid train/<name>)."""
+    name: ClassVar[str] = "bad-metric-name"
+
+    def step(self, batch):
+        stats = super().step(batch)
+        stats.metrics["Grad Norm"] = 1.0
+        return stats
 
 
 @dataclass(eq=False)
@@ -194,7 +231,7 @@ class Duplicate(Backprop):
 
 # name -> the checks the kit fails (every other check passes)
 NEEDS_A_RUN = {"runs", "deterministic", "uses_given_generator", "loss_decreases", "batch_not_mutated",
-               "step_stats_plausible", "eval_model", "init_stores_only"}
+               "step_stats_plausible", "step_metrics", "eval_model", "init_stores_only"}
 FAILS = {
     # backprop's inherited search_space cannot be checked without defaults either
     "required": {"constructible", "hparams_round_trip", "search_space", "init_stores_only"} | NEEDS_A_RUN
@@ -210,6 +247,9 @@ FAILS = {
     "mutates": {"batch_not_mutated", "trial_recorded"},
     "wrong-type": {"loss_decreases", "step_stats_plausible", "trial_recorded"},
     "float-counts": {"step_stats_plausible"},
+    "nan-metric": {"step_metrics"},
+    "changing-metrics": {"step_metrics"},
+    "bad-metric-name": {"step_metrics", "trial_recorded"},  # the runner refuses the name: the trial fails
     "eval-not-module": {"eval_model", "trial_recorded"},
     "eval-other-architecture": {"eval_model", "trial_recorded"},
     "space-outside-validate": {"search_space"},

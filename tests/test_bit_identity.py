@@ -33,8 +33,10 @@ CASES = {  # name -> (model, budget steps, algorithm entry)
 }
 KEPT_PREFIXES = ("test/", "val/", "train/", "align/", "robust/")
 IGNORED = ("robust/seconds",)
-ADDED_SINCE = ("robust/worst-case/", "robust/auc/worst-case/")
-"""Metrics added after the figures were recorded (the per-example worst case, issue 18): new keys, not changes."""
+ADDED_SINCE = ("robust/worst-case/", "robust/auc/worst-case/", "train/lr", "train/sigma", "train/bw_distance",
+               "train/fitness/")
+"""Metrics added after the figures were recorded (the per-example worst case, issue 18; the trainers' own values,
+`StepStats.metrics`, issue 22): new keys, not changes."""
 
 
 def platform() -> dict[str, str]:

@@ -194,8 +194,8 @@ def kit_results():
 
 
 def test_conformance_kit(kit_results):
-    """All 13 checks, trial_recorded included: the saved weights reload (through `wrap_eval_model`) to the recorded
-    test accuracy."""
+    """Every check of the kit (14), trial_recorded included: the saved weights reload (through `wrap_eval_model`)
+    to the recorded test accuracy."""
     failed = [r.line() for r in kit_results.values() if not r.passed]
     assert not failed, "\n".join(failed)
     assert kit_results["trial_recorded"].passed

@@ -71,10 +71,10 @@ class RecordingView:
     def start(self, trial):
         self.events.append(("start", trial.id))
 
-    def update(self, trial_id, fraction):
+    def update(self, trial_id, fraction, loss=None):
         self.events.append(("update", trial_id))
 
-    def finish(self, trial, status):
+    def finish(self, trial, status, result=None):
         self.events.append(("finish", trial.id))
 
     def close(self):
