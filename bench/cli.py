@@ -12,13 +12,14 @@ import pkgutil
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import UsageError
 
 if TYPE_CHECKING:  # annotations only: each command imports what it needs when it runs
     from .store import Store
-    from .trial import StoredTrial, Trial
+    from .trackers import Trackers
+    from .trial import StoredTrial, Trial, TrialResult
 
 EPILOG = "Docs: README.md. Exit codes: 0 ok, 1 some trials failed or diverged, 2 bad usage or input."
 
@@ -82,6 +83,9 @@ def _add_run_command(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser("run", help="run a suite (default: quick)")
     run.add_argument("suite", nargs="?", default="quick", help="built-in suite name or a .toml file")
     _add_suite_options(run, "runs/<suite>[-<hash of the overrides>]")
+    run.add_argument("--log", action="append", default=[], metavar="TRACKER[=WHERE]",
+                     help="also log each finished trial to tensorboard[=DIR] or mlflow[=URI] (repeatable; needs "
+                     "learnbench[track]; default places under the run directory); none drops the suite's [log]")
 
 
 def _add_tune_command(sub: argparse._SubParsersAction) -> None:
@@ -167,6 +171,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     # a Ray cluster's GPUs may be on other nodes than this driver's
     device = args.device if args.executor == "ray" and args.device == "cuda" else resolve_device(args.device)
     suite, trials = _resolve_run(args, device)
+    from . import trackers
+
+    tracking = trackers.settings(suite.get("log"), args.log)  # a missing tracker package: exit 2, nothing written
     if args.workers is not None and args.workers <= 0:
         raise UsageError(f"--workers must be a positive integer; got {args.workers}")
     cluster = None
@@ -182,7 +189,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                             "argv": sys.argv[1:], "device": device,
                             "created": store.run_info().get("created", time.time()), "updated": time.time()})
         store.add_trials(trials)
-        final = _run_pending(args, store, run_dir, device, trials, cluster)
+        final = _run_pending(args, store, run_dir, device, trials, cluster,
+                             trackers.build(tracking, run_dir, suite["name"]))
         store.close()
     bad = sum(final[t.id] in ("failed", "diverged") for t in trials)
     print(f"learnbench: results in {run_dir}; `learnbench report {run_dir}` writes the report"
@@ -197,8 +205,8 @@ def _resolve_run(args: argparse.Namespace, device: str) -> tuple[dict[str, Any],
 
     registry = discover(args.plugin)
     raw, _ = config.load_suite(args.suite)
-    suite = config.apply_overrides(raw, _names(args.algorithms), _names(args.datasets), args.seeds, args.sets,
-                                   registry)
+    given = [str(Path(d).resolve()) if datasets.is_file(d) else d for d in _names(args.datasets) or []]
+    suite = config.apply_overrides(raw, _names(args.algorithms), given, args.seeds, args.sets, registry)
     trials = config.resolve(suite, registry, device, __version__)
     for name in dict.fromkeys(t.dataset for t in trials):
         datasets.prepare(name, args.data_dir)
@@ -216,7 +224,7 @@ def _run_dir(args: argparse.Namespace, suite_name: str, kind: str = "", extra: l
 
 
 def _run_pending(args: argparse.Namespace, store: Store, run_dir: Path, device: str, trials: list[Trial],
-                 cluster: str | None) -> dict[str, str]:
+                 cluster: str | None, trackers: Trackers | None = None) -> dict[str, str]:
     """Run the trials not finished yet on the chosen executor, then the post-run attacks; print the summary
     table and return every trial's final status."""
     from .executor import default_workers
@@ -235,7 +243,8 @@ def _run_pending(args: argparse.Namespace, store: Store, run_dir: Path, device: 
 
     for line in budget_lines(trials):  # what each trial gets once `--set budget.*` and the suite are combined
         print(f"learnbench: budget {line}", file=sys.stderr)
-    execute_with_progress(args, store, run_dir, len(trials), pending, workers, threads)
+    execute_with_progress(args, store, run_dir, len(trials), pending, workers, threads,
+                          trackers.log_trial if trackers else None)
     _post_run(store, run_dir, device, trials, args.data_dir)
     final = store.statuses()
     from .reports import show_table
@@ -246,14 +255,15 @@ def _run_pending(args: argparse.Namespace, store: Store, run_dir: Path, device: 
 
 
 def execute_with_progress(args: argparse.Namespace, store: Store, run_dir: Path, total: int, pending: list[Trial],
-                          workers: int, threads: int) -> None:
+                          workers: int, threads: int,
+                          on_finish: Callable[[Trial, TrialResult], None] | None = None) -> None:
     """Run `pending` (of `total` trials) on the command's executor, local worker processes or Ray, with progress
     bars on a terminal, else one line per finished trial, unless --quiet."""
     from .executor import ProgressView, run_local
 
     # a terminal gets bars; a log file (nohup, a cluster job) one line per finished trial
     view = ProgressView(total, total - len(pending), enabled=not args.quiet and sys.stderr.isatty(),
-                        lines=not args.quiet)
+                        lines=not args.quiet, on_finish=on_finish)
     try:
         if args.executor == "ray":
             from .executor_ray import run_ray
@@ -346,16 +356,13 @@ def cmd_list(args: argparse.Namespace) -> int:
         rows += [(e.name, e.distribution, e.version, f"BROKEN: {e.error}") for e in registry.broken]
         print(tabulate(sorted(rows), headers=["algorithm", "distribution", "version", "description"]))
     elif args.what == "datasets":
-        from .datasets import NAMES, info
-
-        rows = [(i.name, "x".join(map(str, i.input_shape)), i.n_classes, i.n_train, i.n_val, i.n_test,
-                 "yes" if i.needs_files else "no", i.description) for i in map(info, NAMES)]
-        print(tabulate(rows, headers=["dataset", "input", "classes", "train", "val", "test", "files", "description"]))
+        print(tabulate(_dataset_rows(), headers=["dataset", "distribution", "version", "input", "classes", "train",
+                                                 "val", "test", "files", "description"]))
     elif args.what == "models":
         from .models import DEFAULTS
 
         rows = [(kind, ", ".join(f"{k}={v}" for k, v in defaults.items())) for kind, defaults in DEFAULTS.items()]
-        rows.append(("factory", 'factory = "package.module:function" (+ keyword arguments)'))
+        rows.append(("factory", 'factory = "package.module:function" or "file.py:function" (+ keyword arguments)'))
         print(tabulate(rows, headers=["model", "keys (defaults)"]))
     else:
         from .config import builtin_suites, load_suite
@@ -363,6 +370,28 @@ def cmd_list(args: argparse.Namespace) -> int:
         rows = [(name, load_suite(name)[0].get("description", "")) for name in builtin_suites()]
         print(tabulate(rows, headers=["suite", "description"]))
     return 0
+
+
+def _dataset_rows() -> list[tuple]:
+    """Built-ins, then the `learnbench.datasets` entry points: a plugin's data are not loaded to list it (that may
+    mean a download), only its function imported (BROKEN when that fails); `.npz` files are named by path."""
+    from importlib.metadata import EntryPoint
+
+    from . import __version__
+    from .datasets import NAMES, info
+    from .datasets.plugins import GROUP, plugins
+
+    rows: list[tuple] = [(i.name, "learnbench", __version__, "x".join(map(str, i.input_shape)), i.n_classes, i.n_train,
+                          i.n_val, i.n_test, "yes" if i.needs_files else "no", i.description) for i in map(info, NAMES)]
+    for plugin in sorted(plugins().values(), key=lambda p: p.name):
+        try:
+            EntryPoint(plugin.name, plugin.target, GROUP).load()
+            text = f"plugin {plugin.target}"
+        except Exception as exc:  # noqa: BLE001 - a broken plugin is listed, never fatal
+            text = f"BROKEN: {type(exc).__name__}: {exc}"
+        rows.append((plugin.name, plugin.distribution, plugin.version, "-", "-", "-", "-", "-", "-", text))
+    rows.append(("PATH.npz", "-", "-", "-", "-", "-", "-", "-", "yes", "your own arrays (README: your own data)"))
+    return rows
 
 
 def cmd_perf(args: argparse.Namespace) -> int:

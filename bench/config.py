@@ -48,6 +48,7 @@ import copy
 import dataclasses
 import hashlib
 import inspect
+import itertools
 import json
 import math
 import sys
@@ -59,7 +60,7 @@ from . import checks
 from . import models as models_mod
 from .errors import UsageError, did_you_mean
 from .identity import code_digests
-from .registry import Registry, resolve_hparams
+from .registry import Registry, hparam_defaults, resolve_hparams
 from .trial import DEFAULT_REFERENCE, NOT_HASHED, Budget, DiagnosticsSettings, EvalSettings, Trial
 
 if sys.version_info >= (3, 11):
@@ -68,7 +69,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 TOP_KEYS = {"name", "description", "datasets", "seeds", "models", "model", "budget", "eval", "robustness",
-            "diagnostics", "algorithms", "resources", "reference"}
+            "diagnostics", "algorithms", "resources", "reference",
+            "log"}  # [log]: experiment trackers (learnbench.trackers), read by `run`; no trial depends on it
 BUDGET_KEYS = ("steps", "epochs", "time_s", "flops")
 EVAL_DEFAULTS = {"points": 20, "batch_size": 2048}
 DIAGNOSTICS_DEFAULTS = {"every": 0, "probes": []}
@@ -102,7 +104,42 @@ def load_suite(name_or_path: str) -> tuple[dict[str, Any], str]:
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{source}: malformed TOML: {exc}") from None
     raw.setdefault("name", path.stem if path.suffix == ".toml" else name_or_path)
+    if path.is_file():
+        resolve_paths(raw, path.resolve().parent)
     return raw, source
+
+
+def resolve_paths(raw: dict[str, Any], folder: Path) -> None:
+    """Make a suite's own files absolute, in place, relative to its `folder`: `.npz` datasets (in `datasets`, the
+    entries' `datasets` filters and the `robustness.eps_*` tables by dataset) and model factories found there
+    (`file.py:function`, or `module:function` when `module.py` sits in the folder), as `--plugin` files are."""
+    from .datasets import is_file
+
+    def fix(name: Any) -> Any:
+        return str(folder / name) if isinstance(name, str) and is_file(name) and not Path(name).is_absolute() \
+            else name
+
+    def fix_list(value: Any) -> Any:
+        return [fix(v) for v in value] if isinstance(value, list) else fix(value)
+
+    if "datasets" in raw:
+        raw["datasets"] = fix_list(raw["datasets"])
+    for entry in raw.get("algorithms", []) if isinstance(raw.get("algorithms"), list) else []:
+        if isinstance(entry, dict) and "datasets" in entry:
+            entry["datasets"] = fix_list(entry["datasets"])
+    robustness = raw.get("robustness")
+    for key in ("eps_linf", "eps_l2"):
+        if isinstance(robustness, dict) and isinstance(robustness.get(key), dict):
+            robustness[key] = {fix(k): v for k, v in robustness[key].items()}
+    specs = raw.get("models") if isinstance(raw.get("models"), list) else [raw.get("model")]
+    for spec in specs:
+        if isinstance(spec, dict) and spec.get("kind") == "factory" and isinstance(spec.get("factory"), str):
+            module, _, function = spec["factory"].rpartition(":")
+            if not module:
+                continue  # normalize_spec names the missing module
+            file = Path(module) if module.endswith(".py") else Path(*module.split(".")).with_suffix(".py")
+            if not file.is_absolute() and (folder / file).is_file():
+                spec["factory"] = f"{folder / file}:{function}"
 
 
 # --- command-line overrides --------------------------------------------------------------------------------------
@@ -197,7 +234,7 @@ def _apply_set(suite: dict[str, Any], item: str, model_sets: dict[str, Any]) -> 
 def resolve(suite: dict[str, Any], registry: Registry, device: str, code_version: str) -> list[Trial]:
     """Validate a suite and expand it into trial configs (see ARCHITECTURE.md); every error is a UsageError."""
     from .attacks.robustness import resolve_settings as attacks_settings  # local: keeps this import light
-    from .datasets import info as datasets_info
+    from .datasets import fingerprint as datasets_fingerprint, info as datasets_info
 
     where = f"suite {suite.get('name')!r}"
     unknown = set(suite) - TOP_KEYS
@@ -211,16 +248,21 @@ def resolve(suite: dict[str, Any], registry: Registry, device: str, code_version
     entries = suite.get("algorithms")
     if not isinstance(entries, list) or not entries:
         raise UsageError(f"{where}: needs at least one [[algorithms]] entry")
-    entries = [_entry(entry, registry, where) for entry in entries]
+    entries = _swept_entries(entries, registry, where)  # each [[algorithms]] entry, its sweep expanded
     shared = {"suite": suite.get("name"), "device": device, "reference": _reference(suite, where),
               "eval": EvalSettings(**_table(suite.get("eval", {}), EVAL_DEFAULTS, f"{where}: eval")),
               "diagnostics": _diagnostics(suite.get("diagnostics", {}), where),
               "resources": _resources(suite.get("resources", {}), f"{where}: resources")}
     trials = []
     for dataset in dataset_names:
-        robustness = attacks_settings(suite.get("robustness", {}), dataset)
+        robustness = attacks_settings(suite.get("robustness", {}), dataset, infos[dataset].input_shape)
+        data = datasets_fingerprint(dataset)  # your own data's content hash; None for a built-in
         for spec, budget in problems:
             model_label = models_mod.label(spec)
+            if spec["kind"] == "factory":  # the user's code: imported and built once before anything runs
+                models_mod.check_factory(spec, infos[dataset].input_shape, infos[dataset].n_classes,
+                                         f"{where}: {dataset} x {model_label}")
+            factory_code = models_mod.factory_digests(spec)
             for resolved in entries:
                 if (resolved["models"] is not None and model_label not in resolved["models"]) or (
                         resolved["datasets"] is not None and dataset not in resolved["datasets"]):
@@ -234,8 +276,9 @@ def resolve(suite: dict[str, Any], registry: Registry, device: str, code_version
                     trial = Trial(
                         **shared, id="", label=resolved["label"], algorithm=resolved["id"], hparams=hparams,
                         dataset=dataset, model=spec, model_label=model_label, budget=entry_budget,
-                        unranked=resolved["unranked"], seed=seed, robustness=robustness,
-                        code={"learnbench": code_version, "modules": resolved["code"]}, plugin=resolved["plugin"])
+                        unranked=resolved["unranked"], sweep=resolved["sweep"], seed=seed, robustness=robustness,
+                        code={"learnbench": code_version, "modules": {**resolved["code"], **factory_code}},
+                        plugin=resolved["plugin"], data=data)
                     trials.append(dataclasses.replace(trial, id=trial_id(trial.config())))
     if not trials:
         raise UsageError(f"{where}: no trials (check the algorithms' `models` and `datasets` filters against the "
@@ -380,6 +423,51 @@ def _entry(entry: Any, registry: Registry, where: str) -> dict[str, Any]:
             "unranked": unranked,
             "hparams": resolve_hparams(reg.cls, given, f"{where}: [[algorithms]] {label!r}"),
             "code": code_digests(reg.cls), "plugin": reg.provenance()}
+
+
+def _swept_entries(entries: list[Any], registry: Registry, where: str) -> list[dict[str, Any]]:
+    """Every [[algorithms]] entry resolved by `_entry`, an entry with `sweep = { lr = [0.05, 0.1], ... }` expanded
+    into one ordinary entry per point of the cartesian product of its lists (keys in the table's order, each list in
+    its order), labelled `<label> lr=0.05` (floats as %g) and marked `sweep = {"entry": <label>, "values": {"lr":
+    0.05}}` (`Trial.sweep`; None for an entry without a sweep). A swept key must be a hyper-parameter of the
+    trainer and not also fixed (in the file or by `--set <label>.<key>`: a usage error; `--set <label>.sweep=...`
+    replaces the sweep); each value goes through the ordinary hyper-parameter checks of its entry."""
+
+    def show(value: Any) -> str:  # 0.05, 1e-05, 32, true, adam, [64, 64]
+        return f"{value:g}" if isinstance(value, float) else json.dumps(value) if isinstance(value, bool) else (
+            str(value))
+
+    out = []
+    for entry in entries:
+        label = entry.get("label", entry.get("id")) if isinstance(entry, dict) else None
+        if not isinstance(entry, dict) or "sweep" not in entry or not isinstance(entry.get("id"), str) or not (
+                isinstance(label, str)):
+            out.append({**_entry(entry, registry, where), "sweep": None})  # `_entry` rejects a bad entry
+            continue
+        sweep, known = entry["sweep"], list(hparam_defaults(registry.get(entry["id"]).cls))
+        spot = f"{where}: [[algorithms]] {label!r}: sweep"
+        if not isinstance(sweep, dict) or not sweep or not all(isinstance(v, list) and v for v in sweep.values()):
+            raise UsageError(f"{spot} must be a table of non-empty lists, e.g. sweep = {{ lr = [0.05, 0.1] }}; "
+                             f"got {sweep!r}")
+        unknown = [k for k in sweep if k not in known]
+        if unknown:
+            raise UsageError(f"{spot}: {', '.join(unknown)} not a hyper-parameter of {entry['id']!r}"
+                             f"{did_you_mean(unknown, known)}; known: {', '.join(known)}")
+        both = [k for k in sweep if k in entry]
+        if both:
+            raise UsageError(f"{spot}: {', '.join(both)} both fixed and swept (a value in the entry or a --set "
+                             f"{label}.{both[0]}=...); give one or the other (--set {label}.sweep=... replaces the "
+                             "sweep)")
+        repeated = [k for k, v in sweep.items() if len({json.dumps(x, sort_keys=True) for x in v}) < len(v)]
+        if repeated:
+            raise UsageError(f"{spot}: {', '.join(repeated)} lists a value twice")
+        fixed = {k: v for k, v in entry.items() if k not in ("sweep", "label")}
+        for point in itertools.product(*sweep.values()):
+            values = dict(zip(sweep, point))
+            text = " ".join(f"{k}={show(v)}" for k, v in values.items())
+            out.append({**_entry({**fixed, **values, "label": f"{label} {text}"}, registry, where),
+                        "sweep": {"entry": label, "values": values}})
+    return out
 
 
 def entry_values(suite: dict[str, Any], label: str, model_label: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, Callable
 
 from .store import Store
 from .trial import Trial, TrialResult
@@ -147,12 +147,16 @@ def _worker_main(conn: Connection, run_dir: str, data_dir: str | None, threads: 
 
 class ProgressView:
     """Progress bars (tqdm, on stderr): one for the suite, one per trial in hand with its latest training loss;
-    silent when disabled. With `lines` (stderr is a log file, not a terminal) one line per finished trial instead."""
+    silent when disabled. With `lines` (stderr is a log file, not a terminal) one line per finished trial instead.
+    Every executor calls `finish` right after the store has recorded the trial: `on_finish(trial, result)` (the
+    experiment trackers, `learnbench.trackers`) runs there, in this process, whatever the executor."""
 
-    def __init__(self, total: int, done: int, enabled: bool, lines: bool = False):
+    def __init__(self, total: int, done: int, enabled: bool, lines: bool = False,
+                 on_finish: Callable[[Trial, TrialResult], None] | None = None):
         from tqdm import tqdm
 
         self.enabled, self.lines, self.total, self.done = enabled, lines and not enabled, total, done
+        self.on_finish = on_finish
         self.suite = tqdm(total=total, initial=done, desc="suite", unit="trial", disable=not enabled,
                           position=0, dynamic_ncols=True)
         self.bars: dict[str, Any] = {}
@@ -186,6 +190,8 @@ class ProgressView:
             wall = time.monotonic() - self.started.pop(trial.id, time.monotonic())
             print(f"learnbench: [{self.done}/{self.total}] {finished_line(trial, status, result, wall)}",
                   file=sys.stderr, flush=True)
+        if self.on_finish is not None and result is not None:
+            self.on_finish(trial, result)
 
     def close(self) -> None:
         for bar in self.bars.values():

@@ -8,8 +8,12 @@ A spec is a small dict (from a suite's `[[models]]` table):
 * `cnn`     the 11,274-parameter ConvNet of EvoJAX/evosax (conv8 5x5, pool, conv16 5x5, pool, dense 10);
             `depth` adds conv blocks (channels double), `norm` adds BatchNorm/LayerNorm after each conv.
 * `lenet`   LeNet-5 (LeCun et al. 1998): conv6 5x5, pool, conv16 5x5, pool, 120, 84, classes; tanh, average pool.
-* `factory` any user `nn.Module`: `factory = "package.module:function"`, called as
-            `function(input_shape=..., n_classes=..., **other_keys)`.
+* `factory` any user `nn.Module`: `factory = "package.module:function"` or `"path/to/file.py:function"`, called
+            as `function(input_shape=..., n_classes=..., **other_keys)`. In a suite file, a module or `.py` path
+            found beside the suite (`my_model:build` with `my_model.py` in the suite's folder) resolves from there,
+            as `--plugin` files do (`config.load_suite` rewrites it to the file's absolute path). The factory's
+            source file is hashed into the trial id (`factory_digests`), and `check_factory` builds it once before
+            anything runs, so a broken import is a usage error rather than a run of failed trials.
 
 Models are plain `nn.Module`s made of `Linear`/`Conv2d` layers so that feedback-alignment conversion, population
 evaluation and attacks all work on them without special cases.
@@ -17,9 +21,13 @@ evaluation and attacks all work on them without special cases.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
 import math
+import sys
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -111,13 +119,8 @@ def build(spec: dict[str, Any] | Callable[..., nn.Module], input_shape: tuple[in
     spec = normalize_spec(spec)
     kind = spec["kind"]
     if kind == "factory":
-        module_name, attr = spec["factory"].split(":", 1)
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise UsageError(f"cannot import model factory {spec['factory']!r}: {exc}") from None
         kwargs = {k: v for k, v in spec.items() if k not in ("kind", "factory")}
-        return factory(input_shape=tuple(input_shape), n_classes=n_classes, **kwargs)
+        return _factory(spec["factory"])(input_shape=tuple(input_shape), n_classes=n_classes, **kwargs)
     if kind in ("mlp", "resmlp"):
         return MLP(math.prod(input_shape), spec["hidden"], n_classes, spec["activation"], spec["norm"],
                    residual=kind == "resmlp")
@@ -125,6 +128,82 @@ def build(spec: dict[str, Any] | Callable[..., nn.Module], input_shape: tuple[in
     if kind == "cnn":
         return ConvNet(input_shape, spec["channels"], n_classes, spec["kernel"], spec["activation"], spec["norm"])
     return LeNet5(input_shape, n_classes, spec["activation"], spec["pool"])
+
+
+def check_factory(spec: dict[str, Any], input_shape: tuple[int, ...], n_classes: int, where: str) -> None:
+    """Build a `factory` model once for this dataset's shape (before anything runs): an import that fails, a
+    missing or non-callable function, an exception or a result that is not an `nn.Module` is a UsageError."""
+    try:
+        model = build(spec, input_shape, n_classes)
+    except UsageError as exc:
+        raise UsageError(f"{where}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - the user's code: one line, no traceback
+        raise UsageError(f"{where}: model factory {spec['factory']!r} failed for inputs {tuple(input_shape)} and "
+                         f"{n_classes} classes: {type(exc).__name__}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"{where}: model factory {spec['factory']!r} returned {type(model).__name__}, not a "
+                         "torch.nn.Module")
+    try:  # one forward pass on a [2, *input_shape] batch of zeros, in eval mode (BatchNorm accepts it there)
+        with torch.no_grad():
+            shape = tuple(model.eval()(torch.zeros(2, *input_shape)).shape)
+    except Exception as exc:  # noqa: BLE001
+        raise UsageError(f"{where}: the model of factory {spec['factory']!r} failed for inputs {tuple(input_shape)}"
+                         f": {type(exc).__name__}: {exc}") from None
+    if shape != (2, n_classes):
+        raise UsageError(f"{where}: the model of factory {spec['factory']!r} gives outputs {list(shape)} for a "
+                         f"batch of 2 inputs {tuple(input_shape)}; expected [2, {n_classes}] logits")
+
+
+def factory_digests(spec: dict[str, Any]) -> dict[str, str]:
+    """`{"factory:<file name>": SHA-256 prefix}` of a `factory` spec's source file (part of the trial id, as the
+    trainer's modules are, `learnbench.identity`); {} for the built-in kinds or a factory without a source file."""
+    if spec.get("kind") != "factory":
+        return {}
+    path = _factory_file(spec["factory"].rsplit(":", 1)[0])
+    if path is None:
+        return {}
+    return {f"factory:{Path(path).name}": hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]}
+
+
+def _factory(target: str) -> Callable[..., nn.Module]:
+    """The function a `factory` string names: `module:function` imported, `file.py:function` loaded from the file
+    under a private module name (one per file content, so an edited file is loaded afresh)."""
+    module_name, attr = target.rsplit(":", 1)
+    try:
+        if module_name.endswith(".py"):
+            file = Path(module_name)
+            if not file.is_file():
+                raise ImportError(f"no file {module_name}")
+            private = f"_learnbench_model_{hashlib.sha256(file.read_bytes()).hexdigest()[:12]}"
+            module = sys.modules.get(private)
+            if module is None:
+                loader_spec = importlib.util.spec_from_file_location(private, file)
+                module = importlib.util.module_from_spec(loader_spec)
+                sys.modules[private] = module
+                try:
+                    loader_spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[private]
+                    raise
+        else:
+            module = importlib.import_module(module_name)
+        factory = getattr(module, attr)
+    except Exception as exc:  # noqa: BLE001 - any error the user's module raises on import
+        raise UsageError(f"cannot import model factory {target!r}: {type(exc).__name__}: {exc}") from None
+    if not callable(factory):
+        raise UsageError(f"model factory {target!r} is not callable")
+    return factory
+
+
+def _factory_file(module_name: str) -> str | None:
+    if module_name.endswith(".py"):
+        return module_name if Path(module_name).is_file() else None
+    try:
+        found = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        return None
+    origin = getattr(found, "origin", None)
+    return origin if origin and origin.endswith(".py") and Path(origin).is_file() else None
 
 
 def n_params(model: nn.Module) -> int:

@@ -13,6 +13,11 @@ configuration `{"role": "search", "entry": LABEL, "study": s, "index": i, "sampl
 {"kind": "log-uniform", "low": ..., "high": ...}, ...}}`, which the runner evaluates on validation only (the test
 split is never read) and the reports keep out of their main sections; for a study's best configuration re-run on the
 suite's seeds `{"role": "tuned", "entry": LABEL, "study": s, "objective": ...}`.
+
+`Trial.sweep` marks the trials of a suite entry's `sweep = {lr = [...]}` (`config._swept_entries`): None for an
+ordinary trial (absent from the config, like `tuning`); else `{"entry": LABEL, "values": {"lr": 0.05}}`, the entry's
+own label (the trial's label is `LABEL lr=0.05`) and this trial's value of each swept hyper-parameter, in the
+sweep's order. Reports draw one figure per swept hyper-parameter from it (`reports.sweeps`).
 """
 
 from __future__ import annotations
@@ -101,6 +106,11 @@ class Trial:
     """The suite gave this entry its own budget: reported beside the others, never ranked with them."""
     tuning: Mapping[str, Any] | None = None
     """`learnbench tune`'s mark (see the module docstring): None for an ordinary trial."""
+    sweep: Mapping[str, Any] | None = None
+    """A suite sweep's mark (see the module docstring): None for an ordinary trial."""
+    data: Mapping[str, Any] | None = None
+    """Your own data's identity (`learnbench.datasets.fingerprint`: the SHA-256 of a `.npz` file or a plugin's
+    arrays): None for a built-in dataset (and then absent from the config, like `tuning`)."""
 
     def config(self) -> dict[str, Any]:
         """The JSON object stored in the results store (and sent to worker processes)."""
@@ -108,6 +118,10 @@ class Trial:
         out["diagnostics"]["probes"] = list(self.diagnostics.probes)
         if self.tuning is None:  # an ordinary trial keeps the config (and so the id) it had before tuning existed
             del out["tuning"]
+        if self.sweep is None:  # likewise before sweeps existed
+            del out["sweep"]
+        if self.data is None:  # likewise for built-in datasets
+            del out["data"]
         return out
 
     @property

@@ -14,6 +14,12 @@ for final and curve evaluation.
 `info` does no I/O. `prepare` finds, downloads and verifies files (the driver calls it before writing anything, so a
 missing or corrupt file is a `UsageError` and not a failed trial); `load` returns the tensors. Loader modules are
 imported lazily: listing datasets imports neither scikit-learn nor `mnist1d`.
+
+Your own data: a name ending in `.npz` is a file path (`npz.py`; a suite's relative paths are resolved from its
+folder by `learnbench.config`), and packages add datasets through the entry-point group `learnbench.datasets`
+(`plugins.py`). For those, `info` reads and checks the data (once per process and file version), and
+`fingerprint` gives the content hash that joins the trial id; built-ins have no fingerprint (their files are
+verified against fixed hashes), so their trial ids stay as they were.
 """
 
 from __future__ import annotations
@@ -30,10 +36,12 @@ from learnbench.errors import UsageError, did_you_mean
 NAMES: tuple[str, ...] = ("digits", "mnist1d", "mnist", "fashion-mnist")
 _MODULES = {"digits": "digits", "mnist1d": "mnist1d", "mnist": "mnist", "fashion-mnist": "fashion_mnist"}
 
+FILE_SUFFIX = ".npz"  # a dataset name ending so is a path to your own data (npz.py)
+
 SPLIT_SEED = 0
 """Seed of every train/validation (and, for digits, train/test) split."""
 
-__all__ = ["NAMES", "SPLIT_SEED", "DatasetInfo", "Splits", "info", "prepare", "load"]
+__all__ = ["NAMES", "SPLIT_SEED", "DatasetInfo", "Splits", "info", "prepare", "load", "fingerprint", "is_file"]
 
 
 @dataclass(frozen=True)
@@ -71,15 +79,44 @@ class Splits:
         return replace(self, **moved)
 
 
+def is_file(name: str) -> bool:
+    """Whether a dataset name is a path to your own `.npz` file."""
+    return name.endswith(FILE_SUFFIX)
+
+
 def _module(name: str):
     if name not in _MODULES:
-        raise UsageError(f"unknown dataset {name!r}{did_you_mean(name, NAMES)} (known: {', '.join(NAMES)})")
+        known = [*NAMES, *_plugins()]
+        raise UsageError(f"unknown dataset {name!r}{did_you_mean(name, known)} (known: {', '.join(known)}); "
+                         f"or give a path to a {FILE_SUFFIX} file")
     return importlib.import_module(f".{_MODULES[name]}", __name__)
 
 
+def _plugins() -> dict:
+    from .plugins import plugins
+
+    return plugins()
+
+
+def _external(name: str):
+    """The checked data of a `.npz` file or a plugin (`npz.Loaded`); None for a built-in."""
+    if is_file(name):
+        from .npz import read_file
+
+        return read_file(name)
+    if name not in _MODULES and name in _plugins():
+        from .plugins import load as load_plugin
+
+        return load_plugin(name)
+    _module(name)  # a built-in, or a UsageError for an unknown name
+    return None
+
+
 def info(name: str) -> DatasetInfo:
-    """The dataset's shapes, sizes and description; no I/O. `UsageError` for an unknown name."""
-    return _module(name).INFO
+    """The dataset's shapes, sizes and description. No I/O for a built-in; your own data are read and checked
+    here (`UsageError` naming the problem). `UsageError` for an unknown name."""
+    loaded = _external(name)
+    return loaded.info if loaded is not None else _module(name).INFO
 
 
 def prepare(name: str, data_dir: str | None = None) -> None:
@@ -87,12 +124,26 @@ def prepare(name: str, data_dir: str | None = None) -> None:
 
     Raises `UsageError` (one line naming the file) for a missing, corrupt, truncated or mismatching file. Cheap
     when this process already verified the same files."""
-    _module(name).prepare(data_dir)
+    if _external(name) is None:
+        _module(name).prepare(data_dir)
 
 
 def load(name: str, data_dir: str | None = None) -> Splits:
     """The dataset's train/val/test splits as CPU tensors (see the module docstring for sizes and ranges)."""
-    return _module(name).load(data_dir)
+    loaded = _external(name)
+    return loaded.splits if loaded is not None else _module(name).load(data_dir)
+
+
+def fingerprint(name: str) -> dict[str, str] | None:
+    """What identifies your own data in a trial id: `{"sha256": ...}` of a file's bytes, plus the distribution and
+    version for a plugin's arrays; None for a built-in (its identity is its name)."""
+    loaded = _external(name)
+    if loaded is None:
+        return None
+    if is_file(name):
+        return {"sha256": loaded.sha256}
+    plugin = _plugins()[name]
+    return {"sha256": loaded.sha256, "distribution": plugin.distribution, "version": plugin.version}
 
 
 # ---- helpers shared by the loaders --------------------------------------------------------------------------------

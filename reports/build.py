@@ -3,9 +3,10 @@
 The report is assembled once as blocks (`document.py`) and rendered twice, so the Markdown and the HTML always
 show the same numbers. Sections, per group (a problem, dataset x model, under one budget; a problem run under
 several budgets gets one subsection per budget, never compared with each other): final accuracy, learning curves,
-tuning (after `learnbench tune`), accuracy at equal cost, time-to-target, cost vs accuracy, pairwise significance,
-robustness, the robustness verdict (each rule against the reference, verdict.py), alignment, diagnostics; then the
-performance profiles across the ranked groups, and the provenance of every run.
+sweeps (a figure per swept hyper-parameter, sweeps.py), tuning (after `learnbench tune`), accuracy at equal cost,
+time-to-target, cost vs accuracy, pairwise significance, robustness, the robustness verdict (each rule against the
+reference, verdict.py), alignment, diagnostics; then the performance profiles across the ranked groups, and the
+provenance of every run.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .html import to_html
 from .probes import alignment_section, diagnostics_section
 from .robustness import robustness_section
 from .sections import Context, accuracy_section, curves_section, pareto_section, time_to_target_section
+from .sweeps import sweep_section
 from .tuning import tuning_section
 from .verdict import verdict_section
 
@@ -90,6 +92,7 @@ def group_blocks(ctx: Context, parts: tuple[str, ...], group: Group) -> list[Blo
     out += [Text(note) for note in group.notes]
     out += accuracy_section(group)
     out += curves_section(ctx, parts, group)
+    out += sweep_section(ctx, parts, group)
     out += tuning_section(ctx, parts, group)
     out += equal_cost_section(group)
     if group.ranked:

@@ -11,7 +11,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 from tabulate import tabulate
 
@@ -66,6 +66,7 @@ class Figure:
     path: Path  # the file under figures/; HTML embeds its bytes
     caption: str
     alt: str = ""
+    interactive: Any = None  # an interactive.LinesPlot/ParetoPlot of the same data: report.html draws it with plotly
 
 
 @dataclass

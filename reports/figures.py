@@ -47,6 +47,7 @@ class Line:
     step: bool = False
     marker: str | None = None
     thin: bool = False  # a single seed's raw curve
+    hover: str = ""  # extra hover text in the interactive page (a raw curve's seed)
 
 
 @dataclass
@@ -216,6 +217,7 @@ class Cloud:
     label: str
     costs: dict[str, np.ndarray]
     acc: np.ndarray
+    seeds: list[int] | None = None  # the seed of each point, for the interactive page's hover
 
 
 def pareto_figure(clouds: list[Cloud], axes_titles: dict[str, str], colours: dict[str, tuple],

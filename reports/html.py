@@ -1,6 +1,10 @@
 """Blocks -> one self-contained HTML page: inline CSS (screen and print), figures embedded as base64 data URIs,
-no script, no external font, stylesheet or image. Every piece of text goes through `html.escape`, so labels,
+no external script, font, stylesheet or image. Every piece of text goes through `html.escape`, so labels,
 hyper-parameters and error messages that come from configs or plugins are shown, never interpreted.
+
+With plotly installed (`learnbench[interactive]`), a figure that carries an interactive plot (learning curves, cost
+vs accuracy, robustness) is drawn by plotly.js, which is inlined once, before the first of them; its SVG stays in a
+<noscript> for viewers without JavaScript. Without plotly, every figure is its SVG and one line says so.
 """
 
 from __future__ import annotations
@@ -8,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 
+from . import interactive
 from .document import Block, Cell, Figure, Heading, Items, Strong, Table, Text, unique_anchors
 
 MIME = {".svg": "image/svg+xml", ".png": "image/png"}
@@ -34,6 +39,8 @@ tr:nth-child(even) td { background: #fafbfc; }
 figure { margin: 1rem 0 1.4rem; }
 figure img { max-width: 100%; height: auto; display: block; border: 1px solid #eaeef2; }
 figcaption { color: #57606a; font-size: 13px; margin-top: .3rem; }
+figure.interactive { border: 1px solid #eaeef2; }
+figure.interactive figcaption { padding: 0 .4rem .3rem; }
 ul.errors li { margin: .2rem 0; }
 code { font-family: ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, monospace; font-size: 12.5px;
        background: #f3f5f7; padding: .05rem .3rem; border-radius: 3px; word-break: break-word; }
@@ -54,9 +61,10 @@ nav.toc a { color: #0b57d0; text-decoration: none; }
 
 def to_html(blocks: list[Block], title: str) -> str:
     unique_anchors(blocks)
-    body = [_block(b) for b in blocks]
+    plots = _Plots(interactive.available())
+    body = [_block(b, plots) for b in blocks]
     first_h1 = next((i for i, b in enumerate(blocks) if isinstance(b, Heading) and b.level == 1), -1)
-    body.insert(first_h1 + 1, _toc(blocks))  # contents under the title
+    body.insert(first_h1 + 1, _toc(blocks) + _figures_note(blocks, plots.live))  # contents under the title
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
             f"<title>{html.escape(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
@@ -86,7 +94,24 @@ def _link(h: Heading) -> str:
     return f"<a href=\"#{html.escape(h.anchor)}\">{html.escape(h.text)}</a>"
 
 
-def _block(b: Block) -> str:
+class _Plots:
+    """Whether figures are drawn with plotly, and how many were: the first one inlines plotly.js."""
+
+    def __init__(self, live: bool):
+        self.live, self.count = live, 0
+
+
+def _figures_note(blocks: list[Block], live: bool) -> str:
+    if not any(isinstance(b, Figure) and b.interactive is not None for b in blocks):
+        return ""
+    text = ("Interactive figures (plotly): hover a point for its label, seeds and hyper-parameters; click a legend "
+            "entry to hide that algorithm; drag to zoom, double-click to reset." if live else
+            "Static figures: install plotly (pip install 'learnbench[interactive]') and rerun learnbench report "
+            "for interactive ones.")
+    return f"<p class=\"note\">{html.escape(text)}</p>"
+
+
+def _block(b: Block, plots: _Plots) -> str:
     if isinstance(b, Heading):
         return f"<h{b.level} id=\"{html.escape(b.anchor)}\">{html.escape(b.text)}</h{b.level}>"
     if isinstance(b, Text):
@@ -95,7 +120,7 @@ def _block(b: Block) -> str:
     if isinstance(b, Table):
         return _table(b)
     if isinstance(b, Figure):
-        return _figure(b)
+        return _plot(b, plots) if plots.live and b.interactive is not None else _figure(b)
     if isinstance(b, Items):
         cls = " class=\"errors\"" if b.code else ""
         return f"<ul{cls}>" + "".join(f"<li>{_item(i, b.code)}</li>" for i in b.items) + "</ul>"
@@ -118,10 +143,21 @@ def _table(t: Table) -> str:
 
 
 def _figure(f: Figure) -> str:
+    return f"<figure>{_img(f)}<figcaption>{html.escape(f.caption)}</figcaption></figure>"
+
+
+def _img(f: Figure) -> str:
     mime = MIME[f.path.suffix.lower()]
     data = base64.b64encode(f.path.read_bytes()).decode("ascii")
-    alt = html.escape(f.alt or f.caption)
-    return (f"<figure><img alt=\"{alt}\" src=\"data:{mime};base64,{data}\">"
+    return f"<img alt=\"{html.escape(f.alt or f.caption)}\" src=\"data:{mime};base64,{data}\">"
+
+
+def _plot(f: Figure, plots: _Plots) -> str:
+    """The plotly figure, its SVG for viewers without JavaScript, and the caption."""
+    plots.count += 1
+    div = interactive.render(f.interactive, f"plot-{plots.count}", include_plotlyjs=plots.count == 1)
+    img = _img(f)
+    return (f"<figure class=\"interactive\">{div}<noscript>{img}</noscript>"
             f"<figcaption>{html.escape(f.caption)}</figcaption></figure>")
 
 

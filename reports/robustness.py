@@ -21,6 +21,7 @@ from . import stats
 from .data import done, metric_names, metric_values
 from .document import Block, Cell, Figure, Heading, Table, pct
 from .figures import Line, Panel, lines_figure
+from .interactive import LinesPlot, hover_info
 from .sections import Context, Groups
 
 PSEUDO = "-pseudo"
@@ -152,11 +153,13 @@ def robustness_section(ctx: Context, problem: tuple[str, ...], groups: Groups) -
     grid = attack_grid(trials)
     if not grid:
         return []
-    path = lines_figure(_panels(groups, grid), ctx.colours, ctx.figure_path(*problem, "robustness"))
+    panels = _panels(groups, grid)
+    path = lines_figure(panels, ctx.colours, ctx.figure_path(*problem, "robustness"))
     ctx.figures.append(path)
     out: list[Block] = [Heading(3, "Robustness"), Figure(path, (
         "Robust test accuracy against the attack budget ε, per attack (ε = 0: clean accuracy on the attacked "
-        "points): mean over seeds with a 95% band."), alt=f"robustness, {' '.join(problem)}"),
+        "points): mean over seeds with a 95% band."), alt=f"robustness, {' '.join(problem)}",
+        interactive=LinesPlot(panels, ctx.colours, hover_info(groups))),
         _table(groups, grid, trials)]
     auc = metric_names(trials, "robust/auc/")
     if auc:

@@ -21,6 +21,7 @@ from .data import (AXES, AXIS_TITLES, COST_METRICS, ReportData, done, metric_val
 from .document import Block, Cell, Figure, Heading, Items, Table, Text, ci, mark_best, pct, secs, si
 from .figures import FORMAT, Cloud, Line, Panel, lines_figure, pareto_figure
 from .groups import TEST, VAL, Group, Groups, Targets, mean_final, targets
+from .interactive import LinesPlot, ParetoPlot, hover_info
 
 __all__ = ["Context", "Groups", "accuracy_section", "curve_lines", "curves_section", "pareto_section",
            "target_reaches", "time_to_target_section"]
@@ -81,8 +82,8 @@ def curve_lines(groups: Groups, metric: str, axis: str, scale: float = 1.0,
                 clip: tuple[float, float] | None = None) -> tuple[list[Line], bool]:
     """Per label: the mean curve with its CI band on a common grid, or each seed raw when seeds do not overlap;
     and whether the panel wants a log x axis (the labels' x values together span more than two decades)."""
-    per_label = {label: [t.curves[metric] for t in done(group) if metric in t.curves]
-                 for label, group in groups.items()}
+    per_trial = {label: [t for t in done(group) if metric in t.curves] for label, group in groups.items()}
+    per_label = {label: [t.curves[metric] for t in trials] for label, trials in per_trial.items()}
     logx = stats.wide_range([c for cs in per_label.values() for c in cs], axis)
     lines = []
     for label, curves in per_label.items():
@@ -90,7 +91,8 @@ def curve_lines(groups: Groups, metric: str, axis: str, scale: float = 1.0,
             continue
         grid = stats.common_grid(curves, axis, logx)
         if grid is None:
-            lines += [Line(label, c.x(axis), scale * c.value, thin=True) for c in curves]
+            lines += [Line(label, t.curves[metric].x(axis), scale * t.curves[metric].value, thin=True,
+                           hover=f"seed {t.seed}") for t in per_trial[label]]
             continue
         mean, lo, hi = stats.band(curves, axis, grid)
         if clip is not None:  # a t band can overshoot a bounded metric (accuracy) where seeds disagree
@@ -113,6 +115,7 @@ def curves_section(ctx: Context, parts: tuple[str, ...], group: Group) -> list[B
     if not panels:
         return [Heading(3, "Learning curves"), Text("No accuracy curves were recorded.", note=True)]
     path = lines_figure(panels, ctx.colours, ctx.figure_path(*parts, "curves"))
+    plot = LinesPlot(panels, ctx.colours, hover_info(group.labels))
     ctx.figures.append(path)
     fallback = "" if metric == VAL else " These trials recorded no validation curve, so the test curve is drawn."
     return [Heading(3, "Learning curves"), Figure(path, (
@@ -120,7 +123,7 @@ def curves_section(ctx: Context, parts: tuple[str, ...], group: Group) -> list[B
         "over seeds with a shaded Student-t 95% band (clipped to 0-100%). Seeds evaluate at different x values, so "
         "each curve is linearly interpolated onto a common grid over the range every seed covers (log-spaced on "
         "log axes, used when costs span more than two decades)." + fallback),
-        alt=f"learning curves, {' '.join(parts)}")]
+        alt=f"learning curves, {' '.join(parts)}", interactive=plot)]
 
 
 def target_reaches(labels: Groups, target: float) -> dict[str, stats.Reach]:
@@ -177,11 +180,13 @@ def pareto_section(ctx: Context, parts: tuple[str, ...], group: Group) -> list[B
                   and all(t.metrics.get(COST_METRICS[a]) is not None for a in axes)]
         if trials:
             costs = {a: np.array([t.metrics[COST_METRICS[a]] for t in trials], float) for a in axes}
-            clouds.append(Cloud(label, costs, np.array([t.metrics[VAL] for t in trials], float)))
+            clouds.append(Cloud(label, costs, np.array([t.metrics[VAL] for t in trials], float),
+                                [t.seed for t in trials]))
     if not clouds:
         return []
     path = pareto_figure(clouds, axes, ctx.colours, ctx.figure_path(*parts, "pareto"), "validation accuracy (%)")
     ctx.figures.append(path)
+    plot = ParetoPlot(clouds, axes, ctx.colours, "validation accuracy (%)", hover_info(group.ranked_labels()))
     fronts = []
     for axis, title in axes.items():
         mc = [float(c.costs[axis].mean()) for c in clouds]
@@ -190,5 +195,6 @@ def pareto_section(ctx: Context, parts: tuple[str, ...], group: Group) -> list[B
     return [Heading(3, "Cost versus accuracy"), Figure(path, (
         "Final validation accuracy against nominal FLOPs and training seconds, ranked algorithms: small dots are "
         "seeds, large dots the mean with its 95% CI; the dashed line joins the Pareto-optimal means (no other "
-        "algorithm is both cheaper and more accurate)."), alt=f"cost versus accuracy, {' '.join(parts)}"),
+        "algorithm is both cheaper and more accurate)."), alt=f"cost versus accuracy, {' '.join(parts)}",
+        interactive=plot),
         Text("Pareto-optimal, cheapest first: " + "; ".join(fronts) + ".")]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import math
 import re
-import subprocess
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -18,13 +17,12 @@ from scipy import stats as sps
 
 from learnbench.errors import UsageError
 from learnbench.reports import build_report, readme_section, show_table, update_readme
-from learnbench.reports import stats
+from learnbench.reports import interactive, stats
 from learnbench.reports.data import Curve, load_runs
 from learnbench.reports.document import si
 from learnbench.store import Store
+from browser import CHROMIUM, visit
 from report_fixtures import holm_by_hand, md_row, md_rows, realistic_store, trial_config, write_trial
-
-CHROMIUM = Path("/usr/bin/chromium")
 
 # Known final accuracies per label (three seeds each): test accuracies FINAL, validation accuracies VALID. For
 # label A, validation curves whose first crossings of the targets the tests work out by hand; every test curve is
@@ -277,16 +275,26 @@ def test_html_is_self_contained_escaped_and_has_every_figure(realistic):
     embedded = {base64.b64decode(a["src"].split(",", 1)[1]) for a in images}
     assert embedded == {p.read_bytes() for p in figures.values()}  # every figure file, byte for byte
     assert all(a["src"].startswith("data:image/svg+xml;base64,") for a in images)
-    assert not [t for t, _ in parser.tags if t in ("script", "link", "iframe", "object", "embed")]
+    assert not [t for t, _ in parser.tags if t in ("link", "iframe", "object", "embed")]
     refs = [v for _, a in parser.tags for k, v in a.items() if k in ("src", "href") and v]
-    assert all(v.startswith(("data:", "#")) for v in refs)
-    assert "url(" not in page and "@import" not in page and "http://" not in page and "https://" not in page
-    assert "<script" not in page.lower()
+    assert all(v.startswith(("data:", "#")) for v in refs)  # inline scripts only: plotly.js is in the page
+    outside = _without_scripts(page)  # plotly.js names map-tile URLs that plots of this kind never load
+    assert "url(" not in outside and "@import" not in outside and "http://" not in outside
+    assert "https://" not in outside
+    assert ("<script" in page.lower()) == interactive.available()
     assert "population &lt;script&gt;alert(1)&lt;/script&gt; collapsed" in page
     assert "population <script>alert(1)</script> collapsed" in "".join(parser.text)  # shown as text
 
 
-def test_html_escapes_config_text(tmp_path: Path):
+def _without_scripts(page: str) -> str:
+    return re.sub(r"<script\b.*?</script>", "", page, flags=re.S | re.I)
+
+
+@pytest.mark.parametrize("live", [False, True], ids=["static", "interactive"])
+def test_html_escapes_config_text(tmp_path: Path, monkeypatch, live: bool):
+    if live and not interactive.available():
+        pytest.skip("plotly is not installed (pip install 'learnbench[interactive]')")
+    monkeypatch.setattr(interactive, "available", lambda: live)
     store = Store(_mk(tmp_path / "run"))
     trial = trial_config("x<i>y</i>$", "a", 0, hparams={"note": "<script>alert(2)</script>"},
                          plugin={"distribution": "<b>plug</b>", "version": "1"})
@@ -295,7 +303,11 @@ def test_html_escapes_config_text(tmp_path: Path):
     store.close()
     page = build_report([tmp_path / "run"])["report.html"].read_text()
     assert "x&lt;i&gt;y&lt;/i&gt;$" in page and "&lt;b&gt;plug&lt;/b&gt; 1" in page
-    assert "<script" not in page.lower() and "<i>" not in page and "<b>" not in page
+    outside = _without_scripts(page)
+    assert "<script" not in outside.lower() and "<i>" not in outside and "<b>" not in outside
+    assert ("<script" in page.lower()) == live
+    hits = [m.start() for m in re.finditer(r"alert\(2\)", page)]  # the plots' hover text escapes it too
+    assert hits and all(page[i - len("&lt;script&gt;"):i] == "&lt;script&gt;" for i in hits)
 
 
 def test_realistic_report_is_fast_and_complete(realistic):
@@ -315,12 +327,22 @@ def test_realistic_report_is_fast_and_complete(realistic):
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="headless Chromium (/usr/bin/chromium, Debian's `chromium` "
                     "package) is not installed: `apt-get install -y chromium` to run the browser test")
 def test_chromium_renders_the_report(realistic, tmp_path: Path):
+    """Non-blank, no request leaves the file, no console error; with plotly, every interactive figure drew."""
     _, written, _ = realistic
+    page = written["report.html"]
+    plots = "document.querySelectorAll('.js-plotly-plot').length"
+    traces = "document.querySelectorAll('.js-plotly-plot .scatterlayer .trace').length"
+    seen = visit(page, (plots, traces), profile=tmp_path / "profile")
+    assert not seen.errors, seen.errors
+    assert seen.requests and all(u == page.resolve().as_uri() or u.startswith("data:") for u in seen.requests), \
+        [u[:80] for u in seen.requests]
+    if interactive.available():
+        n = page.read_text().count('<figure class="interactive">')
+        assert n >= 5 and seen.values[plots] == n and seen.values[traces] > 10 * n, seen.values
+    else:
+        assert seen.values[plots] == 0
     png = tmp_path / "report.png"
-    subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                    "--disable-component-update", "--disable-sync", "--no-first-run",
-                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={png}", "--window-size=1200,2000",
-                    written["report.html"].resolve().as_uri()], check=True, timeout=60, capture_output=True)
+    png.write_bytes(seen.png)
     from matplotlib.image import imread
 
     pixels = imread(png)[..., :3]  # [H, W, 3] floats in [0, 1]

@@ -26,7 +26,9 @@ worst case over the Linf attacks run on the model itself; `attacks` and `square_
 Default grids. Inputs are in [0, 1] for every dataset, so a Linf eps is a fraction of the pixel range and the
 MNIST grid 0.05/0.1/0.2/0.3 applies unchanged to digits (0..16 scaled by 1/16) and mnist1d. An L2 eps measures a
 whole image, so it is scaled by sqrt(D / 784) to keep MNIST's per-pixel RMS change: digits (D = 64) and mnist1d
-(D = 40) get 0.5/1/2/3 times 0.286 and 0.226. Other datasets get the MNIST grids.
+(D = 40) get 0.5/1/2/3 times 0.286 and 0.226. Your own data (a `.npz` file, a plugin dataset) have no known
+scale: with robustness on (`examples > 0`) the suite must give `eps_linf` for them (a usage error otherwise); their
+default L2 grid is the MNIST one scaled by sqrt(D / 784) with their own D.
 
 Budget. Madry's PGD (40 steps, 1 restart) and APGD-CE at its published 100 iterations are kept; Square runs 1000
 queries instead of AutoAttack's 5000. On one MNIST MLP 784-256-256-10 (1000 points, one CPU thread of the 2-core
@@ -111,21 +113,26 @@ def eps_key(eps: float) -> str:
     return f"{eps:g}"
 
 
-def default_grids(dataset: str) -> tuple[list[float], list[float]]:
-    scale = math.sqrt(INPUT_DIMS.get(dataset, 784) / 784)
+def default_grids(dataset: str, input_dim: int | None = None) -> tuple[list[float], list[float]]:
+    scale = math.sqrt(INPUT_DIMS.get(dataset, input_dim or 784) / 784)
     return list(MNIST_LINF), [float(f"{e * scale:.3g}") for e in MNIST_L2]
 
 
-def resolve_settings(table: dict, dataset: str) -> dict:
-    """Fill defaults into a suite's `[robustness]` table for one dataset; UsageError naming a bad key or value."""
+def resolve_settings(table: dict, dataset: str, input_shape: tuple[int, ...] | None = None) -> dict:
+    """Fill defaults into a suite's `[robustness]` table for one dataset (of inputs `input_shape`, for the L2 grid
+    of a dataset not in INPUT_DIMS); UsageError naming a bad key or value, or a missing grid for your own data."""
     out = {**DEFAULTS, **checks.known_keys(table, DEFAULTS, "[robustness]")}
     if out["preset"] not in PRESETS:
         raise UsageError(f"robustness.preset must be one of {', '.join(PRESETS)}; got {out['preset']!r}")
     out.update({k: v for k, v in PRESETS[out["preset"]].items() if out[k] is None})
-    linf, l2 = default_grids(dataset)
+    linf, l2 = default_grids(dataset, math.prod(input_shape) if input_shape else None)
     for key in ("eps_linf", "eps_l2"):  # a table by dataset: {mnist = [...], fashion-mnist = [...]}
         if isinstance(out[key], dict):
             out[key] = out[key].get(dataset)
+    if out["eps_linf"] is None and dataset not in INPUT_DIMS and out["examples"] != 0:
+        raise UsageError(f"dataset {dataset}: learnbench does not know the scale of these inputs, so robustness "
+                         "needs its Linf grid: set robustness.eps_linf (e.g. eps_linf = [0.05, 0.1]), or turn "
+                         "robustness off with robustness.examples = 0")
     out["eps_linf"] = _eps_list(out["eps_linf"] if out["eps_linf"] is not None else linf, "eps_linf", 1.0)
     out["eps_l2"] = _eps_list(out["eps_l2"] if out["eps_l2"] is not None else l2, "eps_l2", math.inf)
     out["attacks"] = _attack_list(out["attacks"])
