@@ -25,7 +25,6 @@ import hashlib
 import importlib
 import importlib.util
 import math
-import sys
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -174,17 +173,9 @@ def _factory(target: str) -> Callable[..., nn.Module]:
             file = Path(module_name)
             if not file.is_file():
                 raise ImportError(f"no file {module_name}")
-            private = f"_learnbench_model_{hashlib.sha256(file.read_bytes()).hexdigest()[:12]}"
-            module = sys.modules.get(private)
-            if module is None:
-                loader_spec = importlib.util.spec_from_file_location(private, file)
-                module = importlib.util.module_from_spec(loader_spec)
-                sys.modules[private] = module
-                try:
-                    loader_spec.loader.exec_module(module)
-                except BaseException:
-                    del sys.modules[private]
-                    raise
+            from .registry import import_file
+
+            module = import_file(file, "_learnbench_model_")
         else:
             module = importlib.import_module(module_name)
         factory = getattr(module, attr)

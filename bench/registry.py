@@ -138,14 +138,10 @@ def entry_for_class(cls: type) -> Entry:
     return Entry(cls.name, cls, cls.__module__, "unregistered", source)
 
 
-def load_plugin_file(path: str | os.PathLike) -> list[Entry]:
-    """Import FILE.py under a private module name; register every class that implements the Trainer protocol."""
-    file = Path(path)
-    if not file.is_file():
-        raise UsageError(f"plugin file {path} does not exist")
-    data = file.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    module_name = f"{PLUGIN_PREFIX}{digest[:12]}"
+def import_file(file: Path, prefix: str):
+    """Import FILE.py as the module `<prefix><sha256 of its bytes, 12 hex>`: the same content is imported once, an
+    edited file afresh. An exception while it executes propagates and leaves no half-imported module behind."""
+    module_name = f"{prefix}{hashlib.sha256(file.read_bytes()).hexdigest()[:12]}"
     module = sys.modules.get(module_name)
     if module is None:
         spec = importlib.util.spec_from_file_location(module_name, file)
@@ -153,9 +149,23 @@ def load_plugin_file(path: str | os.PathLike) -> list[Entry]:
         sys.modules[module_name] = module
         try:
             spec.loader.exec_module(module)
-        except Exception as exc:
+        except BaseException:
             del sys.modules[module_name]
-            raise UsageError(f"plugin file {path} failed to import: {type(exc).__name__}: {exc}") from None
+            raise
+    return module
+
+
+def load_plugin_file(path: str | os.PathLike) -> list[Entry]:
+    """Import FILE.py under a private module name; register every class that implements the Trainer protocol."""
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"plugin file {path} does not exist")
+    digest = hashlib.sha256(file.read_bytes()).hexdigest()  # the entry's provenance
+    try:
+        module = import_file(file, PLUGIN_PREFIX)
+    except Exception as exc:
+        raise UsageError(f"plugin file {path} failed to import: {type(exc).__name__}: {exc}") from None
+    module_name = module.__name__
     found = [obj for obj in vars(module).values() if is_trainer_class(obj) and obj.__module__ == module_name]
     if not found:
         raise UsageError(f"plugin file {path} defines no trainer (a class with `name`, setup, step, eval_model)")
