@@ -160,6 +160,7 @@ def test_trains_conv_models_on_any_device_with_the_given_generator(device, metho
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.slow
 def test_trades_passes_the_conformance_kit():
     from learnbench.testing import check_trainer
 
@@ -187,6 +188,7 @@ def _train_on_digits(trainer, splits, epochs=20, batch=64, seed=0):
     return trainer.eval_model()
 
 
+@pytest.mark.slow
 def test_adversarial_training_resists_pgd_better_than_backprop():
     """Measured (seeds 0 and 1, one thread): clean test accuracy 0.94-0.95 backprop, 0.93 pgd and trades; PGD-Linf
     eps 0.1 (20 steps) robust accuracy 0.52-0.54 backprop, 0.74 pgd, 0.75-0.76 trades. Asserted: clean >= 0.85 for

@@ -185,6 +185,7 @@ def test_attacks_run_on_the_device(device):
             assert adv.device.type == dev.type
 
 
+@pytest.mark.slow
 def test_perf_attacks_smoke(capsys):
     pytest.importorskip("art", reason="ART is not installed: pip install 'learnbench[peers]'")
     from learnbench.cli import main

@@ -129,6 +129,7 @@ def test_projection_is_the_linear_programming_solution():
         assert (p[i] + got[i]).min() >= -1e-15 and (p[i] + got[i]).max() <= 1 + 1e-15
 
 
+@pytest.mark.slow
 def test_targeted_attacks_are_at_least_as_strong_as_apgd_ce():
     model, (_, _, x, y) = trained_mlp(), digits()
     x, y, eps = x[:300], y[:300], 0.08

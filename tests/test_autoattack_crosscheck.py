@@ -51,6 +51,7 @@ def saved_mlp(tmp_path_factory):
     return reloaded.eval(), splits.test_x[:POINTS], splits.test_y[:POINTS]
 
 
+@pytest.mark.slow
 def test_standard_preset_agrees_with_torchattacks_autoattack(saved_mlp):
     model, x, y = saved_mlp
     settings = resolve_settings({"preset": "standard", "attacks": [], "eps_linf": [EPS],

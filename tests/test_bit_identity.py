@@ -70,6 +70,7 @@ def recorded() -> dict:
     return figures
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_metrics_are_bit_identical_to_the_recorded_figures(name):
     expected = recorded()["cases"][name]

@@ -104,6 +104,7 @@ def test_show_on_a_corrupt_store(tmp_path, capsys):
     assert_usage_error(capsys, ["show", str(tmp_path)], "not a readable learnbench results store")
 
 
+@pytest.mark.slow
 def test_run_show_json_and_resume(tmp_path):
     out = tmp_path / "run"
     first = run_cli("run", suite_file(tmp_path), "--out", str(out), "--quiet")
@@ -129,6 +130,7 @@ def test_second_process_on_the_same_run_dir_is_refused(tmp_path, capsys):
         assert_usage_error(capsys, ["run", suite_file(tmp_path), "--out", str(out)], "in use by another")
 
 
+@pytest.mark.slow
 def test_failed_trials_give_exit_code_1(tmp_path):
     from plugin_cases import BROKEN
     plugin = tmp_path / "bad.py"
@@ -140,6 +142,7 @@ def test_failed_trials_give_exit_code_1(tmp_path):
     assert "1 trial(s) failed" in result.stderr
 
 
+@pytest.mark.slow
 def test_list_commands():
     for what in ("algorithms", "datasets", "models", "suites"):
         result = run_cli("list", what)
@@ -185,6 +188,7 @@ def test_bad_dataset_files(tmp_path, capsys, isolated_data, damage, match):
                                 "--out", str(out)], match, out)
 
 
+@pytest.mark.slow
 def test_data_dir_reaches_the_post_run_transfer_attack(tmp_path, isolated_data):
     """--data-dir (no LEARNBENCH_DATA) must serve every phase, the transfer attack after the trials included."""
     text = MNIST_SUITE.replace("examples = 0", 'examples = 20\nattacks = ["fgsm", "transfer"]') \

@@ -29,6 +29,7 @@ def finished_run(tmp_path_factory):
     return out, result.stderr
 
 
+@pytest.mark.slow
 def test_one_line_per_finished_trial_when_stderr_is_not_a_terminal(finished_run):
     _, err = finished_run
     assert "Traceback" not in err and "|" not in err  # no progress bars in a log file
@@ -45,6 +46,7 @@ def test_the_resolved_budget_is_printed_at_start(finished_run):
     assert "learnbench: budget digits x mlp-16x1: steps = 30\n" in err  # the suite's 40 steps, replaced
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reader", [["head", "-n", "1"], ["true"]])  # `true` leaves before anything is written
 def test_show_into_a_closed_pipe_exits_quietly(finished_run, reader):
     out, _ = finished_run

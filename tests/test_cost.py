@@ -36,6 +36,7 @@ def one_member_one_example(spec: dict) -> float:
     return counter.get_total_flops()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", [{"kind": "mlp", "hidden": [16]}, {"kind": "cnn"}])
 def test_openai_es_costs_the_same_with_and_without_the_cpu_fast_paths(spec, monkeypatch):
     trial = make_trials({"models": [spec], "budget": {"steps": STEPS},

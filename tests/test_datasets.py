@@ -96,6 +96,7 @@ def _rows(x: torch.Tensor, scale: float) -> collections.Counter:
 # ---- registry -----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_info_is_cheap_and_unknown_names_list_the_known_ones():
     code = ("import sys; from learnbench import datasets as D; infos = [D.info(n) for n in D.NAMES]; "
             "heavy = [m for m in ('sklearn', 'mnist1d', 'matplotlib') if m in sys.modules]; print(heavy)")
@@ -191,6 +192,7 @@ PUBLISHED = {
 
 @pytest.mark.parametrize("name", [pytest.param("mnist", marks=needs_mnist),
                                   pytest.param("fashion-mnist", marks=needs_fashion)])
+@pytest.mark.slow
 def test_idx_datasets_match_the_files_and_published_figures(name):
     s = _shared_splits(name)
     _check_splits(s, name)

@@ -287,6 +287,7 @@ def test_influence_summary_by_hand() -> None:
     assert metrics["influence/mass-distance/blocks.3.0"] == pytest.approx((3 * 6 + 2 * 5 + 1 * 4) / 15)
 
 
+@pytest.mark.slow
 def test_diagnose_command(tmp_path, capsys) -> None:
     suite = tmp_path / "deep-tiny.toml"
     suite.write_text(textwrap.dedent("""

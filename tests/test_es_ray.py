@@ -69,6 +69,7 @@ CASES = {  # id -> (trainer class, hyper-parameters, model, rows sent as offsets
 }
 
 
+@pytest.mark.slow
 @needs_ray
 @pytest.mark.parametrize("case", CASES)
 def test_actors_give_the_same_means_and_flops_as_in_process(ray_instance, case, monkeypatch):
@@ -89,6 +90,7 @@ def test_actors_give_the_same_means_and_flops_as_in_process(ray_instance, case, 
     assert not torch.equal(local_mean, torch.nn.utils.parameters_to_vector(build(spec, (1, 28, 28), 10).parameters()))
 
 
+@pytest.mark.slow
 @needs_ray
 def test_explicit_rows_are_split_across_actors_and_sent_once(ray_instance):
     """A population matrix goes out as each actor's contiguous slice of rows (fewer rows than actors: the idle
@@ -114,6 +116,7 @@ def test_explicit_rows_are_split_across_actors_and_sent_once(ray_instance):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 @needs_ray
 def test_actors_start_in_setup_off_the_clock_table_or_not(ray_instance):
     with population_ray.ActorBackend(1, MLP, TASK) as backend, population_backend.evaluated_by(backend):
@@ -123,6 +126,7 @@ def test_actors_start_in_setup_off_the_clock_table_or_not(ray_instance):
             assert len(backend.actors) == 1
 
 
+@pytest.mark.slow
 @needs_ray
 def test_table_rows_changed_after_sampling_are_refused(ray_instance):
     model, batch = build(MLP, TASK.input_shape, TASK.n_classes), batches(1)[0]
@@ -140,6 +144,7 @@ def es_trial(entry: dict, actors: int, spec: dict | None = None):
                         "algorithms": [{"batch_size": 32, **entry}]})[0]
 
 
+@pytest.mark.slow
 @needs_ray
 def test_the_runner_installs_actors_and_kills_them_when_the_trial_ends(ray_instance):
     entry = {"id": "snes", "popsize": 8, "noise_table": 2**16}
@@ -157,6 +162,7 @@ def test_the_runner_installs_actors_and_kills_them_when_the_trial_ends(ray_insta
 @pytest.mark.parametrize("entry", [{"id": "cma-es", "popsize": 8}, {"id": "ga", "popsize": 8, "candidates": 2},
                                    {"id": "openai-es", "popsize": 8, "noise_table": 0}],
                          ids=["cma-es", "ga", "fresh-normals"])
+@pytest.mark.slow
 def test_population_matrices_and_fresh_noise_run_on_actors_in_a_trial(ray_instance, entry, monkeypatch):
     # one suite can now hold openai-es and cma-es under the same `[resources] actors`: every trainer's call is served
     served = []
@@ -170,6 +176,7 @@ def test_population_matrices_and_fresh_noise_run_on_actors_in_a_trial(ray_instan
         assert remote.metrics[name] == pytest.approx(local.metrics[name], rel=1e-6), name
 
 
+@pytest.mark.slow
 @needs_ray
 def test_actors_need_cpu_and_refuse_models_they_cannot_rebuild(ray_instance, tmp_path, monkeypatch):
     spec = {"kind": "mlp", "hidden": [8]}
@@ -231,6 +238,7 @@ def test_es_trainers_have_one_code_path_without_ray(module):
     assert bad == [], bad
 
 
+@pytest.mark.slow
 @needs_ray
 def test_a_trial_with_actors_runs_through_the_ray_executor(ray_instance, tmp_path, tiny_suite):
     common = ["--algorithms", "openai-es", "--set", "openai-es.popsize=16", "--set", "openai-es.batch_size=32",
@@ -249,6 +257,7 @@ def test_a_trial_with_actors_runs_through_the_ray_executor(ray_instance, tmp_pat
     assert all(g["state"] == "REMOVED" for g in placement_group_table().values())
 
 
+@pytest.mark.slow
 @needs_ray
 def test_a_trial_whose_actors_the_cluster_cannot_hold_is_a_usage_error(ray_instance, tmp_path, tiny_suite, capsys):
     out = tmp_path / "out"

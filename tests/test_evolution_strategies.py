@@ -273,6 +273,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_population_1024_on_100k_parameter_mlp_stays_under_4_gib():
     out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, check=True)
     n_params, forward_passes, peak_bytes = map(int, out.stdout.split())
@@ -280,6 +281,7 @@ def test_population_1024_on_100k_parameter_mlp_stays_under_4_gib():
     assert peak_bytes < 4 * 2**30, f"peak RSS {peak_bytes / 2**30:.2f} GiB"
 
 
+@pytest.mark.slow
 def test_population_trainers_keep_the_runners_one_thread_per_worker(tiny_suite, tmp_path, capsys):
     """Two workers on this machine's cores: every population trial trains with cores // 2 threads (1 on 2 cores),
     the rule that keeps two busy processes from slowing each other 5-13x."""

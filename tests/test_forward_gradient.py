@@ -274,6 +274,7 @@ def test_conformance_kit_passes(cls):
     ({"perturb": "activations"}, [64, 64], 300, 0.85),
     # Weight perturbation's variance grows with the parameter count: a small net, 16 tangents, plain SGD.
     ({"perturb": "weights", "directions": 16, "optimizer": "sgd", "lr": 0.02}, [16], 500, 0.5)])
+@pytest.mark.slow
 def test_short_digits_run_learns(hparams, hidden, steps, floor):
     splits = datasets.load("digits")
     torch.manual_seed(0)

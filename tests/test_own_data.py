@@ -73,6 +73,7 @@ def resolve(suite: Path):
     return config.resolve(raw, discover(), "cpu", "test")
 
 
+@pytest.mark.slow
 def test_npz_dataset_trains_and_reports_with_robustness(tmp_path: Path) -> None:
     np.savez(tmp_path / "my.npz", **arrays())
     robustness = 'examples = 12\neps_linf = [0.1]\nattacks = ["fgsm", "pgd-linf"]\npgd_steps = 3'
@@ -118,6 +119,7 @@ BROKEN = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BROKEN))
 def test_broken_data_is_one_line_and_exit_2(tmp_path: Path, case: str) -> None:
     data = arrays()
@@ -174,6 +176,7 @@ def test_robustness_needs_eps_for_own_data(tmp_path: Path) -> None:
     assert trials[0].robustness["eps_linf"] == [0.1]
 
 
+@pytest.mark.slow
 def test_dataset_entry_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     site = tmp_path / "site"
     (site / "mydata_pkg-1.2.dist-info").mkdir(parents=True)
@@ -201,6 +204,7 @@ def test_dataset_entry_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert trial.data["distribution"] == "mydata-pkg" and trial.data["version"] == "1.2"
 
 
+@pytest.mark.slow
 def test_model_factory_beside_the_suite(tmp_path: Path) -> None:
     np.savez(tmp_path / "my.npz", **arrays())
     (tmp_path / "my_model.py").write_text(MODEL_CODE)
@@ -218,6 +222,7 @@ def test_model_factory_beside_the_suite(tmp_path: Path) -> None:
     assert edited.returncode == 0 and "(0 already finished)" in edited.stderr, edited.stderr
 
 
+@pytest.mark.slow
 def test_broken_model_factory_exits_2_before_the_run(tmp_path: Path) -> None:
     np.savez(tmp_path / "my.npz", **arrays())
     (tmp_path / "my_model.py").write_text("import no_such_module_xyz\n" + MODEL_CODE)

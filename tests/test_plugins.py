@@ -81,6 +81,7 @@ def _with_site(site: Path) -> dict:
     return {"PYTHONPATH": str(site), "LEARNBENCH_DISABLE_PLUGIN_AUTOLOAD": ""}
 
 
+@pytest.mark.slow
 def test_installed_example_is_listed_with_its_distribution(example_site):
     out = run_cli("list", "algorithms", env=_with_site(example_site))
     assert out.returncode == 0, out.stderr
@@ -90,6 +91,7 @@ def test_installed_example_is_listed_with_its_distribution(example_site):
     assert "random-search" not in hidden.stdout and "backprop" in hidden.stdout
 
 
+@pytest.mark.slow
 def test_installed_example_runs_in_a_suite_and_its_results_are_found(example_site, tmp_path):
     suite, run_dir = tmp_path / "suite.toml", tmp_path / "run"
     suite.write_text(textwrap.dedent(SUITE))
@@ -107,6 +109,7 @@ def test_installed_example_runs_in_a_suite_and_its_results_are_found(example_sit
     assert provenance["backprop"]["distribution"] == "learnbench"
 
 
+@pytest.mark.slow
 def test_installed_example_passes_check_plugin_and_its_own_tests(example_site):
     out = run_cli("check-plugin", "random-search", env=_with_site(example_site))
     assert out.returncode == 0, out.stdout + out.stderr
@@ -143,6 +146,7 @@ class Same(Backprop):
 '''
 
 
+@pytest.mark.slow
 def test_an_entry_point_that_fails_to_import_is_reported_not_fatal(tmp_path, monkeypatch):
     _dist(tmp_path, "broken-dist", {"broken-algo": "lb_broken_mod:Trainer", "not-a-trainer": "lb_not_trainer:f"},
           {"lb_broken_mod": "import not_a_module_anywhere\n", "lb_not_trainer": "def f():\n    pass\n"})
@@ -190,6 +194,7 @@ def test_a_plugin_file_claiming_a_builtin_name(tmp_path, capsys):
 
 # --- the conformance kit names the rule each broken plugin breaks ----------------------------------------------
 
+@pytest.mark.slow
 def test_check_plugin_names_the_failing_checks_of_each_broken_trainer(tmp_path, capsys):
     path = tmp_path / "broken.py"
     path.write_text(BROKEN)
@@ -358,6 +363,7 @@ def test_registered_class_runs_through_the_runner_with_its_provenance(tmp_path):
 
 # --- every built-in trainer passes the kit (trainers added later are picked up here) -----------------------------
 
+@pytest.mark.slow
 @parametrize_with_checks([e for e in discover().entries.values() if e.distribution == "learnbench"])
 def test_builtin_trainers_pass_the_conformance_kit(trainer, check):
     check(trainer)

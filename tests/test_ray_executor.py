@@ -102,6 +102,7 @@ def _comparable(store: Store) -> dict:
     return out
 
 
+@pytest.mark.slow
 @needs_ray
 def test_same_trials_metrics_and_weights_as_the_local_executor(ray_instance, tmp_path):
     from learnbench.executor_ray import run_ray

@@ -53,6 +53,7 @@ def _ci_cell(values: list[float]) -> str:
 
 
 # --- groups ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_groups_split_problems_by_budget_and_rank_only_one_currency(fair_groups):
     assert list(fair_groups) == ["toy2 / cnn / epochs = 5", HEAD, "toy / cnn / time_s = 900",
                                  "toy / mlp / steps = 100"]

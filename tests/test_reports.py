@@ -88,6 +88,7 @@ def test_summary_is_the_student_t_interval():
     assert math.isnan(stats.summarize([0.5]).lo) and stats.summarize([]).n == 0
 
 
+@pytest.mark.slow
 def test_report_table_shows_known_means_and_cis(known_md: str):
     for label, values in FINAL.items():
         row = md_row(known_md, label, after="### Final accuracy")
@@ -210,6 +211,7 @@ def test_show_table_summarises_and_lists_failures(known_run: Path):
     assert "B seed 3 [failed]" in text and "ValueError: bad <script>alert(1)</script>" in text
 
 
+@pytest.mark.slow
 def test_show_table_flags_and_robust_column(realistic):
     run, _, _ = realistic
     text = show_table(Store.open(run).trials())
@@ -326,6 +328,7 @@ def test_realistic_report_is_fast_and_complete(realistic):
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="headless Chromium (/usr/bin/chromium, Debian's `chromium` "
                     "package) is not installed: `apt-get install -y chromium` to run the browser test")
+@pytest.mark.slow
 def test_chromium_renders_the_report(realistic, tmp_path: Path):
     """Non-blank, no request leaves the file, no console error; with plotly, every interactive figure drew."""
     _, written, _ = realistic

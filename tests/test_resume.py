@@ -8,6 +8,8 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 SUITE = """
 name = "killme"
 datasets = ["digits"]
@@ -39,6 +41,7 @@ def _done(db_path):
         db.close()
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_skips_finished_trials(tmp_path):
     suite = tmp_path / "killme.toml"
     suite.write_text(textwrap.dedent(SUITE))

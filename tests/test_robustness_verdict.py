@@ -164,6 +164,7 @@ def test_four_part_names_are_no_bogus_attacks(verdict_md: str, tmp_path: Path):
     assert "square ε=0.1 %" in show_table(trials)
 
 
+@pytest.mark.slow
 def test_absent_without_worst_case_metrics(tmp_path: Path):
     realistic_store(tmp_path / "realistic").close()  # pgd-linf, fgsm, pseudo-gradient: no worst case
     md = build_report([tmp_path / "realistic"])["report.md"].read_text()

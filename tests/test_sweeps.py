@@ -67,6 +67,7 @@ def test_set_on_a_swept_key_is_a_usage_error_and_set_sweep_replaces_the_sweep():
     assert [t.label for t in trials] == ["backprop momentum=0.5", "backprop momentum=0.9"]
 
 
+@pytest.mark.slow
 def test_a_tiny_sweep_runs_and_the_report_draws_its_figure(tiny_suite, tmp_path):
     tiny_suite.write_text(tiny_suite.read_text().replace("[budget]\nsteps = 40", "[budget]\nsteps = 8")
                           + "sweep = { lr = [0.01, 0.1, 1.0] }\n")

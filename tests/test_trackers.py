@@ -42,6 +42,7 @@ def tracked_run(tmp_path_factory):
     return out, trials, curves
 
 
+@pytest.mark.slow
 def test_tensorboard_holds_every_curve_and_the_hparams(tracked_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData

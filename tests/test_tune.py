@@ -138,6 +138,7 @@ def searched(run_dir: Path) -> dict[tuple, dict]:
             for c in configs(run_dir) if (c.get("tuning") or {}).get("role") == "search"}
 
 
+@pytest.mark.slow
 def test_same_command_draws_the_same_configurations_and_studies_differ(files, tuned, tmp_path):
     first = searched(tuned[0])
     assert len(first) == 2 * 2 * 4
@@ -303,6 +304,7 @@ def _ended(db_path: Path) -> dict[str, float]:
     return _search_rows(db_path, "'done', 'failed', 'diverged'")
 
 
+@pytest.mark.slow
 def test_sigkill_mid_study_then_rerun_continues_without_duplicates(files, tmp_path):
     suite = tmp_path / "killtune.toml"
     suite.write_text(textwrap.dedent(KILL_SUITE))
