@@ -270,8 +270,9 @@ def resolve(suite: dict[str, Any], registry: Registry, device: str, code_version
                 entry_budget = _entry_budget(resolved, budget, f"{where}: {dataset} x {model_label}")
                 hparams = _fill_horizon(dict(resolved["hparams"]), entry_budget, infos[dataset].n_train)
                 cls, entry_where = registry.entries[resolved["id"]].cls, f"{where}: [[algorithms]] {resolved['label']!r}"
-                _check_model(cls, hparams, spec, model_label, entry_where)
-                _check_values(cls, hparams, infos[dataset], device, entry_where)
+                trainer = _construct(cls, hparams)  # None: its constructor refuses them, which fails its own trial
+                _check_model(trainer or cls, spec, model_label, entry_where)
+                _check_values(cls, hparams, infos[dataset], device, entry_where, trainer)
                 for seed in seeds:
                     trial = Trial(
                         **shared, id="", label=resolved["label"], algorithm=resolved["id"], hparams=hparams,
@@ -337,21 +338,29 @@ def _reference(suite: dict[str, Any], where: str) -> str:
     return reference
 
 
-def _check_model(cls: type, hparams: dict[str, Any], spec: dict[str, Any], model_label: str, where: str) -> None:
+def _construct(cls: type, hparams: dict[str, Any]) -> Any:
+    """The trainer built with an entry's hyper-parameters, or None when its constructor refuses them (that fails the
+    trial itself, with the constructor's message)."""
+    try:
+        return cls(**hparams)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _check_model(trainer: Any, spec: dict[str, Any], model_label: str, where: str) -> None:
     """A usage error before anything runs when the trainer declares `supported_models` (model kinds) and this
     problem's model is not one of them (a rule defined for MLPs only, say); trainers without it take any model.
-    Read from the trainer built with the entry's hyper-parameters, so it may depend on them (a property: e.g.
-    forward-gradient's activity perturbation needs an mlp, its weight perturbation takes any model)."""
-    try:
-        supported = getattr(cls(**hparams), "supported_models", None)
-    except Exception:  # noqa: BLE001 - a constructor that refuses its hyper-parameters fails its own trial
-        supported = getattr(cls, "supported_models", None)
+    `trainer` is the one built with the entry's hyper-parameters (else its class), so the kinds may depend on them (a
+    property: forward-gradient's activity perturbation needs an mlp, its weight perturbation takes any model)."""
+    supported = getattr(trainer, "supported_models", None)
+    cls = trainer if isinstance(trainer, type) else type(trainer)
     if supported is not None and spec.get("kind") not in supported:
         raise UsageError(f"{where}: {cls.name} trains {', '.join(map(repr, supported))} models only, not "
                          f"{model_label} (kind {spec.get('kind')!r}); restrict the entry with `models = [...]`")
 
 
-def _check_values(cls: type, hparams: dict[str, Any], info: Any, device: str, where: str) -> None:
+def _check_values(cls: type, hparams: dict[str, Any], info: Any, device: str, where: str,
+                  trainer: Any = None) -> None:
     """Run the trainer's optional `validate([task])` on the hyper-parameters before anything is written, so a bad
     value (a negative learning rate, an odd mirrored population) is a usage error, not a run of failed trials. Only
     ValueError counts: `setup` validates again, with the model in hand, what needs it."""
@@ -362,9 +371,8 @@ def _check_values(cls: type, hparams: dict[str, Any], info: Any, device: str, wh
 
     from .spec import TaskInfo
 
-    try:
-        trainer = cls(**hparams)
-    except Exception:  # noqa: BLE001 - a constructor that refuses its hyper-parameters fails its own trial
+    trainer = trainer if trainer is not None else _construct(cls, hparams)
+    if trainer is None:
         return
     takes_task = len(inspect.signature(validate).parameters) > 1  # (self, task)
     task = TaskInfo(info.input_shape, info.n_classes, info.n_train, torch.device(device))
