@@ -201,11 +201,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _resolve_run(args: argparse.Namespace, device: str) -> tuple[dict[str, Any], list[Trial]]:
     """The suite with the command line's overrides, its trials, and their datasets present (read only)."""
     from . import __version__, config, datasets
+    from .datasets import factory
     from .registry import discover
 
     registry = discover(args.plugin)
     raw, _ = config.load_suite(args.suite)
-    given = [str(Path(d).resolve()) if datasets.is_file(d) else d for d in _names(args.datasets) or []]
+    given = [str(Path(d).resolve()) if datasets.is_file(d) else factory.resolve(d, Path.cwd())
+             if datasets.is_factory(d) else d for d in _names(args.datasets) or []]
     suite = config.apply_overrides(raw, _names(args.algorithms), given, args.seeds, args.sets, registry)
     trials = config.resolve(suite, registry, device, __version__)
     for name in dict.fromkeys(t.dataset for t in trials):

@@ -110,14 +110,16 @@ def load_suite(name_or_path: str) -> tuple[dict[str, Any], str]:
 
 
 def resolve_paths(raw: dict[str, Any], folder: Path) -> None:
-    """Make a suite's own files absolute, in place, relative to its `folder`: `.npz` datasets (in `datasets`, the
-    entries' `datasets` filters and the `robustness.eps_*` tables by dataset) and model factories found there
+    """Make a suite's own files absolute, in place, relative to its `folder`: `.npz` datasets and dataset
+    factories (`module:function` with `module.py` there; in `datasets`, the entries' `datasets` filters and the
+    `robustness.eps_*` tables by dataset) and model factories found there
     (`file.py:function`, or `module:function` when `module.py` sits in the folder), as `--plugin` files are."""
-    from .datasets import is_file
+    from .datasets import factory, is_file
 
     def fix(name: Any) -> Any:
-        return str(folder / name) if isinstance(name, str) and is_file(name) and not Path(name).is_absolute() \
-            else name
+        if isinstance(name, str) and is_file(name) and not Path(name).is_absolute():
+            return str(folder / name)
+        return factory.resolve(name, folder) if isinstance(name, str) and factory.is_factory(name) else name
 
     def fix_list(value: Any) -> Any:
         return [fix(v) for v in value] if isinstance(value, list) else fix(value)

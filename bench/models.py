@@ -22,8 +22,6 @@ evaluation and attacks all work on them without special cases.
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
 import math
 from functools import partial
 from pathlib import Path
@@ -158,43 +156,26 @@ def factory_digests(spec: dict[str, Any]) -> dict[str, str]:
     trainer's modules are, `learnbench.identity`); {} for the built-in kinds or a factory without a source file."""
     if spec.get("kind") != "factory":
         return {}
-    path = _factory_file(spec["factory"].rsplit(":", 1)[0])
+    from .registry import target_source
+
+    path = target_source(spec["factory"])
     if path is None:
         return {}
     return {f"factory:{Path(path).name}": hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]}
 
 
 def _factory(target: str) -> Callable[..., nn.Module]:
-    """The function a `factory` string names: `module:function` imported, `file.py:function` loaded from the file
-    under a private module name (one per file content, so an edited file is loaded afresh)."""
-    module_name, attr = target.rsplit(":", 1)
-    try:
-        if module_name.endswith(".py"):
-            file = Path(module_name)
-            if not file.is_file():
-                raise ImportError(f"no file {module_name}")
-            from .registry import import_file
+    """The function a `factory` string names (`registry.import_target`: `module:function`, or `file.py:function`
+    loaded from the file under a private module name, one per file content)."""
+    from .registry import import_target
 
-            module = import_file(file, "_learnbench_model_")
-        else:
-            module = importlib.import_module(module_name)
-        factory = getattr(module, attr)
+    try:
+        factory = import_target(target, "_learnbench_model_")
     except Exception as exc:  # noqa: BLE001 - any error the user's module raises on import
         raise UsageError(f"cannot import model factory {target!r}: {type(exc).__name__}: {exc}") from None
     if not callable(factory):
         raise UsageError(f"model factory {target!r} is not callable")
     return factory
-
-
-def _factory_file(module_name: str) -> str | None:
-    if module_name.endswith(".py"):
-        return module_name if Path(module_name).is_file() else None
-    try:
-        found = importlib.util.find_spec(module_name)
-    except (ImportError, ValueError):
-        return None
-    origin = getattr(found, "origin", None)
-    return origin if origin and origin.endswith(".py") and Path(origin).is_file() else None
 
 
 def n_params(model: nn.Module) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import importlib.util
 import inspect
 import os
@@ -153,6 +154,34 @@ def import_file(file: Path, prefix: str):
             del sys.modules[module_name]
             raise
     return module
+
+
+def import_target(target: str, prefix: str) -> Any:
+    """The object a `module:attribute` or `file.py:attribute` string names: a module imported as usual, a `.py` file
+    through `import_file` (one private module per file content, so an edited file is loaded afresh). Whatever the
+    import raises propagates (callers turn it into their one-line UsageError)."""
+    module_name, _, attribute = target.rpartition(":")
+    if module_name.endswith(".py"):
+        if not Path(module_name).is_file():
+            raise ImportError(f"no file {module_name}")
+        module = import_file(Path(module_name), prefix)
+    else:
+        module = importlib.import_module(module_name)
+    return getattr(module, attribute)
+
+
+def target_source(target: str) -> str | None:
+    """The `.py` file behind a `module:attribute` or `file.py:attribute` string (for hashing into trial ids), or
+    None when there is none (a compiled or missing module)."""
+    module_name = target.rpartition(":")[0]
+    if module_name.endswith(".py"):
+        return module_name if Path(module_name).is_file() else None
+    try:
+        found = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        return None
+    origin = getattr(found, "origin", None)
+    return origin if origin and origin.endswith(".py") and Path(origin).is_file() else None
 
 
 def load_plugin_file(path: str | os.PathLike) -> list[Entry]:

@@ -16,8 +16,8 @@ missing or corrupt file is a `UsageError` and not a failed trial); `load` return
 imported lazily: listing datasets imports neither scikit-learn nor `mnist1d`.
 
 Your own data: a name ending in `.npz` is a file path (`npz.py`; a suite's relative paths are resolved from its
-folder by `learnbench.config`), and packages add datasets through the entry-point group `learnbench.datasets`
-(`plugins.py`). For those, `info` reads and checks the data (once per process and file version), and
+folder by `learnbench.config`), a `module:function` name a function returning torch `Dataset`s (`factory.py`), and
+packages add datasets through the entry-point group `learnbench.datasets` (`plugins.py`). For those, `info` reads and checks the data (once per process and file version), and
 `fingerprint` gives the content hash that joins the trial id; built-ins have no fingerprint (their files are
 verified against fixed hashes), so their trial ids stay as they were.
 """
@@ -41,7 +41,8 @@ FILE_SUFFIX = ".npz"  # a dataset name ending so is a path to your own data (npz
 SPLIT_SEED = 0
 """Seed of every train/validation (and, for digits, train/test) split."""
 
-__all__ = ["NAMES", "SPLIT_SEED", "DatasetInfo", "Splits", "info", "prepare", "load", "fingerprint", "is_file"]
+__all__ = ["NAMES", "SPLIT_SEED", "DatasetInfo", "Splits", "info", "prepare", "load", "fingerprint", "is_file",
+           "is_factory"]
 
 
 @dataclass(frozen=True)
@@ -84,11 +85,18 @@ def is_file(name: str) -> bool:
     return name.endswith(FILE_SUFFIX)
 
 
+def is_factory(name: str) -> bool:
+    """Whether a dataset name is `module:function`, a function returning torch `Dataset`s (`factory.py`)."""
+    from .factory import is_factory as matches
+
+    return name not in _MODULES and matches(name)
+
+
 def _module(name: str):
     if name not in _MODULES:
         known = [*NAMES, *_plugins()]
         raise UsageError(f"unknown dataset {name!r}{did_you_mean(name, known)} (known: {', '.join(known)}); "
-                         f"or give a path to a {FILE_SUFFIX} file")
+                         f"or give a path to a {FILE_SUFFIX} file, or a module:function returning torch Datasets")
     return importlib.import_module(f".{_MODULES[name]}", __name__)
 
 
@@ -104,6 +112,10 @@ def _external(name: str):
         from .npz import read_file
 
         return read_file(name)
+    if is_factory(name):
+        from .factory import read as read_factory
+
+        return read_factory(name)
     if name not in _MODULES and name in _plugins():
         from .plugins import load as load_plugin
 
@@ -135,12 +147,13 @@ def load(name: str, data_dir: str | None = None) -> Splits:
 
 
 def fingerprint(name: str) -> dict[str, str] | None:
-    """What identifies your own data in a trial id: `{"sha256": ...}` of a file's bytes, plus the distribution and
+    """What identifies your own data in a trial id: `{"sha256": ...}` of a file's bytes (of the arrays
+    for a factory), plus the distribution and
     version for a plugin's arrays; None for a built-in (its identity is its name)."""
     loaded = _external(name)
     if loaded is None:
         return None
-    if is_file(name):
+    if is_file(name) or is_factory(name):
         return {"sha256": loaded.sha256}
     plugin = _plugins()[name]
     return {"sha256": loaded.sha256, "distribution": plugin.distribution, "version": plugin.version}

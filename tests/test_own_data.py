@@ -5,11 +5,13 @@ suite file, checked before the run and hashed into the trial id."""
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import run_cli
 from learnbench import config, datasets
@@ -242,3 +244,126 @@ def test_model_factory_is_checked_for_the_dataset(tmp_path: Path, code: str, mes
     (tmp_path / "my_model.py").write_text(code)
     with pytest.raises(UsageError, match=message):
         resolve(write_suite(tmp_path, model=FACTORY))
+
+
+# ---- a `module:function` returning torch Datasets (item 4) ----------------------------------------------------------
+
+DATA_CODE = """
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+ARRAYS = np.load({path!r})
+
+
+class Rows(Dataset):
+    # A map-style Dataset giving (x [1, 6, 6] tensor, y int) pairs, as a user's own class would.
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(self.x[i]), int(self.y[i])
+
+
+def make():
+    return {{"train": Rows(ARRAYS["x_train"], ARRAYS["y_train"]), "test": Rows(ARRAYS["x_test"], ARRAYS["y_test"])}}
+
+
+def as_tensors():  # (train, val, test) TensorDatasets of uint8 pixels, taken whole
+    pixels = lambda x: torch.from_numpy((x * 255).round().astype(np.uint8))
+    y = lambda key: torch.from_numpy(ARRAYS[key])
+    train = torch.utils.data.TensorDataset(pixels(ARRAYS["x_train"][6:]), y("y_train")[6:])
+    val = torch.utils.data.TensorDataset(pixels(ARRAYS["x_train"][:6]), y("y_train")[:6])
+    return train, val, torch.utils.data.TensorDataset(pixels(ARRAYS["x_test"]), y("y_test"))
+"""
+
+
+def write_data_module(folder: Path, name: str = "my_data.py", code: str = DATA_CODE) -> None:
+    np.savez(folder / "source.npz", **arrays())
+    (folder / name).write_text(code.format(path=str(folder / "source.npz")))
+
+
+def test_dataset_factory_matches_the_same_arrays_as_npz(tmp_path: Path) -> None:
+    """The factory's Datasets give exactly the splits the same arrays give as a `.npz` file (the reference)."""
+    write_data_module(tmp_path)
+    reference = datasets.load(str(tmp_path / "source.npz"))
+    name = f"{tmp_path / 'my_data.py'}:make"
+    assert datasets.is_factory(name) and not datasets.is_factory("mnist") and not datasets.is_factory("a.npz")
+    splits = datasets.load(name)
+    for part in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
+        assert torch.equal(getattr(splits, part), getattr(reference, part)), part
+    tensors = datasets.load(f"{tmp_path / 'my_data.py'}:as_tensors")  # uint8 pixels / 255, the given val split
+    assert tensors.input_shape == (1, 6, 6) and len(tensors.val_y) == 6 and len(tensors.train_y) == 54
+    assert torch.allclose(tensors.test_x, reference.test_x, atol=0.5 / 255)
+
+
+@pytest.mark.slow
+def test_dataset_factory_beside_the_suite_trains_and_reports(tmp_path: Path) -> None:
+    write_data_module(tmp_path)
+    robustness = 'examples = 12\neps_linf = [0.1]\nattacks = ["fgsm"]'
+    suite = write_suite(tmp_path, data="my_data:make", robustness=robustness, steps=3,
+                        extra='[[algorithms]]\nid = "fa"\nbatch_size = 16')
+    run_dir = tmp_path / "run"
+    done = run_cli("run", str(suite), "--out", str(run_dir), "--device", "cpu", "--workers", "1", "--quiet",
+                   cwd=tmp_path.parent)  # not the suite's folder: my_data.py resolves from the suite file
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(run_cli("show", str(run_dir), "--json").stdout)
+    assert {t["algorithm"] for t in shown["trials"]} == {"backprop", "fa"}
+    for trial in shown["trials"]:
+        assert trial["status"] == "done" and trial["dataset"] == f"{tmp_path / 'my_data.py'}:make"
+        assert "robust/fgsm/0.1" in trial["metrics"]
+    assert run_cli("report", str(run_dir)).returncode == 0
+    # on the command line, `module:function` resolves from the current folder
+    here = run_cli("run", "quick", "--algorithms", "backprop", "--datasets", "my_data:make", "--set",
+                   "budget.steps=2", "--set", "robustness.examples=0", "--out", str(tmp_path / "cli"), "--device",
+                   "cpu", "--quiet", cwd=tmp_path)
+    assert here.returncode == 0, here.stderr
+
+
+def test_dataset_factory_output_is_hashed_into_the_trial_id(tmp_path: Path) -> None:
+    write_data_module(tmp_path)
+    suite = write_suite(tmp_path, data="my_data:make")
+    first = [t.id for t in resolve(suite)]
+    assert first == [t.id for t in resolve(suite)]
+    assert resolve(suite)[0].data["sha256"] == datasets.fingerprint(f"{tmp_path / 'my_data.py'}:make")["sha256"]
+    code = (tmp_path / "my_data.py").read_text().replace('ARRAYS["x_test"], ARRAYS["y_test"]',
+                                                         'ARRAYS["x_test"][:-1], ARRAYS["y_test"][:-1]')
+    (tmp_path / "my_data.py").write_text(code)  # other data: new ids
+    assert not set(first) & {t.id for t in resolve(suite)}
+
+
+BROKEN_FACTORIES = {
+    "import": ("import no_such_module_xyz\n", "no_such_module_xyz"),
+    "raises": ("def make():\n    raise RuntimeError('disk gone')\n", "disk gone"),
+    "returns": ("def make():\n    return [1]\n", "expected {'train'"),
+    "keys": ("def make():\n    return {'train': [], 'valid': []}\n", "'train' and 'test'"),
+    "items": ("def make():\n    return [(1, 2, 3)], [(1, 2, 3)]\n", "expected a pair (x, y)"),
+    "shapes": ("import numpy as np\ndef make():\n    d = [(np.zeros(3), 0), (np.zeros(4), 1)]\n    return d, d\n",
+               "different shapes"),
+    "labels": ("import numpy as np\ndef make():\n    d = [(np.zeros(3), 0.5), (np.zeros(3), 1.0)]\n    return d, d\n",
+               "one integer class label"),
+    "range": ("import numpy as np\ndef make():\n    d = [(np.full(3, 7.0), 0), (np.zeros(3), 1)]\n    return d, d\n",
+              "inputs must lie in [0, 1]"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_FACTORIES))
+def test_broken_dataset_factory_is_a_usage_error(tmp_path: Path, case: str) -> None:
+    code, message = BROKEN_FACTORIES[case]
+    (tmp_path / f"broken_{case}.py").write_text(code)
+    with pytest.raises(UsageError, match=re.escape(message)):
+        datasets.info(f"{tmp_path / f'broken_{case}.py'}:make")
+
+
+@pytest.mark.slow
+def test_broken_dataset_factory_exits_2_before_the_run(tmp_path: Path) -> None:
+    (tmp_path / "my_data.py").write_text(BROKEN_FACTORIES["shapes"][0])
+    run_dir = tmp_path / "run"
+    done = run_cli("run", str(write_suite(tmp_path, data="my_data:make")), "--out", str(run_dir), "--device", "cpu")
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "different shapes" in lines[0] and "my_data.py:make" in lines[0], done.stderr
+    assert not run_dir.exists()
