@@ -140,6 +140,9 @@ class AdversarialTraining(Backprop):
                              "fills it); a time or FLOP budget alone gives no horizon to ramp over")
         if self.trades_beta < 0:
             raise ValueError(f"trades_beta must be >= 0; got {self.trades_beta}")
+        if self.optimizer in ("lbfgs", "kfac"):
+            raise ValueError(f"optimizer {self.optimizer!r} is backprop's alone here: adversarial training's step "
+                             "takes a first-order optimizer")
 
     def setup(self, model: nn.Module, task: TaskInfo, generator: torch.Generator) -> None:
         self.validate(task)

@@ -9,6 +9,14 @@ Cost: the runner charges each step B forward and B backward passes of the model 
 (`learnbench.cost.optimizer_flops`: e.g. Adam 14 FLOPs per parameter) plus, with `grad_clip`, the global norm
 and the rescaling (3 FLOPs per parameter: square, add, multiply).
 
+Second order: `optimizer = "lbfgs"` (`torch.optim.LBFGS` with its closure: each step runs up to `max_iter`
+iterations, and every loss-and-gradient evaluation in them, the strong-Wolfe line search's included, is counted as
+B forward and B backward passes; `lbfgs_flops` declares its vector work). L-BFGS is a full- or large-batch method:
+its curvature pairs and line search assume the same loss at every evaluation, so give it large batches (the
+`backprop-variants` suite uses 2,048). `optimizer = "kfac"`: K-FAC's natural gradient on SGD with momentum
+(`kfac.py`: the factors' extra forward and backward pass every `factor_every` steps are counted as passes, the
+factor, eigendecomposition and preconditioning work as declared FLOPs).
+
 Defaults: Adam (Kingma & Ba 2015: lr 1e-3, betas 0.9/0.999, eps 1e-8), batch 128. `lr = None` picks the optimizer's
 published default (see `DEFAULT_LR`). The feedback-alignment trainers subclass it and reuse its optimizer, schedule
 and step on a converted model (`feedback_training.train_with_rule`).
@@ -16,6 +24,7 @@ and step on a converted model (`feedback_training.train_with_rule`).
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping
 
@@ -28,12 +37,14 @@ from learnbench.cost import optimizer_flops
 from learnbench.search_space import Dimension, LogUniform
 from learnbench.spec import Batch, StepStats, TaskInfo
 
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad", "lbfgs", "kfac")
 SCHEDULES = ("constant", "cosine", "onecycle", "step")
 # Published / library defaults: Adam & AdamW (Kingma & Ba 2015; Loshchilov & Hutter 2019), RMSprop (torch's 1e-2),
 # Adagrad (Duchi et al. 2011, torch's 1e-2), plain and momentum SGD 0.1 (the usual MNIST/ImageNet base rate).
+# L-BFGS: 1, the full quasi-Newton step its line search starts from (Nocedal & Wright 2006; torch's default). K-FAC:
+# 0.01 with momentum 0.9 under its KL clip (the widely used K-FAC implementation of Wang et al., alecwangcq/KFAC-Pytorch).
 DEFAULT_LR = {"sgd": 0.1, "momentum": 0.1, "nesterov": 0.1, "adam": 1e-3, "adamw": 1e-3, "rmsprop": 1e-2,
-              "adagrad": 1e-2}
+              "adagrad": 1e-2, "lbfgs": 1.0, "kfac": 1e-2}
 DEFAULT_WEIGHT_DECAY = {"adamw": 1e-2}  # AdamW's decoupled decay default; every other optimizer: 0
 
 
@@ -42,11 +53,14 @@ class Backprop:
     """Minibatch backpropagation with a `torch.optim` optimizer."""
 
     name: ClassVar[str] = "backprop"
+    true_gradient: ClassVar[bool] = True
+    """Whether `step` descends the loss's true gradient (False for the feedback-alignment family: no K-FAC there)."""
 
     batch_size: int = 128
     """Examples per step."""
     optimizer: str = "adam"
-    """One of sgd, momentum, nesterov, adam, adamw, rmsprop, adagrad."""
+    """One of sgd, momentum, nesterov, adam, adamw, rmsprop, adagrad, lbfgs (quasi-Newton: give it large batches),
+    kfac (natural gradient, `kfac.py`)."""
     lr: float | None = None
     """Peak learning rate; None takes the optimizer's published default (DEFAULT_LR)."""
     momentum: float | None = None
@@ -74,6 +88,25 @@ class Backprop:
     checkpoint_segments: int = 0
     """Activation checkpointing (Chen et al. 2016, torch.utils.checkpoint): keep only this many segments' inputs
     and recompute the rest in the backward pass (same gradients, about one more forward); 0 keeps everything."""
+    history_size: int = 100
+    """lbfgs: curvature pairs kept (torch.optim.LBFGS's default)."""
+    max_iter: int = 20
+    """lbfgs: quasi-Newton iterations per step, each one or more loss and gradient evaluations of the batch."""
+    line_search: str | None = "strong_wolfe"
+    """lbfgs: "strong_wolfe" (Nocedal & Wright 2006, Alg. 3.5) or None (fixed steps of lr)."""
+    damping: float = 1e-3
+    """kfac: Tikhonov damping added to the Kronecker-factored Fisher's eigenvalues."""
+    fisher: str = "mc"
+    """kfac: "mc" (one label drawn from the model per example, Martens & Grosse 2015) or "type-2" (the exact
+    expectation over labels: one backward per class)."""
+    factor_every: int = 10
+    """kfac: steps between updates of the Kronecker factors (each costs one forward and one backward of the batch)."""
+    inverse_every: int = 100
+    """kfac: steps between eigendecompositions of the factors."""
+    factor_decay: float = 0.95
+    """kfac: running-average decay of the factors (Martens & Grosse 2015)."""
+    kl_clip: float = 1e-3
+    """kfac: bound on lr^2 g^T F^-1 g, the update's predicted KL change (Ba et al. 2017); 0 disables it."""
 
     # What `learnbench tune` searches, as declared for the default optimizer, Adam; `adjust_search_space` moves the
     # learning rate to the entry's optimizer (SGD's rates lie higher: AlgoPerf's Nesterov baseline searches [2e-2, 5]).
@@ -100,28 +133,40 @@ class Backprop:
 
     def setup(self, model: nn.Module, task: TaskInfo, generator: torch.Generator) -> None:
         self.validate(task)
-        self.build_state(model, task)
+        self.build_state(model, task, generator=generator)
 
-    def build_state(self, model: nn.Module, task: TaskInfo, *, evaluated: nn.Module | None = None,
+    def build_state(self, model: nn.Module, task: TaskInfo, *, generator: torch.Generator | None = None,
+                    evaluated: nn.Module | None = None,
                     after_optimizer_step: Callable[[torch.optim.Optimizer], None] | None = None,
                     extra_flops: float = 0.0, metrics: Callable[[], dict[str, Any]] | None = None) -> None:
         """Optimizer, schedule, checkpoint stages and declared FLOPs for training `model`, the hyper-parameters
         already validated. A trainer that transforms the model first (the feedback-alignment family, through
         `feedback_training.train_with_rule`) passes the plain module `eval_model()` returns (`evaluated`), work to
         run after every optimizer step, that work's FLOPs per step, and values of its own to report each step
-        (`StepStats.metrics`, e.g. Kolen-Pollack's B-W distance)."""
+        (`StepStats.metrics`, e.g. Kolen-Pollack's B-W distance). `generator`: K-FAC's label draws."""
         self._model = model.train()
         self._evaluated = model if evaluated is None else evaluated
         self._device_type = task.device.type
         self._optimizer = make_optimizer(self, [p for p in model.parameters() if p.requires_grad], task.device)
+        self._steps = 0
+        self._kfac = None
+        if self.optimizer == "kfac":
+            from learnbench.algorithms.kfac import KFACPreconditioner
+
+            self._kfac = KFACPreconditioner(model, task.input_shape, self.damping, self.factor_decay, self.kl_clip,
+                                            generator, self.fisher)
+            self._curvature_backwards = task.n_classes if self.fisher == "type-2" else 1
         if after_optimizer_step is not None:
             self._optimizer.register_step_post_hook(lambda optimizer, args, kwargs: after_optimizer_step(optimizer))
         self._scheduler = make_scheduler(self, self._optimizer)
         self._metrics = metrics or dict
         self._stages = checkpoint_stages(model, self.checkpoint_segments) if self.checkpoint_segments else None
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self._extra_flops = (optimizer_flops(self._optimizer) + (3 * trained if self.grad_clip > 0 else 0)
-                             + extra_flops)
+        self._trained = trained
+        update_flops = 0 if self.optimizer == "lbfgs" else optimizer_flops(self._optimizer)  # lbfgs: per step below
+        self._extra_flops = update_flops + (3 * trained if self.grad_clip > 0 else 0) + extra_flops
+        if self._kfac is not None:
+            self._extra_flops += self._kfac.step_flops(self.batch_size, self.factor_every, self.inverse_every)
 
     def validate(self, task: TaskInfo) -> None:
         """Check hyper-parameter values; raises ValueError naming the bad one."""
@@ -137,10 +182,35 @@ class Backprop:
             raise ValueError("batch_size and lr must be positive")
         if self.amp and task.device.type != "cuda":
             raise ValueError("amp (bfloat16 autocast) is only supported on CUDA")
+        if self.optimizer == "lbfgs" and (self.grad_clip > 0 or self.amp or self.checkpoint_segments):
+            raise ValueError("optimizer 'lbfgs' takes no grad_clip, amp or checkpoint_segments")
+        if self.line_search not in ("strong_wolfe", None):
+            raise ValueError(f"line_search must be 'strong_wolfe' or None; got {self.line_search!r}")
+        if min(self.history_size, self.max_iter, self.factor_every, self.inverse_every) < 1:
+            raise ValueError("history_size, max_iter, factor_every and inverse_every must be >= 1")
+        if self.fisher not in ("mc", "type-2"):
+            raise ValueError(f"fisher must be 'mc' or 'type-2'; got {self.fisher!r}")
+        if self.damping <= 0 or not 0 <= self.factor_decay < 1 or self.kl_clip < 0:
+            raise ValueError("damping must be > 0, factor_decay in [0, 1) and kl_clip >= 0")
+        if self.optimizer == "kfac" and importlib.util.find_spec("curvlinops") is None:
+            raise ValueError("optimizer 'kfac' needs curvlinops (pip install curvlinops-for-pytorch)")
+        if self.optimizer == "kfac" and not self.true_gradient:
+            raise ValueError(f"optimizer 'kfac' preconditions the true gradient's curvature; {self.name} sends "
+                             "other errors backward")
 
     def step(self, batch: Batch) -> StepStats:
         if not self._model.training:  # the runner switched to eval mode for evaluation
             self._model.train()
+        self._steps += 1
+        if self.optimizer == "lbfgs":
+            return self._lbfgs_step(batch)
+        n = batch.y.shape[0]
+        curvature_forwards = curvature_backwards = 0
+        if self._kfac is not None and (self._steps - 1) % self.factor_every == 0:
+            self._kfac.update_factors(batch.x)  # one more forward and one (or C) backward of the batch
+            curvature_forwards, curvature_backwards = n, n * self._curvature_backwards
+            if (self._steps - 1) % self.inverse_every == 0 or self._steps == 1:
+                self._kfac.update_inverses()
         if self.amp:
             with torch.autocast(self._device_type, dtype=torch.bfloat16):
                 logits = self._forward(batch.x).float()  # [B, C]
@@ -149,10 +219,27 @@ class Backprop:
         loss = F.cross_entropy(logits, batch.y, label_smoothing=self.label_smoothing)
         lr = self.current_lr()
         self.descend(loss)
-        n = batch.y.shape[0]
         # loss stays a tensor: reading it here would be a host sync every step on CUDA.
-        return StepStats(loss=loss.detach(), forward_passes=n, backward_passes=n, extra_flops=self._extra_flops,
+        return StepStats(loss=loss.detach(), forward_passes=n + curvature_forwards,
+                         backward_passes=n + curvature_backwards, extra_flops=self._extra_flops,
                          metrics={"lr": lr, **self._metrics()})
+
+    def _lbfgs_step(self, batch: Batch) -> StepStats:
+        """One `torch.optim.LBFGS` step on the batch: up to `max_iter` iterations, each evaluating the loss and its
+        gradient on all B examples once or more (the line search); every evaluation is B forward and B backward
+        passes."""
+        lr = self.current_lr()
+        state = self._optimizer.state[self._optimizer.param_groups[0]["params"][0]]
+        iterations_before = state.get("n_iter", 0)
+        loss, evaluations = lbfgs_step(self._optimizer, lambda: F.cross_entropy(
+            self._forward(batch.x), batch.y, label_smoothing=self.label_smoothing))
+        if self._scheduler is not None:
+            self._scheduler.step()
+        n = batch.y.shape[0] * evaluations
+        work = lbfgs_flops(self._trained, state["n_iter"] - iterations_before, len(state.get("old_dirs", [])),
+                           evaluations)
+        return StepStats(loss=loss.detach(), forward_passes=n, backward_passes=n,
+                         extra_flops=self._extra_flops + work, metrics={"lr": lr, **self._metrics()})
 
     def current_lr(self) -> float:
         """The learning rate the next optimizer step applies (the schedule's current value; a Python float)."""
@@ -164,6 +251,8 @@ class Backprop:
         loss.backward()
         if self.grad_clip > 0:
             nn.utils.clip_grad_norm_(self._model.parameters(), self.grad_clip, foreach=True)
+        if self._kfac is not None:
+            self._kfac.precondition(self.current_lr())
         self._optimizer.step()
         if self._scheduler is not None:
             self._scheduler.step()
@@ -205,7 +294,10 @@ def make_optimizer(hp: Backprop, params: list[nn.Parameter], device: torch.devic
     lr = hp.lr if hp.lr is not None else DEFAULT_LR[hp.optimizer]
     decay = hp.weight_decay if hp.weight_decay is not None else DEFAULT_WEIGHT_DECAY.get(hp.optimizer, 0.0)
     name = hp.optimizer
-    if name in ("sgd", "momentum", "nesterov"):
+    if name == "lbfgs":  # one parameter group, no foreach kernels (torch's implementation flattens the parameters)
+        return torch.optim.LBFGS(params, lr=lr, max_iter=hp.max_iter, history_size=hp.history_size,
+                                 line_search_fn=hp.line_search)
+    if name in ("sgd", "momentum", "nesterov", "kfac"):  # K-FAC's natural gradient goes to SGD with momentum
         momentum = 0.0 if name == "sgd" else (0.9 if hp.momentum is None else hp.momentum)
         return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=name == "nesterov",
                                weight_decay=decay, foreach=True)
@@ -217,6 +309,30 @@ def make_optimizer(hp: Backprop, params: list[nn.Parameter], device: torch.devic
         return torch.optim.RMSprop(params, lr=lr, momentum=hp.momentum or 0.0,
                                    eps=hp.eps, weight_decay=decay, foreach=True)
     return torch.optim.Adagrad(params, lr=lr, weight_decay=decay, foreach=True)
+
+
+def lbfgs_step(optimizer: torch.optim.LBFGS, loss_fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """One L-BFGS step on `loss_fn` (a fresh forward each call): the loss before the step and how many loss and
+    gradient evaluations the closure made (what the cost counts)."""
+    evaluations = 0
+
+    def closure() -> torch.Tensor:
+        nonlocal evaluations
+        evaluations += 1
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    loss = optimizer.step(closure)
+    return loss, evaluations
+
+
+def lbfgs_flops(parameters: int, iterations: int, history: int, evaluations: int) -> float:
+    """Work of one L-BFGS step outside the model, per parameter: each iteration's two-loop recursion (a dot product
+    and an axpy per stored pair in each loop: 8 x history) plus 12 for the direction, the new curvature pair and the
+    update; each loss evaluation of the line search 4 more (a dot product and an axpy)."""
+    return float(parameters * (iterations * (8 * history + 12) + 4 * evaluations))
 
 
 def make_scheduler(hp: Backprop, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:

@@ -107,6 +107,7 @@ class DirectFeedbackAlignment(Backprop):
     """Minibatch training with the output error projected to each layer by fixed random matrices (DFA)."""
 
     name: ClassVar[str] = "dfa"
+    true_gradient: ClassVar[bool] = False  # its backward sends feedback-weight errors: no K-FAC
 
     feedback_init: str = "normal"
     """Distribution of the matrices: normal N(0, 1/(C + input size)) (as fa), xavier, kaiming."""

@@ -49,6 +49,7 @@ class FeedbackAlignment(Backprop):
     """Minibatch training with fixed random feedback matrices (FA)."""
 
     name: ClassVar[str] = "fa"
+    true_gradient: ClassVar[bool] = False  # its backward sends feedback-weight errors: no K-FAC
 
     feedback_init: str = "normal"
     """Distribution of B: normal N(0, 1/(fan_in+fan_out)) (Akrout et al.'s code), xavier, kaiming (torch's W init)."""

@@ -89,6 +89,7 @@ class KolenPollack(Backprop):
     """Minibatch training with feedback matrices that receive W's updates plus weight decay on both (KP)."""
 
     name: ClassVar[str] = "kolen-pollack"
+    true_gradient: ClassVar[bool] = False  # its backward sends feedback-weight errors: no K-FAC
 
     feedback_init: str = "normal"
     """Distribution of B0: normal N(0, 1/(fan_in+fan_out)) (Akrout et al.'s code), xavier, kaiming."""

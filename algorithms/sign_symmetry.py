@@ -48,6 +48,7 @@ class SignSymmetry(Backprop):
     """Minibatch training with B = sign(W) in the backward pass."""
 
     name: ClassVar[str] = "sign-symmetry"
+    true_gradient: ClassVar[bool] = False  # its backward sends feedback-weight errors: no K-FAC
 
     scale: bool = True
     """Multiply sign(W) by sqrt(2/(fan_in+fan_out)) (BioTorch's scaling_factor); False is Liao et al.'s plain uSF."""

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-plugin", help="the conformance kit: does a trainer keep the contract?")
     check.add_argument("target", metavar="NAME|FILE.py", help="an installed algorithm id or a plugin file")
     check.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    check.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                       help="a hyper-parameter for the kit's runs instead of its default (repeatable), e.g. "
+                            "--set optimizer=kfac")
 
     diagnose = sub.add_parser("diagnose", help="influence locality of a run's trained mlp/resmlp models")
     diagnose.add_argument("run_dir")
@@ -449,7 +452,7 @@ def _first_line(text: str | None) -> str:
 
 def cmd_check_plugin(args: argparse.Namespace) -> int:
     """One line per check; 0 when every check passes, 1 when one fails, 2 when the target cannot be loaded."""
-    from .registry import discover, load_plugin_file
+    from .registry import discover, load_plugin_file, resolve_hparams
     from .testing import check_trainer
 
     if args.target.endswith(".py") or Path(args.target).is_file():
@@ -457,12 +460,15 @@ def cmd_check_plugin(args: argparse.Namespace) -> int:
     else:
         entries = [discover().get(args.target)]  # UsageError: unknown, or failed to load (with its error)
     device = resolve_device(args.device)
+    given = _hparam_sets(args.sets)
+    for entry in entries:  # an unknown key or a bad type: exit 2 before any check runs
+        resolve_hparams(entry.cls, dict(given), "check-plugin --set")
     failed = 0
     for entry in entries:
         where = (f"class {entry.cls.__qualname__} in {entry.source} (sha256 {entry.sha256[:12]})" if entry.sha256
                  else f"{entry.cls.__module__}:{entry.cls.__qualname__} ({entry.distribution} {entry.version})")
         print(f"{entry.name}: {where}, on {device}")
-        results = check_trainer(entry, device)
+        results = check_trainer(entry, device, hparams=given)
         for result in results:
             print(result.line(), flush=True)
         bad = sum(not r.passed for r in results)
@@ -470,6 +476,19 @@ def cmd_check_plugin(args: argparse.Namespace) -> int:
               + (f", {bad} failed" if bad else "") + f" ({sum(r.seconds for r in results):.1f} s)")
         failed += bad
     return 1 if failed else 0
+
+
+def _hparam_sets(sets: list[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` pairs (values as TOML, as `run --set` reads them) as a dict; UsageError for a bad one."""
+    from .config import parse_value
+
+    given = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set expects KEY=VALUE; got {item!r}")
+        given[key.strip()] = parse_value(value.strip())
+    return given
 
 
 def cmd_new_algorithm(args: argparse.Namespace) -> int:

@@ -66,16 +66,18 @@ class Run:
 class Context:
     """One trainer under test: its entry, the tiny data and the cached runs the checks share."""
 
-    def __init__(self, entry: registry.Entry, device: str):
+    def __init__(self, entry: registry.Entry, device: str, given: dict[str, Any] | None = None):
         self.entry, self.cls, self.device = entry, entry.cls, torch.device(device)
+        self.given = dict(given or {})  # hyper-parameters the runs use instead of the defaults (`--set`)
         self.runs: dict[int, Run] = {}
         self.x, self.y = _digits(self.device)  # [1797, 1, 8, 8], [1797]
         self.task = TaskInfo((1, 8, 8), 10, int(self.x.shape[0]), self.device)
         self.notes: list[str] = []
 
     def hparams(self) -> dict[str, Any]:
-        """The defaults as a suite records them, with the kit's two adjustments (said in the output)."""
-        hp = registry.resolve_hparams(self.cls, {}, "check-plugin")
+        """The defaults (or the given values) as a suite records them, with the kit's two adjustments (said in the
+        output)."""
+        hp = registry.resolve_hparams(self.cls, dict(self.given), "check-plugin")
         if isinstance(hp.get("batch_size"), int) and hp["batch_size"] > self.task.n_train:
             hp["batch_size"] = KIT_MAX_BATCH
             self._note(f"batch_size {KIT_MAX_BATCH} (the default exceeds the kit's {self.task.n_train} examples)")

@@ -415,14 +415,14 @@ CHECKS: dict[str, Callable[[Context], str]] = {
 }
 
 
-def check_trainer(trainer: type | registry.Entry, device: str = "cpu",
-                  only: list[str] | None = None) -> list[CheckResult]:
-    """Run every check (or those named in `only`) on a trainer class or registry entry; never raises for the
-    trainer's faults."""
+def check_trainer(trainer: type | registry.Entry, device: str = "cpu", only: list[str] | None = None,
+                  hparams: dict[str, Any] | None = None) -> list[CheckResult]:
+    """Run every check (or those named in `only`) on a trainer class or registry entry, its runs with `hparams`
+    over the defaults; never raises for the trainer's faults."""
     entry = trainer if isinstance(trainer, registry.Entry) else registry.entry_for_class(trainer)
     results = []
     with single_thread():
-        ctx = Context(entry, device)
+        ctx = Context(entry, device, hparams)
         for name, check in CHECKS.items():
             if only is not None and name not in only:
                 continue
