@@ -168,6 +168,12 @@ class Backprop:
         if self._kfac is not None:
             self._extra_flops += self._kfac.step_flops(self.batch_size, self.factor_every, self.inverse_every)
 
+    @property
+    def supports_data_parallel(self) -> bool:
+        """Whether N processes may each step on a shard (`learnbench.data_parallel`): a first-order optimizer on
+        the true gradient (L-BFGS's line search and K-FAC's factors would differ between the shards)."""
+        return self.true_gradient and self.optimizer not in ("lbfgs", "kfac") and type(self).step is Backprop.step
+
     def validate(self, task: TaskInfo) -> None:
         """Check hyper-parameter values; raises ValueError naming the bad one."""
         if self.optimizer not in OPTIMIZERS:

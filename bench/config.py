@@ -23,6 +23,8 @@ A suite file:
     gpus = 0.5                      # Ray num_gpus (default: 1 on CUDA, 0 on CPU)
     actors = 4                      # Ray actors (one CPU each) that evaluate population methods' members
                                     # (`learnbench.population_ray`); 0 (default): in process
+    data_parallel = 2               # processes per trial (DDP, `learnbench.data_parallel`); 1 (default): one.
+                                    # An entry's own `data_parallel = N` overrides it; part of the trial id
     [[algorithms]]
     id = "backprop"                 # registry id
     label = "backprop-adam"         # optional, defaults to id; distinguishes two entries of one algorithm
@@ -74,9 +76,10 @@ TOP_KEYS = {"name", "description", "datasets", "seeds", "models", "model", "budg
 BUDGET_KEYS = ("steps", "epochs", "time_s", "flops")
 EVAL_DEFAULTS = {"points": 20, "batch_size": 2048}
 DIAGNOSTICS_DEFAULTS = {"every": 0, "probes": []}
-ENTRY_KEYS = {"id", "label", "models", "datasets", "budget", "unranked"}
+ENTRY_KEYS = {"id", "label", "models", "datasets", "budget", "unranked", "data_parallel"}
 SET_HEADS = ("budget", "model", "eval", "robustness", "diagnostics", "resources", "seeds", "datasets")
-RESOURCE_KEYS = ("cpus", "gpus", "actors")  # where one trial runs, never what it is: not hashed (Trial.resources)
+RESOURCE_KEYS = ("cpus", "gpus", "actors", "data_parallel")  # where one trial runs: not hashed (Trial.resources),
+# but data_parallel, which also changes the summation order and the cost, becomes the hashed Trial.data_parallel
 
 
 # --- loading -----------------------------------------------------------------------------------------------------
@@ -275,13 +278,15 @@ def resolve(suite: dict[str, Any], registry: Registry, device: str, code_version
                 trainer = _construct(cls, hparams)  # None: its constructor refuses them, which fails its own trial
                 _check_model(trainer or cls, spec, model_label, entry_where)
                 _check_values(cls, hparams, infos[dataset], device, entry_where, trainer)
+                processes = resolved["data_parallel"] or shared["resources"]["data_parallel"]
+                _check_data_parallel(trainer, processes, hparams, device, entry_where)
                 for seed in seeds:
                     trial = Trial(
                         **shared, id="", label=resolved["label"], algorithm=resolved["id"], hparams=hparams,
                         dataset=dataset, model=spec, model_label=model_label, budget=entry_budget,
                         unranked=resolved["unranked"], sweep=resolved["sweep"], seed=seed, robustness=robustness,
                         code={"learnbench": code_version, "modules": {**resolved["code"], **factory_code}},
-                        plugin=resolved["plugin"], data=data)
+                        plugin=resolved["plugin"], data=data, data_parallel=processes)
                     trials.append(dataclasses.replace(trial, id=trial_id(trial.config())))
     if not trials:
         raise UsageError(f"{where}: no trials (check the algorithms' `models` and `datasets` filters against the "
@@ -384,6 +389,24 @@ def _check_values(cls: type, hparams: dict[str, Any], info: Any, device: str, wh
         raise UsageError(f"{where}: {exc}") from None
 
 
+def _check_data_parallel(trainer: Any, processes: int, hparams: dict[str, Any], device: str, where: str) -> None:
+    """A data-parallel entry: a trainer that says it supports it, a batch that splits evenly, a GPU per process."""
+    if processes == 1:
+        return
+    if not getattr(trainer, "supports_data_parallel", False):
+        raise UsageError(f"{where}: data_parallel = {processes}, but this trainer does not run data-parallel "
+                         "(backprop with a first-order optimizer does; see learnbench.data_parallel)")
+    if hparams.get("batch_size", 0) % processes:
+        raise UsageError(f"{where}: batch_size {hparams.get('batch_size')} does not split into {processes} equal "
+                         "shards; make it a multiple of data_parallel")
+    if device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.device_count() < processes:
+            raise UsageError(f"{where}: data_parallel = {processes} on CUDA needs a GPU per process; "
+                             f"{torch.cuda.device_count()} visible")
+
+
 def _model_specs(suite: dict[str, Any], where: str) -> list[tuple[dict[str, Any], Any]]:
     """The suite's [[models]] (or its single [model]; default an mlp), each normalised with its defaults, with its
     own `budget` table (None when it has none)."""
@@ -429,8 +452,11 @@ def _entry(entry: Any, registry: Registry, where: str) -> dict[str, Any]:
     unranked = entry.get("unranked", False)
     if not isinstance(unranked, bool):
         raise UsageError(f"{where}: {label}.unranked must be true or false; got {unranked!r}")
+    data_parallel = entry.get("data_parallel")
+    if data_parallel is not None:
+        data_parallel = _processes(data_parallel, f"{where}: {label}.data_parallel")
     return {"id": reg.name, "label": label, "models": models, "datasets": datasets, "budget": entry.get("budget"),
-            "unranked": unranked,
+            "unranked": unranked, "data_parallel": data_parallel,
             "hparams": resolve_hparams(reg.cls, given, f"{where}: [[algorithms]] {label!r}"),
             "code": code_digests(reg.cls), "plugin": reg.provenance()}
 
@@ -553,7 +579,14 @@ def _resources(table: Any, where: str) -> dict[str, float | None]:
     if out["gpus"] is not None:
         checks.number(out["gpus"], f"{where}.gpus", low_inclusive=True)
     out["actors"] = checks.integer(table.get("actors", 0), f"{where}.actors")
+    out["data_parallel"] = _processes(table.get("data_parallel", 1), f"{where}.data_parallel")
     return out
+
+
+def _processes(value: Any, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise UsageError(f"{where} must be a whole number of processes >= 1; got {value!r}")
+    return value
 
 
 def _seeds(value: Any, where: str) -> list[int]:

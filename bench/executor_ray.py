@@ -26,6 +26,7 @@ cluster; what crosses it here is JSON text and bytes only, never objects a train
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
@@ -87,6 +88,13 @@ def connect(address: str | None, trials: list[Trial], threads: int | None = None
             raise UsageError(f"no node of the Ray cluster can run a trial that needs {cpus:g} CPU(s) and "
                              f"{gpus:g} GPU(s) (the largest node has {largest['CPU']:g} CPU(s) and "
                              f"{largest['GPU']:g} GPU(s)); lower resources.cpus/resources.gpus or add nodes")
+        if trial.data_parallel > 1 and trial.data_parallel * rank_cpus(trial, cpus) > total.get("CPU", 0):
+            raise UsageError(f"a {trial.label} trial runs as {trial.data_parallel} processes of "
+                             f"{rank_cpus(trial, cpus):g} CPU(s) each; the Ray cluster has {total.get('CPU', 0):g}: "
+                             "lower data_parallel or add nodes")
+        if trial.data_parallel > 1 and on_cuda(trial) and trial.data_parallel > total.get("GPU", 0):
+            raise UsageError(f"a {trial.label} trial runs as {trial.data_parallel} processes of one GPU each; the "
+                             f"Ray cluster has {total.get('GPU', 0):g} GPU(s)")
         if cpus + actors(trial) > total.get("CPU", 0):
             raise UsageError(f"a {trial.label} trial needs {cpus:g} CPU(s) and one per actor "
                              f"(resources.actors={actors(trial)}); the Ray cluster has "
@@ -130,6 +138,15 @@ def task_resources(trial: Trial, threads: int, largest: dict[str, float]) -> tup
     return float(cpus), float(gpus)
 
 
+def on_cuda(trial: Trial) -> bool:
+    return trial.device.startswith("cuda")
+
+
+def rank_cpus(trial: Trial, cpus: float) -> float:
+    """CPUs of each Ray Train worker of a data-parallel trial: the trial's CPUs shared out, at least one each."""
+    return float(max(1, math.floor(cpus / trial.data_parallel)))
+
+
 def actors(trial: Trial) -> int:
     """Ray actors (one CPU each) the runner may start for the trial: its `resources.actors` (absent in old stores)."""
     return int(trial.resources.get("actors") or 0)
@@ -158,7 +175,7 @@ def run_ray(trials: list[Trial], store: Store, run_dir: str, data_dir: str | Non
         return
     ray = import_ray()
     tracker = ray.remote(num_cpus=0)(ProgressTracker).remote()
-    task = ray.remote(run_task)
+    task, data_parallel_task = ray.remote(run_task), ray.remote(num_cpus=0)(run_data_parallel_task)
     largest = _largest_node(ray)
     in_flight: dict[Any, Trial] = {}  # ObjectRef -> trial
     groups: dict[Any, Any] = {}  # ObjectRef -> the trial's placement group (trials with actors)
@@ -166,6 +183,11 @@ def run_ray(trials: list[Trial], store: Store, run_dir: str, data_dir: str | Non
         cpus, gpus = task_resources(trial, threads, largest)
         options = {"num_cpus": cpus, "num_gpus": gpus, "max_retries": max_retries,
                    "name": f"learnbench {trial.describe()}"}
+        if trial.data_parallel > 1:  # a Ray Train run of N workers, each with the task's resources
+            ref = data_parallel_task.options(name=options["name"], max_retries=max_retries).remote(
+                json.dumps(trial.config()), data_dir, cpus, gpus, tracker)
+            in_flight[ref] = trial
+            continue
         extra, group = placement(ray, trial, cpus, gpus)
         ref = task.options(**options, **extra).remote(json.dumps(trial.config()), data_dir, max(1, math.floor(cpus)),
                                                       tracker)
@@ -288,11 +310,78 @@ def run_task(trial_json: str, data_dir: str | None, threads: int,
     return json.dumps(result.json_dict()).encode(), files
 
 
+def run_data_parallel_task(trial_json: str, data_dir: str | None, cpus: float, gpus: float,
+                           tracker: ray.actor.ActorHandle) -> tuple[bytes, dict[str, bytes]]:
+    """The Ray task of a data-parallel trial (it holds no CPU itself): Ray Train's `TorchTrainer` starts
+    `trial.data_parallel` workers with `cpus` CPUs (and `gpus` GPUs) each, anywhere in the cluster, and sets up
+    their process group (gloo on CPU, NCCL on CUDA); rank 0 runs the trial as the runner does
+    (`learnbench.data_parallel`), the others are its helpers. Rank 0 hands its result and weights (base64) to the
+    progress tracker actor, which any node reaches (Ray Train keeps reported metrics only with checkpoints on
+    shared storage), and they leave here as `run_task`'s do."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trial = Trial.from_config(json.loads(trial_json))
+    cuda, per_rank = on_cuda(trial), rank_cpus(trial, cpus)
+    with tempfile.TemporaryDirectory(prefix="learnbench-ray-train-") as storage:
+        trainer = TorchTrainer(
+            _data_parallel_worker,
+            train_loop_config={"trial": trial_json, "data_dir": data_dir, "threads": max(1, math.floor(per_rank)),
+                               "tracker": tracker},
+            scaling_config=ScalingConfig(num_workers=trial.data_parallel, use_gpu=cuda,
+                                         resources_per_worker={"CPU": per_rank, **({"GPU": 1} if cuda else {})}),
+            torch_config=TorchConfig(backend="nccl" if cuda else "gloo", timeout_s=600),
+            run_config=RunConfig(name=f"learnbench-{trial.id}", storage_path=storage,
+                                 failure_config=FailureConfig(max_failures=0)))
+        trainer.fit()  # raises when a worker failed outside the trial (rank 0 catches the trial's own faults)
+    import ray
+
+    delivered = ray.get(tracker.take.remote(trial.id))
+    files = {name: base64.b64decode(data) for name, data in delivered["files"].items()}
+    return delivered["result"].encode(), files
+
+
+def _data_parallel_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker of a data-parallel trial (the process group is up): rank 0 runs the trial and hands
+    the result to the tracker, the others step on their shards (`data_parallel.helper_loop`)."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from .data_parallel import helper_loop
+    from .runner import run_trial
+
+    torch.set_num_threads(config["threads"])
+    rank = ray.train.get_context().get_world_rank()
+    if rank != 0:
+        helper_loop(json.loads(config["trial"]), rank, config["data_dir"], ray.train.torch.get_device())
+        return
+    trial = Trial.from_config(json.loads(config["trial"]))
+    tracker = config["tracker"]
+    tracker.report.remote(trial.id, 0.0)
+    with tempfile.TemporaryDirectory(prefix="learnbench-ray-") as scratch:
+        result = run_trial(trial, scratch, config["data_dir"],
+                           on_progress=lambda fraction, loss: tracker.report.remote(trial.id, fraction))
+        models = Path(scratch) / "models"
+        files = {p.name: base64.b64encode(p.read_bytes()).decode() for p in models.iterdir()} \
+            if models.is_dir() else {}
+    import ray
+
+    ray.get(tracker.deliver.remote(trial.id, {"result": json.dumps(result.json_dict()), "files": files}))
+
+
 class ProgressTracker:
     """A Ray actor holding the latest budget fraction of each running trial until the driver drains it."""
 
     def __init__(self):
         self.latest: dict[str, float] = {}
+        self.results: dict[str, dict] = {}  # a data-parallel trial's result, from its rank 0 to its launching task
+
+    def deliver(self, trial_id: str, result: dict) -> None:
+        self.results[trial_id] = result
+
+    def take(self, trial_id: str) -> dict:
+        return self.results.pop(trial_id)
 
     def report(self, trial_id: str, fraction: float) -> None:
         self.latest[trial_id] = max(fraction, self.latest.get(trial_id, 0.0))

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import artifacts, cost, machine, models, population_backend
+from .data_parallel import DataParallelTrainer
 from .registry import discover
 from .spec import Batch, StepStats, TaskInfo
 from .trial import Budget, CurvePoint, Trial, TrialResult
@@ -159,8 +160,12 @@ def run_trial(trial: Trial, run_dir: str | None, data_dir: str | None = None,
             model = models.build(trial.model, splits.input_shape, splits.n_classes).to(device)
         task = TaskInfo(tuple(splits.input_shape), splits.n_classes, int(splits.train_x.shape[0]), device)
         progress = Progress(trial.budget, task.n_train, _model_flops(trial, model, task))
-        with _population_backend(trial, task):  # where population methods evaluate members: a run resource
+        # where population methods evaluate members (a run resource), and the helper processes of a data-parallel
+        # trial (learnbench.data_parallel)
+        with _population_backend(trial, task), _process_group(trial, data_dir, device):
             trainer = _construct(entry.cls, trial.hparams)
+            if trial.data_parallel > 1:
+                trainer = DataParallelTrainer(trainer, trial.data_parallel, rank=0)
             trainer.setup(model, task, _generator(trial.seed, 0, device))
             sampler = Sampler(splits.train_x, splits.train_y, trial.hparams["batch_size"],
                               _generator(trial.seed, 1, device))
@@ -169,10 +174,14 @@ def run_trial(trial: Trial, run_dir: str | None, data_dir: str | None = None,
                 _train(trainer, sampler, progress, trial, splits, curves, probes, on_progress)
             except Diverged as exc:
                 status, error = "diverged", str(exc)
+            if trial.data_parallel > 1:
+                trainer.stop()  # the helpers leave; evaluation and attacks below run in this process alone
             for split, x, y in _held_out(trial, splits):
                 loss, accuracy = _evaluate(_eval_model(trainer), x, y, trial.eval.batch_size)
                 metrics.update({f"{split}/accuracy": accuracy, f"{split}/loss": loss})
         metrics.update(_cost_metrics(progress, device))
+        if trial.data_parallel > 1:
+            metrics["cost/processes"] = float(trial.data_parallel)
         metrics.update(_last_values(curves, ("train/", "align/", "grad/", "update/", "cos/", "flag/")))
         if status == "done" and not trial.is_search:  # attacks use test points
             metrics.update(_robustness(trial, _eval_model(trainer), _pseudo_gradient_model(trainer, model), splits,
@@ -197,6 +206,20 @@ def _population_backend(trial: Trial, task: TaskInfo) -> Iterator[None]:
     from .population_ray import ActorBackend  # Ray is imported only by trials that use it
 
     with ActorBackend(actors, trial.model, task) as backend, population_backend.evaluated_by(backend):
+        yield
+
+
+@contextlib.contextmanager
+def _process_group(trial: Trial, data_dir: str | None, device: torch.device) -> Iterator[None]:
+    """For a data-parallel trial, its N - 1 helper processes and the process group (`data_parallel.local_group`),
+    unless one is already up (Ray Train's workers: `executor_ray.run_data_parallel_task`); nothing for one
+    process."""
+    if trial.data_parallel <= 1 or torch.distributed.is_initialized():
+        yield
+        return
+    from .data_parallel import local_group
+
+    with local_group(trial.config(), data_dir, device):
         yield
 
 

@@ -108,6 +108,9 @@ class Trial:
     """`learnbench tune`'s mark (see the module docstring): None for an ordinary trial."""
     sweep: Mapping[str, Any] | None = None
     """A suite sweep's mark (see the module docstring): None for an ordinary trial."""
+    data_parallel: int = 1
+    """Processes that run this one trial (`learnbench.data_parallel`: DDP, each on its shard of every batch); part
+    of the id when above 1 (the gradients' summation order and the cost differ), absent from the config at 1."""
     data: Mapping[str, Any] | None = None
     """Your own data's identity (`learnbench.datasets.fingerprint`: the SHA-256 of a `.npz` file or a plugin's
     arrays): None for a built-in dataset (and then absent from the config, like `tuning`)."""
@@ -122,6 +125,8 @@ class Trial:
             del out["sweep"]
         if self.data is None:  # likewise for built-in datasets
             del out["data"]
+        if self.data_parallel == 1:  # likewise for one process
+            del out["data_parallel"]
         return out
 
     @property
