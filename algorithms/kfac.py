@@ -92,10 +92,12 @@ class KFACPreconditioner:
             layer.G = G if layer.G is None else layer.G.mul_(self.decay).add_(G, alpha=1 - self.decay)
 
     def update_inverses(self) -> None:
-        """Eigendecompose every running factor (symmetric: `torch.linalg.eigh`)."""
+        """Eigendecompose every running factor (symmetric: `torch.linalg.eigh`), in float64: float32's solver
+        returned NaN for MNIST's input factor, whose many constant-zero pixels make a highly degenerate zero
+        eigenvalue."""
         for layer in self.layers.values():
-            s_a, q_a = torch.linalg.eigh(layer.A)
-            s_g, q_g = torch.linalg.eigh(layer.G)
+            s_a, q_a = (t.to(layer.A.dtype) for t in torch.linalg.eigh(layer.A.double()))
+            s_g, q_g = (t.to(layer.G.dtype) for t in torch.linalg.eigh(layer.G.double()))
             layer.eig = (s_a.clamp_(min=0), q_a, s_g.clamp_(min=0), q_g)
 
     def precondition(self, lr: float) -> None:
