@@ -461,7 +461,7 @@ def cmd_check_plugin(args: argparse.Namespace) -> int:
         entries = [discover().get(args.target)]  # UsageError: unknown, or failed to load (with its error)
     device = resolve_device(args.device)
     given = _hparam_sets(args.sets)
-    for entry in entries:  # an unknown key or a bad type: exit 2 before any check runs
+    for entry in entries if given else []:  # an unknown key or a bad type: exit 2 before any check runs
         resolve_hparams(entry.cls, dict(given), "check-plugin --set")
     failed = 0
     for entry in entries:

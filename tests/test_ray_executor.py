@@ -248,8 +248,8 @@ def test_address_without_ray_executor_and_unreachable_head(tmp_path, capsys):
 def test_resources_table_validation_and_trial_ids():
     plain = make_trials({})
     placed = make_trials({"resources": {"cpus": 2, "gpus": 0.5, "actors": 4}})
-    assert placed[0].resources == {"cpus": 2, "gpus": 0.5, "actors": 4}
-    assert plain[0].resources == {"cpus": None, "gpus": None, "actors": 0}  # 0 actors: evaluated in process
+    assert placed[0].resources == {"cpus": 2, "gpus": 0.5, "actors": 4, "data_parallel": 1}
+    assert plain[0].resources == {"cpus": None, "gpus": None, "actors": 0, "data_parallel": 1}  # 0 actors: evaluated in process
     assert [t.id for t in placed] == [t.id for t in plain]  # where a trial runs is not what it is
     assert make_trials({}, sets=["resources.cpus=3"])[0].resources["cpus"] == 3
     assert make_trials({}, sets=["resources.actors=2"])[0].resources["actors"] == 2
