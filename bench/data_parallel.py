@@ -142,18 +142,11 @@ def _end(helpers: list[subprocess.Popen]) -> None:
 def helper_loop(trial_config: dict[str, Any], rank: int, data_dir: str | None, device: torch.device) -> None:
     """A helper rank (the group already joined) on `device`: build what rank 0 built, from the same seeds, and
     step on this rank's shard of every batch until rank 0 says stop."""
-    from . import models
-    from .registry import discover
-    from .runner import Sampler, _construct, _data, _generator
+    from .runner import Sampler, _construct, _generator, prepare
     from .trial import Trial
 
     trial = Trial.from_config(trial_config)
-    splits = _data(trial.dataset, data_dir, device)
-    entry = discover([trial.plugin["file"]] if trial.plugin.get("file") else []).get(trial.algorithm)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(trial.seed)
-        model = models.build(trial.model, splits.input_shape, splits.n_classes).to(device)
-    task = TaskInfo(tuple(splits.input_shape), splits.n_classes, int(splits.train_x.shape[0]), device)
+    splits, entry, model, task = prepare(trial, data_dir, device)
     trainer = DataParallelTrainer(_construct(entry.cls, trial.hparams), trial.data_parallel, rank)
     trainer.setup(model, task, _generator(trial.seed, 0, device))
     sampler = Sampler(splits.train_x, splits.train_y, trial.hparams["batch_size"], _generator(trial.seed, 1, device))

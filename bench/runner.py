@@ -153,12 +153,7 @@ def run_trial(trial: Trial, run_dir: str | None, data_dir: str | None = None,
     status, error = "done", None
     machine.reset_peak_memory(device)
     try:
-        splits = _data(trial.dataset, data_dir, device)
-        entry = discover([trial.plugin["file"]] if trial.plugin.get("file") else []).get(trial.algorithm)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(trial.seed)  # model initialisation only; trainers get their own generator
-            model = models.build(trial.model, splits.input_shape, splits.n_classes).to(device)
-        task = TaskInfo(tuple(splits.input_shape), splits.n_classes, int(splits.train_x.shape[0]), device)
+        splits, entry, model, task = prepare(trial, data_dir, device)
         progress = Progress(trial.budget, task.n_train, _model_flops(trial, model, task))
         # where population methods evaluate members (a run resource), and the helper processes of a data-parallel
         # trial (learnbench.data_parallel)
@@ -191,6 +186,19 @@ def run_trial(trial: Trial, run_dir: str | None, data_dir: str | None = None,
     except Exception:  # the trainer's (or a plugin's) fault: this trial fails, the suite goes on
         status, error = "failed", traceback.format_exc(limit=20)
     return TrialResult(trial.id, status, error, metrics, tuple(curves), artifacts.provenance(trial, device))
+
+
+def prepare(trial: Trial, data_dir: str | None, device: torch.device) -> tuple[Any, Any, nn.Module, TaskInfo]:
+    """What every process of a trial builds alike before training: its data on `device`, its registry entry, its
+    model initialised from the trial's seed, and the task the trainer is told (`learnbench.data_parallel`'s
+    helpers build the same)."""
+    splits = _data(trial.dataset, data_dir, device)
+    entry = discover([trial.plugin["file"]] if trial.plugin.get("file") else []).get(trial.algorithm)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(trial.seed)  # model initialisation only; trainers get their own generator
+        model = models.build(trial.model, splits.input_shape, splits.n_classes).to(device)
+    task = TaskInfo(tuple(splits.input_shape), splits.n_classes, int(splits.train_x.shape[0]), device)
+    return splits, entry, model, task
 
 
 @contextlib.contextmanager
