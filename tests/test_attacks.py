@@ -15,7 +15,7 @@ from torch import nn
 
 from learnbench.attacks import apgd_ce, attack_mode, fgsm, gaussian_noise, pgd_l2, pgd_linf, square_linf
 from learnbench.attacks.apgd import checkpoints
-from learnbench.attacks.square import _square_masks, p_schedule
+from learnbench.attacks.square import _square_windows, p_schedule
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
@@ -93,10 +93,14 @@ def test_square_lowers_accuracy_without_gradients():
 
 
 def test_square_gives_each_example_its_own_square():
-    masks = _square_masks(200, 28, 28, 0.05, gen(), torch.device("cpu"))  # [200, 1, 28, 28]
+    windows = _square_windows(200, 28, 28, 0.05, gen(), torch.device("cpu"))  # [200, k] flat pixel indices
     side = int(round((0.05 * 28 * 28) ** 0.5))
-    assert (masks.flatten(1).sum(1) == side * side).all()
-    corners = {tuple(m[0].nonzero()[0].tolist()) for m in masks}
+    masks = torch.zeros(200, 28 * 28, dtype=torch.bool).scatter_(1, windows, True).view(200, 28, 28)
+    assert (masks.flatten(1).sum(1) == side * side).all()  # side x side distinct pixels each
+    for mask in masks:  # ... forming one square: the rows and columns it touches are side long
+        rows, cols = mask.any(1).nonzero().squeeze(1), mask.any(0).nonzero().squeeze(1)
+        assert rows.numel() == cols.numel() == side and rows[-1] - rows[0] == cols[-1] - cols[0] == side - 1
+    corners = {tuple(m.nonzero()[0].tolist()) for m in masks}
     assert len(corners) > 100  # 200 independent positions out of 21 x 21
 
 

@@ -105,14 +105,20 @@ def test_fab_finds_the_linear_programming_minimum_with_the_box_active():
         assert (model(adv).argmax(1) == t).all()
 
 
-def test_projection_is_the_linear_programming_solution():
+@pytest.mark.parametrize("rows, d, image_like", [(20, 7, False), (8, 300, True)])
+def test_projection_is_the_linear_programming_solution(rows, d, image_like):
     linprog = pytest.importorskip("scipy.optimize").linprog
     torch.manual_seed(2)
-    rows, d = 20, 7
     p, w = torch.rand(rows, d, dtype=torch.float64), torch.randn(rows, d, dtype=torch.float64)
+    if image_like:  # MNIST-like: most pixels exactly 0 or 1, so many rooms tie (Newton's pieces merge)
+        p = torch.where(p < 0.6, 0.0, torch.where(p > 0.85, 1.0, p))
     w[0, :3] = 0.0  # coordinates the hyperplane ignores
-    b = (w * p).sum(1) + torch.randn(rows, dtype=torch.float64)
+    # hyperplanes at distances of up to ~0.6 of what the box allows, so the solution crosses many breakpoints
+    scale = 0.25 * w.abs().sum(1) if image_like else 1.0
+    b = (w * p).sum(1) + scale * torch.randn(rows, dtype=torch.float64)
     got = project_hyperplane_box(p, w, b)
+    single = project_hyperplane_box(p.float(), w.float(), b.float())  # FAB's iterates are float32
+    assert single.dtype == torch.float32 and torch.allclose(single.double(), got, rtol=1e-4, atol=1e-5)
     for i in range(rows):
         pi, wi = p[i].numpy(), w[i].numpy()
         a_ub = np.vstack([np.c_[np.eye(d), -np.ones(d)], np.c_[-np.eye(d), -np.ones(d)]])

@@ -7,7 +7,7 @@ FAB looks for the adversarial point closest to x0 (the clean point). Each step, 
   g_k(x) + grad g_k(x) . (z - x) = 0; targeted: k = t; untargeted: the k of smallest linearised distance
   |g_k(x)| / ||grad g_k(x)||_1 (the Linf distance to that hyperplane);
 * project x and x0 onto that hyperplane intersected with the [0, 1] box in the Linf sense: d = argmin ||d||_inf
-  subject to w . (p + d) = b, 0 <= p + d <= 1 (`project_hyperplane_box`: exact, by sorting, see there);
+  subject to w . (p + d) = b, 0 <= p + d <= 1 (`project_hyperplane_box`: exact, by Newton's method, see there);
 * extrapolate: x <- clip((1 - a)(x + eta d_x) + a (x0 + eta d_x0)), a = min(|d_x| / (|d_x| + |d_x0|), alpha_max)
   (Linf norms, each at least 1e-8), biasing the step towards the projection of the original point;
 * if x is now misclassified, keep it when it is the closest adversarial yet and step back towards the original:
@@ -17,9 +17,9 @@ non-true logits at x0 (`apgd.target_classes`), each on the points no earlier tar
 at x0, a later restart at x0 + r u / ||u||_inf clipped to [0, 1], u ~ U[-1, 1], r = min(best norm found, eps) / 2.
 A point counts as broken when misclassified (any class, as in the reference), not only when it reaches the target.
 
-Differences from the reference code: the projection is our own exact sort-based solution (the reference finds the
-same threshold by a bisection over the sorted breakpoints); where the box keeps the hyperplane out of reach, the
-projection goes to the box corner that comes closest to it (w . d as large as the box allows, in the direction of
+Differences from the reference code: the projection is our own exact solution by Newton's method (the reference
+finds the same threshold by a bisection over the sorted breakpoints); where the box keeps the hyperplane out of
+reach, the projection goes to the box corner that comes closest to it (w . d as large as the box allows, in the direction of
 the hyperplane). The prediction at each iterate the gradient is taken at is checked too (the reference checks only
 the extrapolated point), which can only find more or closer adversarial points. `fab_t` lets a point leave the
 batch as soon as it has an adversarial point within its eps (the reference refines every point for all steps; the
@@ -99,31 +99,37 @@ def fab_min_norm(model: nn.Module, x: Tensor, y: Tensor, *, generator: torch.Gen
 def project_hyperplane_box(p: Tensor, w: Tensor, b: Tensor) -> Tensor:
     """d [R, D] of least Linf norm with w . (p + d) = b and 0 <= p + d <= 1, for rows p, w [R, D], b [R].
 
-    Exact, by sorting. Flip the signs so that c = b - w . p >= 0; moving coordinate i by up to tau in the
-    direction of sign(w_i), within its room r_i (1 - p_i or p_i), reaches f(tau) = sum_i |w_i| min(tau, r_i),
-    piecewise linear and increasing with breakpoints at the sorted rooms. Evaluate f at every breakpoint (cumulative
-    sums), take the first breakpoint where f >= c, and solve the linear piece before it for tau; then
-    d_i = sign(w_i) min(tau, r_i). If f never reaches c (the box keeps the hyperplane out of reach), tau = inf:
-    every coordinate moves to the end of its room. Computed in float64 (sums over D coordinates); O(D log D).
-    Cost: the sort dominates a FAB step on small models (CPU, 784 inputs: about 7x the forward, backward and
-    forward of a 784-256-256-10 MLP)."""
-    p64, w64 = p.double(), w.double()  # [R, D]
-    c = b.double() - (w64 * p64).sum(1)  # [R]
-    w64 = w64 * torch.where(c < 0, -1.0, 1.0)[:, None]
+    Exact. Flip the signs so that c = b - w . p >= 0; moving coordinate i by up to tau in the direction of
+    sign(w_i), within its room r_i (1 - p_i or p_i), reaches f(tau) = sum_i |w_i| min(tau, r_i): piecewise linear,
+    increasing and concave, with breakpoints at the rooms. Solve f(tau) = c by Newton's method from tau = 0: on
+    the piece at tau, f(t) = sum_{r_i <= tau} |w_i| r_i + t sum_{r_i > tau} |w_i|, whose root is the next tau.
+    A concave function's tangent lies above it, so every iterate stays at or below the root and the set of
+    coordinates still moving only shrinks; once it stops shrinking, the piece is the root's and tau is exact (the
+    same formula on the same set, so the iteration stops on a repeated value). At most D + 1 iterations, 3-4 on
+    MNIST's FAB steps, each a few passes over [R, D]: cheaper than sorting the rooms (the textbook solution, and
+    the reference code's), which took most of a FAB step's time. If f never reaches c (the box keeps the hyperplane out of reach),
+    tau = inf: every coordinate moves to the end of its room. Computed in the inputs' dtype: float32 for FAB's
+    iterates (tau to a relative ~1e-6, below the iterates' own rounding; float64 took 2.4x as long)."""
+    c = b.to(w) - torch.linalg.vecdot(w, p)  # [R]
+    w = w * torch.where(c < 0, -1.0, 1.0).to(w)[:, None]
     c = c.abs()
-    room = torch.where(w64 > 0, 1.0 - p64, p64).clamp_min(0.0)  # [R, D]
-    room_sorted, order = room.sort(1)
-    weight = w64.abs().gather(1, order)  # [R, D] |w| in the order of the rooms
-    wsum, reach = weight.cumsum(1), (weight * room_sorted).cumsum(1)  # [R, D]
-    total = wsum[:, -1:]  # [R, 1]
-    f = reach + room_sorted * (total - wsum)  # [R, D] f at each breakpoint
-    k = (f < c[:, None]).sum(1)  # [R] index of the first breakpoint reaching c; D: none does
-    before = (k - 1).clamp_min(0)[:, None]
-    reach_before = torch.where(k > 0, reach.gather(1, before).squeeze(1), 0.0)  # [R]
-    wsum_before = torch.where(k > 0, wsum.gather(1, before).squeeze(1), 0.0)
-    tau = (c - reach_before) / (total.squeeze(1) - wsum_before).clamp_min(1e-300)
-    tau = torch.where(k < p.shape[1], tau, float("inf"))  # [R]
-    return (w64.sign() * torch.minimum(room, tau[:, None])).to(p.dtype)
+    room = torch.where(w > 0, 1.0 - p, p).clamp_min_(0.0)  # [R, D]
+    weight = w.abs()
+    reach = weight * room  # [R, D] what each coordinate adds to f once tau passes its room
+    total = reach.sum(1)  # [R] f's largest value
+    reachable = total >= c
+    tau = torch.zeros_like(c)  # [R]
+    while True:
+        moving = (room > tau[:, None]).to(weight)  # [R, D] 1 where the coordinate's room is not used up
+        slope = torch.linalg.vecdot(weight, moving)  # [R]
+        stopped = total - torch.linalg.vecdot(reach, moving)  # [R] what the used-up coordinates add
+        root = (c - stopped) / slope.clamp_min(torch.finfo(c.dtype).tiny)  # [R] the root of f's piece at tau
+        grow = reachable & (root > tau)
+        if not bool(grow.any()):  # one host sync per iteration on CUDA
+            break
+        tau = torch.where(grow, root, tau)
+    tau = torch.where(reachable, tau, float("inf"))
+    return w.sign_() * torch.minimum(room, tau[:, None])
 
 
 def _random_start(x: Tensor, radius: Tensor, generator: torch.Generator) -> Tensor:

@@ -73,21 +73,22 @@ def _single_run(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, generator: 
                 p_init: float) -> tuple[Tensor, Tensor]:
     """One run; returns (x_adv [B, ...], hit [B])."""
     shape, xi = x.shape, as_image(x)  # xi: [B, C, H, W]
-    n, channels, _, width = xi.shape
-    eps = eps.view(-1, 1, 1, 1)  # [B, 1, 1, 1]
-    best = (xi + eps * random_sign((n, channels, 1, width), generator, x.device)).clamp(0.0, 1.0)
+    n, channels, height, width = xi.shape
+    eps = eps.view(-1, 1, 1)  # [B, 1, 1]
+    stripes = random_sign((n, channels, 1, width), generator, x.device)  # vertical stripes
+    flat = xi.reshape(n, channels, height * width)  # [B, C, H W]: windows are gathered from and scattered into rows
+    best = (xi + eps[..., None] * stripes).clamp(0.0, 1.0).reshape(n, channels, height * width)
     marg = margin(logits_of(model, best.view(shape)), y)  # [B] the first query
     out, hit = best.clone(), marg <= 0
     idx = (~hit).nonzero().squeeze(1)  # [m] examples still standing
-    xc, yc, eps, best, marg = xi[idx], y[idx], eps[idx], best[idx], marg[idx]
+    xc, yc, eps, best, marg = flat[idx], y[idx], eps[idx], best[idx], marg[idx]
     for it in range(queries - 1):
         if idx.numel() == 0:
             break
-        candidate = _propose(xc, best, eps, p_schedule(p_init, it, queries), generator)
+        candidate = _propose(xc, best, eps, p_schedule(p_init, it, queries), height, width, generator)
         new_marg = margin(logits_of(model, candidate.view(-1, *shape[1:])), yc)
-        better = new_marg < marg
-        best = torch.where(better.view(-1, 1, 1, 1), candidate, best)
-        marg = torch.where(better, new_marg, marg)
+        better = new_marg < marg  # [m]; usually few: copy those rows only
+        best[better], marg = candidate[better], torch.where(better, new_marg, marg)
         done = marg <= 0
         if bool(done.any()):  # one host sync per iteration on CUDA
             out[idx[done]], hit[idx[done]] = best[done], True
@@ -97,38 +98,41 @@ def _single_run(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, generator: 
     return out.view(shape), hit
 
 
-def _propose(x: Tensor, best: Tensor, eps: Tensor, p: float, generator: torch.Generator) -> Tensor:
-    """One candidate per example [m, C, H, W]: its current best point with a fresh +-eps square at its own random
-    position, signs per channel redrawn (up to MAX_REDRAWS times) until the candidate differs from `best`."""
-    m, channels, height, width = x.shape
-    mask = _square_masks(m, height, width, p, generator, x.device)  # [m, 1, H, W]
-    signs = eps * random_sign((m, channels, 1, 1), generator, x.device)
-    candidate = torch.where(mask, (x + signs).clamp_(0.0, 1.0), best)  # outside the square: exactly `best`
-    redo = (candidate == best).flatten(1).all(1).nonzero().squeeze(1)  # [r] squares that changed nothing
+def _propose(x: Tensor, best: Tensor, eps: Tensor, p: float, height: int, width: int,
+             generator: torch.Generator) -> Tensor:
+    """One candidate per example [m, C, H W]: its current best point with a fresh +-eps square at its own random
+    position, signs per channel redrawn (up to MAX_REDRAWS times) until the candidate differs from `best`. Only the
+    windows are computed ([m, C, k], k = the window's pixels, a few dozen after the first queries); the candidate
+    is `best` with them written in."""
+    m, channels, _ = x.shape
+    window = _square_windows(m, height, width, p, generator, x.device)[:, None, :].expand(m, channels, -1)
+    x_win, best_win = x.gather(2, window), best.gather(2, window)  # [m, C, k]
+    signs = eps * random_sign((m, channels, 1), generator, x.device)  # [m, C, 1]
+    square = (x_win + signs).clamp_(0.0, 1.0)
+    redo = (square == best_win).flatten(1).all(1).nonzero().squeeze(1)  # [r] squares that changed nothing
     if channels == 1:
         # One channel: the only other draw is the opposite sign, and it changes every pixel of the square (for
         # x in [0, 1] and eps > 0, clip(x + eps) != clip(x - eps)); so flipping is exactly the distribution of
         # the reference's redraw-until-changed loop, in one pass.
-        candidate[redo] = torch.where(mask[redo], (x[redo] - signs[redo]).clamp_(0.0, 1.0), best[redo])
-        return candidate
-    for _ in range(MAX_REDRAWS):
+        square[redo] = (x_win[redo] - signs[redo]).clamp_(0.0, 1.0)
+    for _ in range(MAX_REDRAWS if channels > 1 else 0):
         if redo.numel() == 0:  # one host sync per iteration on CUDA
             break
-        signs = eps[redo] * random_sign((redo.numel(), channels, 1, 1), generator, x.device)
-        candidate[redo] = torch.where(mask[redo], (x[redo] + signs).clamp_(0.0, 1.0), best[redo])
-        redo = redo[(candidate[redo] == best[redo]).flatten(1).all(1)]
-    return candidate
+        signs = eps[redo] * random_sign((redo.numel(), channels, 1), generator, x.device)
+        square[redo] = (x_win[redo] + signs).clamp_(0.0, 1.0)
+        redo = redo[(square[redo] == best_win[redo]).flatten(1).all(1)]
+    return best.scatter(2, window, square)
 
 
-def _square_masks(m: int, height: int, width: int, p: float, generator: torch.Generator,
-                  device: torch.device) -> Tensor:
-    """[m, 1, H, W] bool: one window of `window_size(p)` per example, at a uniform position (top-left corner in
-    [0, H - rows) x [0, W - cols), as the reference's randint(0, h - s))."""
+def _square_windows(m: int, height: int, width: int, p: float, generator: torch.Generator,
+                    device: torch.device) -> Tensor:
+    """[m, k] flat pixel indices (row * W + column) of one window of `window_size(p)` (k = rows x cols pixels)
+    per example, at a uniform position (top-left corner in [0, H - rows) x [0, W - cols), as the reference's
+    randint(0, h - s))."""
     rows, cols = window_size(p, height, width)
     top = randint(height - rows, m, generator, device) if height > 1 else torch.zeros(m, dtype=torch.long,
                                                                                        device=device)
     left = randint(width - cols, m, generator, device)
-    r, c = torch.arange(height, device=device), torch.arange(width, device=device)
-    in_rows = (r >= top[:, None]) & (r < top[:, None] + rows)  # [m, H]
-    in_cols = (c >= left[:, None]) & (c < left[:, None] + cols)  # [m, W]
-    return in_rows[:, None, :, None] & in_cols[:, None, None, :]
+    r, c = torch.arange(rows, device=device), torch.arange(cols, device=device)
+    offsets = (r[:, None] * width + c[None, :]).flatten()  # [k] the window's pixels relative to its corner
+    return (top * width + left)[:, None] + offsets  # [m, k]
