@@ -176,7 +176,8 @@ def _single_run(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, t: Tensor, 
     grad, logits = _loss_grad(model, x_adv, y, t, loss)
     value = loss(logits, y, t)  # [B]
     s = {  # per-point state; every tensor has the active points as its first dimension
-        "idx": torch.arange(n, device=x.device), "x": x, "y": y, "t": t, "eps": eps, "x_adv": x_adv,
+        "idx": torch.arange(n, device=x.device), "y": y, "t": t, "x_adv": x_adv,
+        "lo": (x - bcast(eps, x)).clamp_(min=0.0), "hi": (x + bcast(eps, x)).clamp_(max=1.0),  # the ball in [0, 1]
         "x_old": x_adv.clone(), "grad": grad, "x_best": x_adv.clone(), "grad_best": grad.clone(),
         "loss_best": value.clone(), "loss_prev": value, "step": 2.0 * eps, "ups": torch.zeros(n, device=x.device),
         "reduced": torch.ones(n, dtype=torch.bool, device=x.device), "loss_best_check": value.clone(),
@@ -200,11 +201,14 @@ def _single_run(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, t: Tensor, 
 
 @torch.no_grad()
 def _momentum_step(s: dict[str, Tensor], alpha: float) -> None:
-    x, x_adv = s["x"], s["x_adv"]
-    step, eps = bcast(s["step"], x), bcast(s["eps"], x)  # [n, 1, ...]
-    z = project_linf(x_adv + step * s["grad"].sign(), x, eps)
-    new = project_linf(x_adv + alpha * (z - x_adv) + (1.0 - alpha) * (x_adv - s["x_old"]), x, eps)
-    s["x_old"], s["x_adv"] = x_adv, new
+    """z = P(x_adv + step sign(grad)); x_adv <- P(x_adv + alpha (z - x_adv) + (1 - alpha) (x_adv - x_old)), P the
+    projection onto the eps ball within [0, 1]: a clamp between the per-point bounds `lo` and `hi`."""
+    x_adv, lo, hi = s["x_adv"], s["lo"], s["hi"]
+    z = torch.clamp(x_adv.addcmul(bcast(s["step"], x_adv), s["grad"].sign()), lo, hi)
+    new = torch.lerp(x_adv, z, alpha)
+    if alpha != 1.0:
+        new.add_(x_adv - s["x_old"], alpha=1.0 - alpha)
+    s["x_old"], s["x_adv"] = x_adv, torch.clamp(new, lo, hi)
 
 
 def _track(s: dict[str, Tensor], grad: Tensor, loss: Tensor) -> None:

@@ -148,7 +148,7 @@ def _boundary(model: nn.Module, x: Tensor, y: Tensor, cands: Tensor) -> tuple[Te
         g = logits.gather(1, cands) - logits.gather(1, y[:, None])  # [m, K]
     k = cands.shape[1]
     grads = [torch.autograd.grad(g[:, j].sum(), x, retain_graph=j < k - 1)[0].flatten(1) for j in range(k)]
-    return g.detach(), torch.stack(grads, 1), logits.detach()
+    return g.detach(), grads[0][:, None] if k == 1 else torch.stack(grads, 1), logits.detach()
 
 
 def _single_run(model: nn.Module, x0: Tensor, y: Tensor, cands: Tensor, start: Tensor, stop: Tensor | None,
@@ -164,20 +164,24 @@ def _single_run(model: nn.Module, x0: Tensor, y: Tensor, cands: Tensor, start: T
     for _ in range(steps):
         g, grad, logits = _boundary(model, s["x"].view(-1, *shape[1:]), s["y"], s["c"])  # [m, K], [m, K, D]
         _record(s, logits.argmax(1) != s["y"], s["x"], out, norm)  # the iterate itself (e.g. a wrong start)
-        rows = torch.arange(g.shape[0], device=g.device)
-        j = (g.abs() / (grad.abs().sum(2) + 1e-12)).argmin(1)  # [m] nearest linearised boundary
-        w, x, x0 = grad[rows, j], s["x"], s["x0"]  # [m, D]
-        b = (w * x).sum(1) - g[rows, j]  # [m] the hyperplane w . z = b
+        if g.shape[1] == 1:  # targeted: the one boundary
+            w, g_j = grad[:, 0], g[:, 0]  # [m, D], [m]
+        else:
+            rows = torch.arange(g.shape[0], device=g.device)
+            j = (g.abs() / (grad.abs().sum(2) + 1e-12)).argmin(1)  # [m] nearest linearised boundary
+            w, g_j = grad[rows, j], g[rows, j]
+        x, x0 = s["x"], s["x0"]  # [m, D]
+        b = torch.linalg.vecdot(w, x) - g_j  # [m] the hyperplane w . z = b
         d = project_hyperplane_box(torch.cat((x, x0)), torch.cat((w, w)), torch.cat((b, b)))  # [2m, D]
         d_x, d_x0 = d.split(x.shape[0])
-        size = d.abs().amax(1).clamp_min(1e-8)  # [2m]
+        size = torch.linalg.vector_norm(d, float("inf"), dim=1).clamp_min(1e-8)  # [2m] Linf norms
         size_x, size_x0 = size.split(x.shape[0])
         alpha = (size_x / (size_x + size_x0)).clamp(max=alpha_max)[:, None]  # [m, 1]
-        x = ((x + eta * d_x) * (1.0 - alpha) + (x0 + eta * d_x0) * alpha).clamp(0.0, 1.0)
+        x = torch.lerp(x.add(d_x, alpha=eta), x0.add(d_x0, alpha=eta), alpha).clamp_(0.0, 1.0)
         with torch.no_grad():
             adv = model(x.view(-1, *shape[1:])).argmax(1) != s["y"]  # [m]
         _record(s, adv, x, out, norm)
-        s["x"] = torch.where(adv[:, None], x0 + beta * (x - x0), x)
+        s["x"] = torch.where(adv[:, None], torch.lerp(x0, x, beta), x)  # x0 + beta (x - x0)
         if stop is not None:
             done = s["norm"] <= s["stop"]
             if bool(done.any()):  # one host sync per step on CUDA
@@ -189,7 +193,7 @@ def _single_run(model: nn.Module, x0: Tensor, y: Tensor, cands: Tensor, start: T
 
 def _record(s: dict[str, Tensor], adv: Tensor, x: Tensor, out: Tensor, norm: Tensor) -> None:
     """Keep x [m, D] where it is misclassified (adv [m]) and closer to x0 than the point kept so far."""
-    dist = (x - s["x0"]).abs().amax(1)  # [m]
+    dist = torch.linalg.vector_norm(x - s["x0"], float("inf"), dim=1)  # [m]
     better = adv & (dist < s["norm"])
     s["norm"] = torch.where(better, dist, s["norm"])
     rows = s["idx"][better]
