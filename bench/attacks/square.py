@@ -87,8 +87,9 @@ def _single_run(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, generator: 
             break
         candidate = _propose(xc, best, eps, p_schedule(p_init, it, queries), height, width, generator)
         new_marg = margin(logits_of(model, candidate.view(-1, *shape[1:])), yc)
-        better = new_marg < marg  # [m]; usually few: copy those rows only
-        best[better], marg = candidate[better], torch.where(better, new_marg, marg)
+        better = new_marg < marg  # [m]
+        best = torch.where(better[:, None, None], candidate, best)  # (no host sync on CUDA, unlike best[better])
+        marg = torch.where(better, new_marg, marg)
         done = marg <= 0
         if bool(done.any()):  # one host sync per iteration on CUDA
             out[idx[done]], hit[idx[done]] = best[done], True
