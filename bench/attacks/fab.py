@@ -177,7 +177,7 @@ def _single_run(model: nn.Module, x0: Tensor, y: Tensor, cands: Tensor, start: T
         b = torch.linalg.vecdot(w, x) - g_j  # [m] the hyperplane w . z = b
         d = project_hyperplane_box(torch.cat((x, x0)), torch.cat((w, w)), torch.cat((b, b)))  # [2m, D]
         d_x, d_x0 = d.split(x.shape[0])
-        size = torch.linalg.vector_norm(d, float("inf"), dim=1).clamp_min(1e-8)  # [2m] Linf norms
+        size = d.abs().amax(1).clamp_min(1e-8)  # [2m] Linf norms (torch's vector_norm(inf) is ~5x slower on CPU)
         size_x, size_x0 = size.split(x.shape[0])
         alpha = (size_x / (size_x + size_x0)).clamp(max=alpha_max)[:, None]  # [m, 1]
         x = torch.lerp(x.add(d_x, alpha=eta), x0.add(d_x0, alpha=eta), alpha).clamp_(0.0, 1.0)
@@ -196,7 +196,7 @@ def _single_run(model: nn.Module, x0: Tensor, y: Tensor, cands: Tensor, start: T
 
 def _record(s: dict[str, Tensor], adv: Tensor, x: Tensor, out: Tensor, norm: Tensor) -> None:
     """Keep x [m, D] where it is misclassified (adv [m]) and closer to x0 than the point kept so far."""
-    dist = torch.linalg.vector_norm(x - s["x0"], float("inf"), dim=1)  # [m]
+    dist = (x - s["x0"]).abs_().amax(1)  # [m]
     better = adv & (dist < s["norm"])
     s["norm"] = torch.where(better, dist, s["norm"])
     rows = s["idx"][better]
