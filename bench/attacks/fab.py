@@ -19,15 +19,16 @@ A point counts as broken when misclassified (any class, as in the reference), no
 
 Differences from the reference code: the projection is our own exact solution by Newton's method (the reference
 finds the same threshold by a bisection over the sorted breakpoints); where the box keeps the hyperplane out of
-reach, the projection goes to the box corner that comes closest to it (w . d as large as the box allows, in the direction of
-the hyperplane). The prediction at each iterate the gradient is taken at is checked too (the reference checks only
-the extrapolated point), which can only find more or closer adversarial points. `fab_t` lets a point leave the
-batch as soon as it has an adversarial point within its eps (the reference refines every point for all steps; the
-robust accuracy is the same, the returned point may be less minimal); it returns that point projected onto the eps
-ball (a no-op up to float rounding) and x itself for points it did not break (as the reference). Targets are the
-k-th largest non-true logits for every point (the reference attacks only correctly classified points, where that
-is the (k+1)-th largest logit); a misclassified clean point is broken at once with norm 0 (the reference skips it).
-Restarts of `fab_min_norm` re-run every point (each may find a closer point). Randomness from the given generator.
+reach, the projection goes to the box corner that comes closest to it (w . d as large as the box allows, in the
+direction of the hyperplane). The prediction at each iterate the gradient is taken at is checked too (the reference
+checks only the extrapolated point), which can only find more or closer adversarial points. `fab_t` lets a point
+leave the batch as soon as it has an adversarial point within its eps (the reference refines every point for all
+steps; the robust accuracy is the same, the returned point may be less minimal); it returns that point projected
+onto the eps ball (a no-op up to float rounding) and x itself for points it did not break (as the reference).
+Targets are the k-th largest non-true logits for every point (the reference attacks only correctly classified
+points, where that is the (k+1)-th largest logit); a misclassified clean point is broken at once with norm 0 (the
+reference skips it). Restarts of `fab_min_norm` re-run every point (each may find a closer point). Randomness from
+the given generator.
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def fab_min_norm(model: nn.Module, x: Tensor, y: Tensor, *, generator: torch.Gen
 
 
 def project_hyperplane_box(p: Tensor, w: Tensor, b: Tensor) -> Tensor:
-    """d [R, D] of least Linf norm with w . (p + d) = b and 0 <= p + d <= 1, for rows p, w [R, D], b [R].
+    """d [R, D] of least Linf norm with w . (p + d) = b and 0 <= p + d <= 1, for rows p [R, D] in [0, 1],
+    w [R, D], b [R].
 
     Exact. Flip the signs so that c = b - w . p >= 0; moving coordinate i by up to tau in the direction of
     sign(w_i), within its room r_i (1 - p_i or p_i), reaches f(tau) = sum_i |w_i| min(tau, r_i): piecewise linear,
@@ -109,20 +111,26 @@ def project_hyperplane_box(p: Tensor, w: Tensor, b: Tensor) -> Tensor:
     coordinates still moving only shrinks; once it stops shrinking, the piece is the root's and tau is exact (the
     same formula on the same set, so the iteration stops on a repeated value). At most D + 1 iterations, 3-4 on
     MNIST's FAB steps, each a few passes over [R, D]: cheaper than sorting the rooms (the textbook solution, and
-    the reference code's), which took most of a FAB step's time. If f never reaches c (the box keeps the hyperplane out of reach),
-    tau = inf: every coordinate moves to the end of its room. Computed in the inputs' dtype: float32 for FAB's
-    iterates (tau to a relative ~1e-6, below the iterates' own rounding; float64 took 2.4x as long)."""
+    the reference code's), which took most of a FAB step's time. If f never reaches c (the box keeps the
+    hyperplane out of reach), tau = inf: every coordinate moves to the end of its room. Computed in the inputs'
+    dtype: float32 for FAB's iterates (tau to a relative ~1e-6, below the iterates' own rounding; float64 took 2.4x
+    as long)."""
     c = b.to(w) - torch.linalg.vecdot(w, p)  # [R]
     w = w * torch.where(c < 0, -1.0, 1.0).to(w)[:, None]
     c = c.abs()
-    room = torch.where(w > 0, 1.0 - p, p).clamp_min_(0.0)  # [R, D]
+    # Elementwise work in floating point only: on CPU, torch's kernels that read or write bool tensors (where,
+    # comparisons into bool, bool -> float) run 5-30x slower than float ones; a comparison written into a float
+    # tensor (`out=`) runs at float speed.
+    up = torch.gt(w, 0.0, out=torch.empty_like(w))  # [R, D] 1.0 where the coordinate moves up, else 0.0
+    room = up.sub_(p).abs_()  # [R, D] 1 - p moving up, p moving down (exact for p in [0, 1])
     weight = w.abs()
     reach = weight * room  # [R, D] what each coordinate adds to f once tau passes its room
     total = reach.sum(1)  # [R] f's largest value
     reachable = total >= c
     tau = torch.zeros_like(c)  # [R]
+    moving = torch.empty_like(w)  # [R, D] 1.0 where the coordinate's room is not used up at tau, else 0.0
     for iteration in itertools.count():
-        moving = (room > tau[:, None]).to(weight)  # [R, D] 1 where the coordinate's room is not used up
+        torch.gt(room, tau[:, None], out=moving)
         slope = torch.linalg.vecdot(weight, moving)  # [R]
         stopped = total - torch.linalg.vecdot(reach, moving)  # [R] what the used-up coordinates add
         root = (c - stopped) / slope.clamp_min(torch.finfo(c.dtype).tiny)  # [R] the root of f's piece at tau
@@ -132,7 +140,7 @@ def project_hyperplane_box(p: Tensor, w: Tensor, b: Tensor) -> Tensor:
             break
         tau = torch.where(grow, root, tau)
     tau = torch.where(reachable, tau, float("inf"))
-    return w.sign_() * torch.minimum(room, tau[:, None])
+    return torch.minimum(room, tau[:, None]).mul_(w.sign_())
 
 
 def _random_start(x: Tensor, radius: Tensor, generator: torch.Generator) -> Tensor:
@@ -184,7 +192,9 @@ def _single_run(model: nn.Module, x0: Tensor, y: Tensor, cands: Tensor, start: T
         with torch.no_grad():
             adv = model(x.view(-1, *shape[1:])).argmax(1) != s["y"]  # [m]
         _record(s, adv, x, out, norm)
-        s["x"] = torch.where(adv[:, None], torch.lerp(x0, x, beta), x)  # x0 + beta (x - x0)
+        # x0 + beta (x - x0) where adversarial, else x (lerp's weight 1.0 returns x exactly; a where over [m, D] with a
+        # bool mask is ~15x slower on CPU)
+        s["x"] = torch.lerp(x0, x, torch.where(adv, beta, 1.0).to(x)[:, None])
         if stop is not None:
             done = s["norm"] <= s["stop"]
             if bool(done.any()):  # one host sync per step on CUDA
