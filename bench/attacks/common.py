@@ -149,4 +149,4 @@ def on_survivors(single_run: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Te
 
 def random_sign(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> Tensor:
     """+1/-1 with probability 1/2 each."""
-    return uniform(shape, generator, device).lt(0.5).to(torch.float32).mul_(2.0).sub_(1.0)
+    return uniform(shape, generator, device).lt_(0.5).mul_(2.0).sub_(1.0)  # (in place: no bool tensor)

@@ -18,6 +18,7 @@ Vectors [B, D] are treated as 1 x D images (a window of round(p * D) features); 
 
 from __future__ import annotations
 
+import functools
 import math
 from functools import partial
 
@@ -85,13 +86,13 @@ def _single_run(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, generator: 
     for it in range(queries - 1):
         if idx.numel() == 0:
             break
-        window, square = _propose(xc, best, eps, p_schedule(p_init, it, queries), height, width, generator)
+        window, square, before = _propose(xc, best, eps, p_schedule(p_init, it, queries), height, width, generator)
         candidate = best.scatter(2, window, square)  # [m, C, H W]
         new_marg = margin(logits_of(model, candidate.view(-1, *shape[1:])), yc)
         better = new_marg < marg  # [m]
         # Write the improved windows into best in place: only [m, C, k] elements, and no host sync on CUDA (unlike
         # best[better] = ...); a torch.where over all of [m, C, H W] took ~4% of a query's time on CPU.
-        best.scatter_(2, window, torch.where(better[:, None, None], square, best.gather(2, window)))
+        best.scatter_(2, window, torch.where(better[:, None, None], square, before))
         marg = torch.where(better, new_marg, marg)
         done = marg <= 0
         if bool(done.any()):  # one host sync per iteration on CUDA
@@ -103,29 +104,31 @@ def _single_run(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, generator: 
 
 
 def _propose(x: Tensor, best: Tensor, eps: Tensor, p: float, height: int, width: int,
-             generator: torch.Generator) -> tuple[Tensor, Tensor]:
+             generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
     """One candidate per example: its current best point [m, C, H W] with a fresh +-eps square at its own random
     position, signs per channel redrawn (up to MAX_REDRAWS times) until the candidate differs from `best`. Only the
     windows are computed: returns (window [m, C, k], the flat pixel indices, k = the window's pixels, a few dozen
-    after the first queries; square [m, C, k], their new values); the candidate is `best` with them written in."""
+    after the first queries; square [m, C, k], their new values; best's values there [m, C, k]); the candidate is
+    `best` with the square written in."""
     m, channels, _ = x.shape
     window = _square_windows(m, height, width, p, generator, x.device)[:, None, :].expand(m, channels, -1)
     x_win, best_win = x.gather(2, window), best.gather(2, window)  # [m, C, k]
     signs = eps * random_sign((m, channels, 1), generator, x.device)  # [m, C, 1]
     square = (x_win + signs).clamp_(0.0, 1.0)
-    redo = (square == best_win).flatten(1).all(1).nonzero().squeeze(1)  # [r] squares that changed nothing
+    unchanged = (square == best_win).flatten(1).all(1)  # [m] squares that changed nothing
     if channels == 1:
         # One channel: the only other draw is the opposite sign, and it changes every pixel of the square (for
         # x in [0, 1] and eps > 0, clip(x + eps) != clip(x - eps)); so flipping is exactly the distribution of
-        # the reference's redraw-until-changed loop, in one pass.
-        square[redo] = (x_win[redo] - signs[redo]).clamp_(0.0, 1.0)
-    for _ in range(MAX_REDRAWS if channels > 1 else 0):
+        # the reference's redraw-until-changed loop, in one pass (and no host sync on CUDA).
+        return window, torch.where(unchanged[:, None, None], (x_win - signs).clamp_(0.0, 1.0), square), best_win
+    redo = unchanged.nonzero().squeeze(1)  # [r]
+    for _ in range(MAX_REDRAWS):
         if redo.numel() == 0:  # one host sync per iteration on CUDA
             break
         signs = eps[redo] * random_sign((redo.numel(), channels, 1), generator, x.device)
         square[redo] = (x_win[redo] + signs).clamp_(0.0, 1.0)
         redo = redo[(square[redo] == best_win[redo]).flatten(1).all(1)]
-    return window, square
+    return window, square, best_win
 
 
 def _square_windows(m: int, height: int, width: int, p: float, generator: torch.Generator,
@@ -137,6 +140,12 @@ def _square_windows(m: int, height: int, width: int, p: float, generator: torch.
     top = randint(height - rows, m, generator, device) if height > 1 else torch.zeros(m, dtype=torch.long,
                                                                                        device=device)
     left = randint(width - cols, m, generator, device)
+    return (top * width + left)[:, None] + _window_offsets(rows, cols, width, device)  # [m, k]
+
+
+@functools.lru_cache(maxsize=64)
+def _window_offsets(rows: int, cols: int, width: int, device: torch.device) -> Tensor:
+    """[k] a window's flat pixel indices relative to its top-left corner (cached: the window's size changes only
+    a few times per run, and building it took a handful of small ops per query)."""
     r, c = torch.arange(rows, device=device), torch.arange(cols, device=device)
-    offsets = (r[:, None] * width + c[None, :]).flatten()  # [k] the window's pixels relative to its corner
-    return (top * width + left)[:, None] + offsets  # [m, k]
+    return (r[:, None] * width + c[None, :]).flatten()
