@@ -42,10 +42,18 @@ SCHEDULES = ("constant", "cosine", "onecycle", "step")
 # Published / library defaults: Adam & AdamW (Kingma & Ba 2015; Loshchilov & Hutter 2019), RMSprop (torch's 1e-2),
 # Adagrad (Duchi et al. 2011, torch's 1e-2), plain and momentum SGD 0.1 (the usual MNIST/ImageNet base rate).
 # L-BFGS: 1, the full quasi-Newton step its line search starts from (Nocedal & Wright 2006; torch's default). K-FAC:
-# 0.01 with momentum 0.9 under its KL clip (the widely used K-FAC implementation of Wang et al., alecwangcq/KFAC-Pytorch).
+# 0.01 with momentum 0.9 under its KL clip (the widely used K-FAC implementation of Wang et al.,
+# alecwangcq/KFAC-Pytorch).
 DEFAULT_LR = {"sgd": 0.1, "momentum": 0.1, "nesterov": 0.1, "adam": 1e-3, "adamw": 1e-3, "rmsprop": 1e-2,
               "adagrad": 1e-2, "lbfgs": 1.0, "kfac": 1e-2}
 DEFAULT_WEIGHT_DECAY = {"adamw": 1e-2}  # AdamW's decoupled decay default; every other optimizer: 0
+ACTS_WITH = {  # hyper-parameter -> the optimizers or schedules it acts with (`hparams_in_effect`; `make_optimizer`)
+    "betas": ("adam", "adamw"), "eps": ("adam", "adamw", "rmsprop"),
+    "momentum": ("momentum", "nesterov", "rmsprop", "kfac"),
+    "weight_decay": tuple(o for o in OPTIMIZERS if o != "lbfgs"),
+    **dict.fromkeys(("history_size", "max_iter", "line_search"), ("lbfgs",)),
+    **dict.fromkeys(("damping", "fisher", "factor_every", "inverse_every", "factor_decay", "kl_clip"), ("kfac",)),
+    "horizon_steps": ("cosine", "onecycle"), "step_every": ("step",), "step_gamma": ("step",)}
 
 
 @dataclass(eq=False)
@@ -129,7 +137,18 @@ class Backprop:
         lr = space.get("lr")
         if isinstance(lr, LogUniform) and scale != 1:
             space["lr"] = LogUniform(lr.low * scale, lr.high * scale)
+        if hparams.get("optimizer") == "kfac" and "damping" not in space:
+            # K-FAC's damping decides how far its step trusts the curvature: a decade either side of the 1e-3
+            # default (Wang et al.'s KFAC-Pytorch; Martens & Grosse 2015 adapt it, from far larger values).
+            space["damping"] = LogUniform(1e-4, 1e-2)
         return space
+
+    @classmethod
+    def hparams_in_effect(cls, hparams: Mapping[str, Any]) -> dict[str, Any]:
+        """These hyper-parameters without those that do not act on the entry (L-BFGS's history or Adam's betas with
+        K-FAC, a step schedule's interval under cosine): what the report's table of algorithms shows."""
+        chosen = {hparams.get("optimizer"), hparams.get("schedule")}
+        return {key: value for key, value in hparams.items() if key not in ACTS_WITH or chosen & set(ACTS_WITH[key])}
 
     def setup(self, model: nn.Module, task: TaskInfo, generator: torch.Generator) -> None:
         self.validate(task)

@@ -137,18 +137,34 @@ def _count(n: int, noun: str) -> str:
 
 
 def configurations(trials: Sequence[StoredTrial]) -> Table:
-    """Each label's algorithm, hyper-parameters and budget, from the trial configs (every distinct setting)."""
+    """Each label's algorithm, hyper-parameters and budget, from the trial configs (every distinct setting). An
+    installed trainer class with a `hparams_in_effect(hparams)` classmethod narrows its hyper-parameters to those
+    that act on the entry (backprop leaves out the knobs of optimizers it does not use); the store keeps them all."""
     seen: dict[str, dict[str, set[str]]] = {}  # label -> column -> its distinct cells
+    classes = _trainer_classes({t.algorithm for t in trials})
     for t in trials:
         entry = seen.setdefault(t.label, {"algorithm": set(), "hparams": set(), "budget": set()})
         entry["algorithm"].add(t.algorithm)
-        entry["hparams"].add(_settings(t.hparams))
+        narrow = getattr(classes.get(t.algorithm), "hparams_in_effect", None)
+        entry["hparams"].add(_settings(narrow(t.hparams) if callable(narrow) and isinstance(t.hparams, Mapping)
+                                       else t.hparams))
         entry["budget"].add(budget_text(t.budget) + (" (unranked)" if t.unranked else ""))
     rows = [[label, *(" | ".join(sorted(e[k])) for k in ("algorithm", "hparams", "budget"))]
             for label, e in seen.items()]
     return Table(["label", "algorithm", "hyper-parameters", "budget"], rows, align_left=4, caption=(
         "From the resolved trial configs; where seeds or datasets differ (e.g. a schedule length filled in from "
         "the budget), every distinct setting is listed, separated by |."))
+
+
+def _trainer_classes(names: set[str]) -> dict[str, type]:
+    """The installed trainer classes of these algorithm names (those that load; a report needs none of them)."""
+    from learnbench.registry import discover
+
+    try:
+        entries = discover().entries
+    except UsageError:  # two plugins claiming one name: report without narrowing
+        return {}
+    return {name: entries[name].cls for name in names if name in entries and entries[name].cls is not None}
 
 
 def _settings(d: Any) -> str:

@@ -393,3 +393,29 @@ def test_hybrid_alignment_figure_draws_each_part_and_every_update(tmp_path: Path
     for entry in ("guided-es: surrogate", "guided-es: es-estimate", "guided-es: update", "fa: update"):
         assert entry in svg, entry
     assert "fa: surrogate" not in svg  # fa's update has no parts: no panel of its own
+
+
+def test_algorithms_table_shows_the_knobs_of_the_entrys_own_optimizer_only():
+    """Backprop's `hparams_in_effect`: L-BFGS's and K-FAC's knobs appear only on the entries that use them (the
+    store keeps every hyper-parameter)."""
+    from helpers import make_trials
+
+    from learnbench.reports.build import configurations
+    from learnbench.trial import StoredTrial
+
+    configs = make_trials({"algorithms": [
+        {"id": "backprop", "label": "adam", "schedule": "cosine"},
+        {"id": "backprop", "label": "kfac", "optimizer": "kfac", "weight_decay": 1e-4},
+        {"id": "fa", "label": "fa-lbfgs", "optimizer": "lbfgs"}]})
+    trials = [StoredTrial.from_config(t.config()) for t in configs]
+    assert all("damping" in t.hparams and "history_size" in t.hparams for t in trials)  # stored in full
+    rows = {row[0]: row[2] for row in configurations(trials).rows}
+    assert "optimizer=adam" in rows["adam"] and "betas=" in rows["adam"]
+    assert not {"history_size", "damping", "momentum", "step_every"} & set(_keys(rows["adam"]))
+    assert "damping=0.001" in rows["kfac"] and "fisher=mc" in rows["kfac"] and "weight_decay=0.0001" in rows["kfac"]
+    assert not {"history_size", "betas"} & set(_keys(rows["kfac"]))
+    assert "history_size=100" in rows["fa-lbfgs"] and not {"kl_clip", "weight_decay"} & set(_keys(rows["fa-lbfgs"]))
+
+
+def _keys(settings: str) -> list[str]:
+    return [part.split("=")[0] for part in settings.split(", ")]

@@ -197,3 +197,13 @@ def test_backprop_scales_its_learning_rate_range_to_the_entrys_optimizer():
         ratio = DEFAULT_LR[optimizer] / DEFAULT_LR["adam"]
         assert (lr.low, lr.high) == pytest.approx((declared.low * ratio, declared.high * ratio))
     assert "decay" in space_for(KolenPollack, {"optimizer": "momentum"})  # the rest of the space is kept
+
+
+def test_kfac_entries_search_their_damping_too():
+    from learnbench.algorithms.backprop import Backprop
+    from learnbench.search_space import space_for
+
+    kfac = space_for(Backprop, {"optimizer": "kfac"})
+    assert kfac["damping"].low < Backprop.damping < kfac["damping"].high  # the default inside the range
+    assert is_log(kfac["damping"]) and "lr" in kfac
+    assert "damping" not in space_for(Backprop, {"optimizer": "adam"})
