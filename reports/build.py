@@ -145,9 +145,7 @@ def configurations(trials: Sequence[StoredTrial]) -> Table:
     for t in trials:
         entry = seen.setdefault(t.label, {"algorithm": set(), "hparams": set(), "budget": set()})
         entry["algorithm"].add(t.algorithm)
-        narrow = getattr(classes.get(t.algorithm), "hparams_in_effect", None)
-        entry["hparams"].add(_settings(narrow(t.hparams) if callable(narrow) and isinstance(t.hparams, Mapping)
-                                       else t.hparams))
+        entry["hparams"].add(_settings(_in_effect(classes.get(t.algorithm), t.hparams)))
         entry["budget"].add(budget_text(t.budget) + (" (unranked)" if t.unranked else ""))
     rows = [[label, *(" | ".join(sorted(e[k])) for k in ("algorithm", "hparams", "budget"))]
             for label, e in seen.items()]
@@ -165,6 +163,19 @@ def _trainer_classes(names: set[str]) -> dict[str, type]:
     except UsageError:  # two plugins claiming one name: report without narrowing
         return {}
     return {name: entries[name].cls for name in names if name in entries and entries[name].cls is not None}
+
+
+def _in_effect(cls: type | None, hparams: Any) -> Any:
+    """`cls.hparams_in_effect(hparams)` where the class has one and it answers a mapping; else hparams as stored
+    (the narrowing only shortens what the table shows: a plugin's hook that fails must not stop a report)."""
+    narrow = getattr(cls, "hparams_in_effect", None)
+    if not callable(narrow) or not isinstance(hparams, Mapping):
+        return hparams
+    try:
+        shown = narrow(hparams)
+    except Exception:  # noqa: BLE001 - any error in third-party code: show everything
+        return hparams
+    return shown if isinstance(shown, Mapping) else hparams
 
 
 def _settings(d: Any) -> str:

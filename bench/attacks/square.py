@@ -18,9 +18,8 @@ Vectors [B, D] are treated as 1 x D images (a window of round(p * D) features); 
 
 from __future__ import annotations
 
-import functools
 import math
-from functools import partial
+from functools import lru_cache, partial
 
 import torch
 from torch import Tensor, nn
@@ -143,7 +142,7 @@ def _square_windows(m: int, height: int, width: int, p: float, generator: torch.
     return (top * width + left)[:, None] + _window_offsets(rows, cols, width, device)  # [m, k]
 
 
-@functools.lru_cache(maxsize=64)
+@lru_cache(maxsize=64)
 def _window_offsets(rows: int, cols: int, width: int, device: torch.device) -> Tensor:
     """[k] a window's flat pixel indices relative to its top-left corner (cached: the window's size changes only
     a few times per run, and building it took a handful of small ops per query)."""
