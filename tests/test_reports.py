@@ -419,3 +419,21 @@ def test_algorithms_table_shows_the_knobs_of_the_entrys_own_optimizer_only():
 
 def _keys(settings: str) -> list[str]:
     return [part.split("=")[0] for part in settings.split(", ")]
+
+
+def test_a_failing_hparams_in_effect_leaves_the_stored_hyper_parameters():
+    from learnbench.reports.build import _in_effect
+
+    class Raises:
+        @classmethod
+        def hparams_in_effect(cls, hparams):
+            raise RuntimeError("plugin bug")
+
+    class Narrows:
+        @classmethod
+        def hparams_in_effect(cls, hparams):
+            return {"lr": hparams["lr"]}
+
+    stored = {"lr": 0.1, "unused": 3}
+    assert _in_effect(Raises, stored) == stored and _in_effect(None, stored) == stored
+    assert _in_effect(Narrows, stored) == {"lr": 0.1}
