@@ -17,8 +17,9 @@ declares outside the model (the optimizer's update, on every rank) is multiplied
 Which trainers: those whose `supports_data_parallel` is true (a property of the built trainer): backprop with a
 first-order optimizer. L-BFGS's line search and K-FAC's factors would be computed per shard and let the ranks
 disagree, and the feedback-alignment family and adversarial training step through more than one forward/backward
-of the model. A helper that dies makes rank 0's next collective raise: the trial fails (nothing is written but the
-failed trial's row); rank 0 stops and kills its helpers whatever happens to it.
+of the model. A helper that dies makes rank 0's next collective raise, or, while it is still starting, rank 0's wait
+for it to start (`wait_until_ready`): the trial fails (nothing is written but the failed trial's row); rank 0 stops
+and kills its helpers whatever happens to it.
 """
 
 from __future__ import annotations
@@ -110,13 +111,15 @@ def local_group(trial_config: dict[str, Any], data_dir: str | None, device: torc
         threads = max(1, torch.get_num_threads() // world)  # the trial's threads shared out, rank 0 included
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
+        ready = [Path(folder) / f"ready-{rank}" for rank in range(1, world)]
         helpers = [subprocess.Popen([sys.executable, "-m", "learnbench.data_parallel", "--rank", str(rank),
                                      "--rendezvous", str(rendezvous), "--trial", str(config_file),
-                                     "--threads", str(threads), "--parent", str(os.getpid())]
-                                    + (["--data-dir", data_dir] if data_dir else []),
+                                     "--threads", str(threads), "--parent", str(os.getpid()),
+                                     "--ready", str(ready[rank - 1])] + (["--data-dir", data_dir] if data_dir else []),
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                    for rank in range(1, world)]
         try:
+            wait_until_ready(helpers, ready)
             dist.init_process_group(backend(device), init_method=f"file://{rendezvous}", rank=0, world_size=world,
                                     timeout=TIMEOUT)
             yield
@@ -125,6 +128,24 @@ def local_group(trial_config: dict[str, Any], data_dir: str | None, device: torc
                 dist.destroy_process_group()
             _end(helpers)
             torch.set_num_threads(previous)
+
+
+def wait_until_ready(helpers: list[subprocess.Popen], ready: list[Path], timeout: float = TIMEOUT.total_seconds(),
+                     poll: float = 0.05) -> None:
+    """Return once every helper has written its ready file (its imports done, about to join the group); raise at
+    once if one exits first. Without this, a helper that dies while starting (killed, or an import error) would
+    leave rank 0 waiting in `init_process_group` for the whole TIMEOUT: a peer that never joined is not a closed
+    connection. (A helper dying in the instant between its ready file and joining still costs the timeout.)"""
+    deadline = time.monotonic() + timeout
+    while not all(path.exists() for path in ready):
+        for rank, (helper, path) in enumerate(zip(helpers, ready), start=1):
+            if not path.exists() and helper.poll() is not None:
+                lines = (helper.stderr.read() if helper.stderr else b"").decode(errors="replace").strip().splitlines()
+                raise RuntimeError(f"data-parallel helper rank {rank} exited with code {helper.returncode} before "
+                                   f"joining the group" + (f": {lines[-1]}" if lines else ""))
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"data-parallel helpers not ready after {timeout:.0f} s")
+        time.sleep(poll)
 
 
 def _end(helpers: list[subprocess.Popen]) -> None:
@@ -170,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trial", required=True)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--parent", type=int, required=True)
+    parser.add_argument("--ready", help="a file to create once started, just before joining the group")
     parser.add_argument("--data-dir")
     args = parser.parse_args(argv)
     threading.Thread(target=_watch_parent, args=(args.parent,), daemon=True).start()
@@ -179,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":  # one GPU per process: rank r on cuda:r (rank 0, the runner, on cuda:0)
         device = torch.device("cuda", args.rank)
         torch.cuda.set_device(device)
+    if args.ready:
+        Path(args.ready).touch()
     dist.init_process_group(backend(device), init_method=f"file://{args.rendezvous}", rank=args.rank,
                             world_size=int(config["data_parallel"]), timeout=TIMEOUT)
     try:

@@ -71,15 +71,50 @@ def test_a_killed_helper_fails_the_trial_cleanly(tmp_path: Path) -> None:
         helper = _helper_of(cli.pid)
         time.sleep(0.2)
     assert helper is not None, "no helper process appeared"
+    ready = _ready_file_of(helper)
+    while not ready.exists() and time.monotonic() < deadline + 60:  # started: it joins the group now
+        time.sleep(0.2)
     time.sleep(2)  # let it step a little
     os.kill(helper, signal.SIGKILL)
-    _, stderr = cli.communicate(timeout=120)
+    try:
+        _, stderr = cli.communicate(timeout=120)
+    finally:
+        cli.kill()  # never leave the run behind (a no-op once it has ended)
     assert cli.returncode == 1, stderr
     shown = json.loads(run_cli("show", str(run_dir), "--json").stdout)
     [trial] = shown["trials"]
     assert trial["status"] == "failed" and "Connection closed by peer" in trial["error"], trial["error"]
     assert not (run_dir / "models").exists()  # no weights of a failed trial
     assert _helper_of(cli.pid) is None
+
+
+def _ready_file_of(helper: int) -> Path:
+    command = Path(f"/proc/{helper}/cmdline").read_bytes().decode().split("\0")
+    return Path(command[command.index("--ready") + 1])
+
+
+def test_a_helper_that_dies_while_starting_fails_at_once(tmp_path: Path) -> None:
+    """Rank 0 waits for its helpers' ready files, not for the group's whole timeout: a helper that exits before
+    (here at once, with a message) raises within seconds, naming its code and its last stderr line; helpers that
+    start let it through."""
+    import subprocess
+    import sys
+
+    from learnbench.data_parallel import wait_until_ready
+
+    touch = "import pathlib, sys; pathlib.Path(sys.argv[1]).touch()"
+    fail = "import sys; sys.stderr.write('warming up\\nno such dataset\\n'); sys.exit(3)"
+    ready = [tmp_path / "ready-1", tmp_path / "ready-2"]
+    started = [subprocess.Popen([sys.executable, "-c", touch, str(path)], stderr=subprocess.PIPE) for path in ready]
+    wait_until_ready(started, ready, timeout=60)
+    for helper in started:
+        helper.wait()
+    dying = subprocess.Popen([sys.executable, "-c", fail], stderr=subprocess.PIPE)
+    begin = time.monotonic()
+    with pytest.raises(RuntimeError, match="helper rank 1 exited with code 3 before joining the group: no such data"):
+        wait_until_ready([dying], [tmp_path / "never"], timeout=60)
+    assert time.monotonic() - begin < 30
+    dying.stderr.close()
 
 
 def _helper_of(parent: int) -> int | None:
