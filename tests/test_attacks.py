@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from learnbench.attacks import apgd_ce, attack_mode, fgsm, gaussian_noise, pgd_l2, pgd_linf, square_linf
-from learnbench.attacks.apgd import checkpoints
+from learnbench.attacks.apgd import apgd_t, checkpoints
+from learnbench.attacks.fab import fab_t
 from learnbench.attacks.square import _square_windows, p_schedule
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
@@ -147,6 +148,8 @@ ATTACKS = {
     "pgd-l2": ("l2", lambda m, x, y, e, g: pgd_l2(m, x, y, e, generator=g, steps=5, restarts=2)),
     "apgd-ce": ("linf", lambda m, x, y, e, g: apgd_ce(m, x, y, e, generator=g, steps=12, restarts=2)),
     "square": ("linf", lambda m, x, y, e, g: square_linf(m, x, y, e, generator=g, queries=30)),
+    "apgd-t": ("linf", lambda m, x, y, e, g: apgd_t(m, x, y, e, generator=g, steps=6, n_targets=2)),
+    "fab-t": ("linf", lambda m, x, y, e, g: fab_t(m, x, y, e, generator=g, steps=6, n_targets=2)),
     "noise": ("l2", lambda m, x, y, e, g: gaussian_noise(x, e, generator=g)),
 }
 
